@@ -171,6 +171,10 @@ class DiffusersConfig(_Section):
     prompt_template: str = "A first-person video of a robot in a kitchen. Goal: {goal}. Steps: {steps}."
     step_joiner: str = ", then "
     enable_cpu_offload: bool = False
+    max_videos_per_call: int = Field(
+        default=8, ge=1, description="Largest number of videos in one pipeline call (bounds GPU memory)."
+    )
+    sample_frames: int = Field(default=4, ge=1, le=64, description="PNG frames written per video for the critic.")
 
     @model_validator(mode="after")
     def _shape(self) -> "DiffusersConfig":
