@@ -333,6 +333,23 @@ class Completion(_Message):
         return self
 
 
+class PlanSample(_Message):
+    """One of the G samples the Action agent draws for a task: the parsed plan (or why not)
+    plus what the learner needs (token ids and the sampling policy's log-probs)."""
+
+    plan: Plan | None
+    completion: Completion
+    error: str | None = None
+    prompt: str = ""
+    retrieved_ids: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _plan_or_error(self) -> "PlanSample":
+        if self.plan is None and not self.error:
+            raise ValueError("error must say why when plan is None")
+        return self
+
+
 # --------------------------------------------------------------------------- episodes
 
 

@@ -1,0 +1,1 @@
+"""Agent cores: pure prompting, parsing and decision logic (no Ray)."""

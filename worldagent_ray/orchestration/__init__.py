@@ -1,0 +1,1 @@
+"""Orchestration: the run folder and the asynchronous evolve driver."""

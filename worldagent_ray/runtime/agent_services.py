@@ -1,0 +1,98 @@
+"""The Action, Critic and Curriculum agents as Ray Serve deployments.
+
+Each is a thin shell: it builds the pure core once per replica with a :class:`RemoteEngine`
+over the engine deployment it names, and runs the core's blocking work in a thread so the
+replica's event loop keeps accepting requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Sequence
+
+from ray import serve
+
+from ..agents.action import ActionAgent, ActionRequest
+from ..agents.curriculum import CurriculumAgent, Outcome, Proposal
+from ..config import Config
+from ..schemas import CurriculumState, Plan, PlanSample, Rollout, Task, Verdict
+from .engine_service import RemoteEngine, engine_app_name
+
+
+def _remote(cfg: Config, engine: str) -> RemoteEngine:
+    handle = serve.get_app_handle(engine_app_name(engine))
+    return RemoteEngine(handle, cfg.engines[engine].model, timeout_s=cfg.run.stage_timeout_s)
+
+
+def _task_space(cfg: Config):
+    if cfg.world.backend == "sandbox":
+        from ..world.sandbox.tasks import SandboxTaskGenerator
+
+        return SandboxTaskGenerator(seed=cfg.run.seed)
+    return None
+
+
+class ActionServer:
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = Config.model_validate(cfg)
+        self.agent = ActionAgent(self.cfg.agents.action, _remote(self.cfg, self.cfg.agents.action.engine))
+
+    async def act(self, requests: Sequence[ActionRequest]) -> list[list[PlanSample]]:
+        return await asyncio.to_thread(self.agent.act, list(requests))
+
+
+class CriticServer:
+    def __init__(self, cfg: dict[str, Any]):
+        from ..critic import Critic
+
+        self.cfg = Config.model_validate(cfg)
+        c = self.cfg.agents.critic
+        needs_engine = any(s in ("text_judge", "vlm_judge") for s in c.scorers)
+        engines = {c.engine: _remote(self.cfg, c.engine)} if needs_engine else None
+        self.critic = Critic(c, engines)
+
+    async def score(self, items: Sequence[tuple[Task, Plan | None, Rollout]]) -> list[Verdict]:
+        return await asyncio.to_thread(self.critic.score_batch, list(items))
+
+
+class CurriculumServer:
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = Config.model_validate(cfg)
+        c = self.cfg.agents.curriculum
+        engine = _remote(self.cfg, c.engine) if c.use_llm else None
+        self.agent = CurriculumAgent(c, _task_space(self.cfg), engine)
+
+    async def propose(self, state: CurriculumState, recent: Sequence[Outcome], mastered: set[str],
+                      n: int | None, round_index: int) -> Proposal:
+        return await asyncio.to_thread(self.agent.propose, state, list(recent), set(mastered), n, round_index)
+
+
+ActionService = serve.deployment(ActionServer, name="ActionService")
+CriticService = serve.deployment(CriticServer, name="CriticService")
+CurriculumService = serve.deployment(CurriculumServer, name="CurriculumService")
+
+
+def _opts(res, default_ongoing: int = 32) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus},
+        "max_ongoing_requests": res.max_ongoing_requests or default_ongoing,
+    }
+    if res.autoscaling:
+        opts["autoscaling_config"] = res.autoscaling.model_dump()
+    else:
+        opts["num_replicas"] = res.replicas
+    return opts
+
+
+def action_app(cfg: Config):
+    # The action shell is light (the engine does the work), so it takes a small CPU share.
+    return ActionService.options(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64).bind(
+        cfg.model_dump(mode="json"))
+
+
+def critic_app(cfg: Config):
+    return CriticService.options(**_opts(cfg.resources.critic)).bind(cfg.model_dump(mode="json"))
+
+
+def curriculum_app(cfg: Config):
+    return CurriculumService.options(ray_actor_options={"num_cpus": 0.1}).bind(cfg.model_dump(mode="json"))
