@@ -1,0 +1,113 @@
+"""Agent cores without Ray: the curriculum rule, proposals with fallback, action prompts and parsing."""
+
+import json
+
+import pytest
+
+from worldagent_ray.agents.action import ActionRequest, build_messages, order_memory, parse_sample
+from worldagent_ray.agents.curriculum import CurriculumAgent, Outcome, goals_schema, update_phase
+from worldagent_ray.config import ActionConfig, CurriculumConfig
+from worldagent_ray.schemas import Completion, CurriculumState, MemoryHit, Task
+
+
+def cur_cfg(**kw):
+    base = dict(window=4, promote_threshold=0.75, demote_threshold=0.25, use_llm=False)
+    base.update(kw)
+    return CurriculumConfig(**base)
+
+
+def outcomes(phase, pattern):
+    return [Outcome(phase=phase, success=bool(c == "1")) for c in pattern]
+
+
+def test_promotes_after_a_full_successful_window_only():
+    cfg = cur_cfg()
+    st = CurriculumState(phase=1)
+    st = update_phase(cfg, st, outcomes(1, "111"))
+    assert st.phase == 1, "fewer than `window` outcomes must not promote"
+    st = update_phase(cfg, st, outcomes(1, "1"))
+    assert st.phase == 2 and st.promotions[-1]["from"] == 1 and st.promotions[-1]["success_rate"] == 1.0
+
+
+def test_new_phase_starts_with_a_fresh_window_and_demotes_on_failure():
+    cfg = cur_cfg()
+    st = update_phase(cfg, CurriculumState(phase=1), outcomes(1, "1111"))
+    assert st.phase == 2
+    st = update_phase(cfg, st, outcomes(2, "000"))
+    assert st.phase == 2, "3 failures < window: no demotion yet"
+    st = update_phase(cfg, st, outcomes(2, "0"))
+    assert st.phase == 1 and st.promotions[-1] == {**st.promotions[-1], "from": 2, "to": 1}
+    # back in phase 1, the old successes do not promote again at once
+    st = update_phase(cfg, st, outcomes(1, "1"))
+    assert st.phase == 1
+
+
+def test_phase_bounds_and_middle_rates_hold():
+    cfg = cur_cfg(max_phase=2)
+    st = update_phase(cfg, CurriculumState(phase=2), outcomes(2, "1111"))
+    assert st.phase == 2, "max_phase caps promotion"
+    st = update_phase(cfg, CurriculumState(phase=1), outcomes(1, "0000"))
+    assert st.phase == 1, "phase 1 cannot demote"
+    st = update_phase(cur_cfg(), CurriculumState(phase=1), outcomes(1, "1010"))
+    assert st.phase == 1 and not st.promotions
+
+
+def test_bad_thresholds_are_rejected_with_names():
+    with pytest.raises(ValueError, match="demote_threshold"):
+        CurriculumConfig(promote_threshold=0.3, demote_threshold=0.5)
+
+
+def test_free_text_curriculum_without_task_space_avoids_mastered():
+    agent = CurriculumAgent(cur_cfg(tasks_per_proposal=3), task_space=None, engine=None)
+    st = agent.initial_state()
+    p = agent.propose(st, mastered={"turn on the stove"}, round_index=0)
+    assert len(p.tasks) == 3 and all(t.phase == 1 for t in p.tasks)
+    assert "Turn on the stove" not in {t.goal for t in p.tasks}
+    assert p.sources == ["free_text"] * 3 and p.state.proposed == 3
+    again = agent.propose(st, mastered={"turn on the stove"}, round_index=0)
+    assert [t.id for t in again.tasks] == [t.id for t in p.tasks], "proposals are deterministic per round"
+
+
+def test_goals_schema_bounds():
+    s = goals_schema(4)
+    assert s["properties"]["goals"]["maxItems"] == 4 and s["required"] == ["goals"]
+
+
+def hit(i, success, reward):
+    return MemoryHit(episode_id=f"e{i}", goal=f"goal {i}", phase=1, plan=["a", "b"], success=success,
+                     reward=reward, feedback="order wrong" if not success else "")
+
+
+def test_memory_context_successes_first_and_top_k():
+    hits = [hit(1, False, 0.9), hit(2, True, 0.5), hit(3, True, 0.95), hit(4, False, 0.1)]
+    assert [h.episode_id for h in order_memory(hits, 3)] == ["e3", "e2", "e1"]
+    cfg = ActionConfig(memory_top_k=2)
+    msgs = build_messages(cfg, ActionRequest(Task(id="t", goal="Boil water", phase=2), hits,
+                                             vocabulary=["fill the kettle", "turn on the kettle"]))
+    user = msgs[-1]["content"]
+    assert "Goal: Boil water" in user and "- fill the kettle" in user
+    assert user.index("goal 3") < user.index("goal 2") and "goal 1" not in user
+    assert msgs[0]["role"] == "system"
+
+
+def test_reference_image_attached_only_for_vision_models():
+    task = Task(id="t", goal="g", phase=1, reference_image="/tmp/x.png")
+    text_only = build_messages(ActionConfig(), ActionRequest(task), attach_image=False)[-1]["content"]
+    vision = build_messages(ActionConfig(), ActionRequest(task), attach_image=True)[-1]["content"]
+    assert isinstance(text_only, str)
+    assert vision[0] == {"type": "image", "image": "/tmp/x.png"} and vision[1]["type"] == "text"
+
+
+def comp(text, finish="stop", rejected=()):
+    return Completion(text=text, token_ids=[1], logprobs=[-0.5], finish_reason=finish, rejected=list(rejected))
+
+
+def test_parse_sample_plans_and_reasons():
+    plan, err = parse_sample(comp(json.dumps({"steps": [{"step": 1, "action": "turn on the stove"}]})), 8)
+    assert err is None and plan.actions == ["turn on the stove"]
+    plan, err = parse_sample(comp('{"steps": [{"step": 1, "act'), 8)
+    assert plan is None and "not valid JSON" in err
+    plan, err = parse_sample(comp('{"steps": [', finish="length"), 8)
+    assert "cut at max_tokens" in err
+    plan, err = parse_sample(comp("x", finish="error", rejected=[{"text": "x", "reason": "not JSON"}]), 8)
+    assert plan is None and "not JSON" in err
