@@ -437,3 +437,59 @@ class CurriculumState(_Message):
     promotions: list[dict[str, Any]] = Field(default_factory=list)
     fallbacks: int = 0
     proposed: int = 0
+
+
+# --------------------------------------------------------------------------- learner
+
+
+class ScoredGroup(_Message):
+    """The G reward-scored completions of one task: one GRPO group, as the buffer stores it.
+
+    ``prompt_token_ids`` is either one prompt shared by every sample (``list[int]``) or one
+    prompt per sample (``list[list[int]]``). ``rollout_logprobs[i][t]`` is the sampling
+    engine's log-prob of ``completion_token_ids[i][t]``. ``policy_version`` is the weights
+    version that generated the group (the oldest one if samples straddle a weight update).
+    """
+
+    group_id: str = Field(min_length=1)
+    task_id: str = Field(min_length=1)
+    policy_version: int = Field(ge=0)
+    prompt_token_ids: list[int] | list[list[int]]
+    completion_token_ids: list[list[int]] = Field(min_length=1)
+    rollout_logprobs: list[list[float]]
+    rewards: list[float]
+    episode_ids: list[str]
+
+    @model_validator(mode="after")
+    def _aligned(self) -> "ScoredGroup":
+        n = len(self.completion_token_ids)
+        for name in ("rollout_logprobs", "rewards", "episode_ids"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries, expected {n} (one per completion)")
+        if self.prompt_token_ids and isinstance(self.prompt_token_ids[0], list) and len(self.prompt_token_ids) != n:
+            raise ValueError(f"prompt_token_ids has {len(self.prompt_token_ids)} per-sample prompts, expected {n}")
+        for i, (ids, lps) in enumerate(zip(self.completion_token_ids, self.rollout_logprobs)):
+            if len(ids) != len(lps):
+                raise ValueError(
+                    f"rollout_logprobs[{i}] has {len(lps)} entries but completion_token_ids[{i}] has {len(ids)}"
+                )
+        for i, r in enumerate(self.rewards):
+            if r != r or r in (float("inf"), float("-inf")):
+                raise ValueError(f"rewards[{i}] must be finite, got {r}")
+        return self
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.completion_token_ids)
+
+    def prompt_for(self, i: int) -> list[int]:
+        """The prompt token ids of sample ``i`` (the shared prompt or its own)."""
+        p = self.prompt_token_ids
+        return list(p[i]) if p and isinstance(p[0], list) else list(p)  # type: ignore[arg-type]
+
+    def reward_stats(self) -> dict[str, float]:
+        """``mean``, ``std`` (population), ``min``, ``max`` of the rewards."""
+        r = self.rewards
+        mean = sum(r) / len(r)
+        std = (sum((x - mean) ** 2 for x in r) / len(r)) ** 0.5
+        return {"mean": mean, "std": std, "min": min(r), "max": max(r)}
