@@ -80,7 +80,7 @@ def run_evolve(cfg: Config, run: RunFolder, *, learn: bool = False, stop_after_e
 
     init_ray(cfg)
     say(f"run folder: {run.local}  (ray: {ray.get_runtime_context().gcs_address})")
-    memory = get_or_create_memory_actor(cfg, run.memory_uri, name=f"worldagent-memory-{run.run_id}")
+    memory = get_or_create_memory_actor(cfg, run.artifacts, name=run.run_id, namespace=NAMESPACE)
     learner = None
     try:
         publisher = None
