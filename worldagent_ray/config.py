@@ -155,6 +155,8 @@ class SandboxConfig(_Section):
     max_steps: int = Field(default=32, ge=1, description="Steps beyond this are recorded as skipped.")
     write_mp4: bool = True
     write_gif: bool = True
+    sample_frames: int = Field(default=4, ge=1, le=64, description="PNG frames written for the critic.")
+    max_reference_pixels: int = Field(default=4096 * 4096, ge=1, description="Reference images above this are rejected.")
 
 
 class DiffusersConfig(_Section):

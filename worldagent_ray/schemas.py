@@ -209,6 +209,10 @@ class StepOutcome(_Message):
     verb: str | None = None
     args: list[str] = Field(default_factory=list)
     reason: str | None = None
+    # Why a step failed: "object" (unknown/absent object or one the verb cannot act on),
+    # "physics" (a state precondition: hand full, fridge closed, egg not cracked...),
+    # "parse" (no action recognised), "limit" (beyond the world's step limit).
+    category: Literal["object", "physics", "parse", "limit"] | None = None
 
 
 class GroundTruth(_Message):
@@ -218,8 +222,10 @@ class GroundTruth(_Message):
     final_state: dict[str, Any] = Field(default_factory=dict)
     goal_predicates: dict[str, bool] = Field(default_factory=dict)
     state_description: str = ""
-    # Indices of executed steps that made progress on a goal predicate, in order of use;
-    # used by the verifiable critic to judge temporal consistency.
+    # Indices of goal-relevant steps in plan order, and the same indices in the order the
+    # task's dependencies expect (the sandbox: understood steps matching a reference step,
+    # stably sorted by the reference step's stage); the verifiable critic compares the two
+    # to judge temporal consistency.
     relevant_step_order: list[int] = Field(default_factory=list)
     expected_step_order: list[int] = Field(default_factory=list)
 
