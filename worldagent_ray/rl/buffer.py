@@ -1,0 +1,321 @@
+"""Rollout group buffer: the pure bookkeeping behind the Ray ``BufferActor``.
+
+The buffer holds metadata of reward-scored GRPO groups (:class:`BufferEntry`) in insertion
+(FIFO) order. Each entry carries an opaque ``ref`` payload: in the Ray shell an ``ObjectRef``
+to the :class:`~worldagent_ray.schemas.ScoredGroup` in the object store, so the buffer never
+holds the data itself. Nothing here imports Ray.
+
+Rules:
+
+- ``add`` accepts a group unless its id is already queued (``duplicate``), was already handed
+  to the learner (``consumed``, also across a resume via :meth:`GroupBuffer.state_dict`), all
+  its rewards are equal and ``drop_zero_variance`` is on (``zero_variance``: GRPO advantages
+  would all be 0, so it carries no gradient), or the buffer is full (``full``; the Ray shell
+  waits for space instead). Every refusal is counted by reason; nothing is lost silently.
+- ``take(n, current_version)`` pops up to ``n`` groups, oldest first. A group is *stale*
+  when ``current_version - policy_version > max_staleness``. With ``stale_policy="drop"``
+  stale groups are discarded (counted as ``stale``) and the next ones are taken instead;
+  with ``"correct"`` they are returned with ``needs_correction=True`` and the learner relies
+  on importance weights computed from the rollout log-probs.
+- Consumed ids are remembered (``state_dict`` / ``load_state_dict``) so a resumed run never
+  trains twice on one group. Dropped groups are *not* consumed: a regenerated group with the
+  same id (made by newer weights) is welcome.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any, Literal, Mapping
+
+from worldagent_ray.schemas import ScoredGroup
+
+__all__ = ["AddResult", "BufferEntry", "GroupBuffer", "DROP_REASONS"]
+
+DROP_REASONS: tuple[str, ...] = ("duplicate", "consumed", "zero_variance", "full", "stale")
+"""Every reason a group can be refused or discarded; the keys of ``stats()["dropped"]``."""
+
+_STATE_VERSION = 1
+
+
+class AddResult(str, Enum):
+    """Outcome of :meth:`GroupBuffer.add`."""
+
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    CONSUMED = "consumed"
+    ZERO_VARIANCE = "zero_variance"
+    FULL = "full"
+
+    @property
+    def accepted(self) -> bool:
+        return self is AddResult.ACCEPTED
+
+
+@dataclass
+class BufferEntry:
+    """Metadata of one queued group, plus an opaque ``ref`` to its data.
+
+    ``staleness`` and ``needs_correction`` are filled in by :meth:`GroupBuffer.take`.
+    """
+
+    group_id: str
+    policy_version: int
+    reward_mean: float
+    reward_std: float
+    num_samples: int
+    task_id: str = ""
+    ref: Any = None
+    staleness: int = 0
+    needs_correction: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.group_id, str) or not self.group_id:
+            raise ValueError(f"group_id must be a non-empty string, got {self.group_id!r}")
+        if isinstance(self.policy_version, bool) or not isinstance(self.policy_version, int) or self.policy_version < 0:
+            raise ValueError(f"policy_version must be an int >= 0, got {self.policy_version!r}")
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise ValueError(f"num_samples must be an int >= 1, got {self.num_samples!r}")
+        for name in ("reward_mean", "reward_std"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if self.reward_std < 0:
+            raise ValueError(f"reward_std must be >= 0, got {self.reward_std}")
+
+    @classmethod
+    def from_group(cls, group: ScoredGroup, ref: Any = None) -> "BufferEntry":
+        """Entry for ``group`` (its reward statistics are computed here)."""
+        return cls.from_meta(meta_of(group), ref)
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any], ref: Any = None) -> "BufferEntry":
+        """Entry from a metadata dict (see :func:`meta_of`); unknown keys go to ``extra``."""
+        if not isinstance(meta, Mapping):
+            raise TypeError(f"meta must be a mapping, got {type(meta).__name__}")
+        required = ("group_id", "policy_version", "reward_mean", "reward_std", "num_samples")
+        missing = [k for k in required if k not in meta]
+        if missing:
+            raise ValueError(f"meta is missing required keys {missing} (got keys {sorted(meta)})")
+        known = {*required, "task_id"}
+        return cls(
+            group_id=meta["group_id"],
+            policy_version=meta["policy_version"],
+            reward_mean=meta["reward_mean"],
+            reward_std=meta["reward_std"],
+            num_samples=meta["num_samples"],
+            task_id=meta.get("task_id", ""),
+            ref=ref,
+            extra={k: v for k, v in meta.items() if k not in known},
+        )
+
+    def meta(self) -> dict[str, Any]:
+        """The metadata as a plain dict (no ``ref``), including ``staleness`` and ``needs_correction``."""
+        return {
+            "group_id": self.group_id,
+            "task_id": self.task_id,
+            "policy_version": self.policy_version,
+            "reward_mean": self.reward_mean,
+            "reward_std": self.reward_std,
+            "num_samples": self.num_samples,
+            "staleness": self.staleness,
+            "needs_correction": self.needs_correction,
+            **self.extra,
+        }
+
+
+def meta_of(group: ScoredGroup) -> dict[str, Any]:
+    """The metadata dict the buffer keeps for ``group`` (population std of its rewards)."""
+    s = group.reward_stats()
+    return {
+        "group_id": group.group_id,
+        "task_id": group.task_id,
+        "policy_version": group.policy_version,
+        "reward_mean": s["mean"],
+        "reward_std": s["std"],
+        "num_samples": group.num_samples,
+    }
+
+
+class GroupBuffer:
+    """FIFO buffer of GRPO group metadata with staleness control.
+
+    Args:
+        max_groups (`int`): capacity; ``add`` answers ``FULL`` beyond it.
+        max_staleness (`int`): a group is stale when ``current_version - policy_version`` exceeds it.
+        stale_policy (`str`): ``"drop"`` discards stale groups; ``"correct"`` returns them flagged
+            ``needs_correction=True``.
+        drop_zero_variance (`bool`): refuse groups whose rewards are all equal.
+        zero_variance_tol (`float`): a group is zero-variance when ``reward_std <= zero_variance_tol``.
+    """
+
+    def __init__(
+        self,
+        max_groups: int,
+        max_staleness: int,
+        stale_policy: Literal["drop", "correct"] = "correct",
+        drop_zero_variance: bool = True,
+        zero_variance_tol: float = 0.0,
+    ):
+        if isinstance(max_groups, bool) or not isinstance(max_groups, int) or max_groups < 1:
+            raise ValueError(f"max_groups must be an int >= 1, got {max_groups!r}")
+        if isinstance(max_staleness, bool) or not isinstance(max_staleness, int) or max_staleness < 0:
+            raise ValueError(f"max_staleness must be an int >= 0, got {max_staleness!r}")
+        if stale_policy not in ("drop", "correct"):
+            raise ValueError(f"stale_policy must be 'drop' or 'correct', got {stale_policy!r}")
+        if zero_variance_tol < 0:
+            raise ValueError(f"zero_variance_tol must be >= 0, got {zero_variance_tol}")
+        self.max_groups = max_groups
+        self.max_staleness = max_staleness
+        self.stale_policy = stale_policy
+        self.drop_zero_variance = drop_zero_variance
+        self.zero_variance_tol = zero_variance_tol
+        self._queue: OrderedDict[str, BufferEntry] = OrderedDict()
+        self.consumed_ids: set[str] = set()
+        self.dropped: Counter[str] = Counter({r: 0 for r in DROP_REASONS})
+        self.accepted_total = 0
+        self.taken_total = 0
+        self.corrected_total = 0
+        self.taken_staleness: Counter[int] = Counter()
+
+    # ------------------------------------------------------------------ queue
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def __contains__(self, group_id: object) -> bool:
+        return group_id in self._queue
+
+    @property
+    def full(self) -> bool:
+        return len(self._queue) >= self.max_groups
+
+    def staleness(self, entry: BufferEntry, current_version: int) -> int:
+        """``max(0, current_version - entry.policy_version)``."""
+        return max(0, current_version - entry.policy_version)
+
+    def is_stale(self, entry: BufferEntry, current_version: int) -> bool:
+        return self.staleness(entry, current_version) > self.max_staleness
+
+    def check(self, entry: BufferEntry) -> AddResult:
+        """What :meth:`add` would answer for ``entry``, without changing anything."""
+        if not isinstance(entry, BufferEntry):
+            raise TypeError(f"entry must be a BufferEntry, got {type(entry).__name__}")
+        if entry.group_id in self._queue:
+            return AddResult.DUPLICATE
+        if entry.group_id in self.consumed_ids:
+            return AddResult.CONSUMED
+        if self.drop_zero_variance and entry.reward_std <= self.zero_variance_tol:
+            return AddResult.ZERO_VARIANCE
+        if self.full:
+            return AddResult.FULL
+        return AddResult.ACCEPTED
+
+    def add(self, entry: BufferEntry) -> AddResult:
+        """Queue ``entry`` or say why not (the reason is counted in ``dropped``)."""
+        result = self.check(entry)
+        if result is AddResult.ACCEPTED:
+            self._queue[entry.group_id] = entry
+            self.accepted_total += 1
+        else:
+            self.dropped[result.value] += 1
+        return result
+
+    def take(self, n: int, current_version: int) -> list[BufferEntry]:
+        """Pop up to ``n`` groups, oldest first, applying the staleness policy.
+
+        Returned entries have ``staleness`` set and are recorded as consumed. Under ``"drop"``,
+        stale groups met on the way are discarded (see :meth:`evict_stale`) and do not count
+        towards ``n``.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be an int >= 0, got {n!r}")
+        out: list[BufferEntry] = []
+        while self._queue and len(out) < n:
+            _, entry = self._queue.popitem(last=False)
+            s = self.staleness(entry, current_version)
+            stale = s > self.max_staleness
+            if stale and self.stale_policy == "drop":
+                self.dropped["stale"] += 1
+                continue
+            entry = replace(entry, staleness=s, needs_correction=stale)
+            self.consumed_ids.add(entry.group_id)
+            self.taken_total += 1
+            self.corrected_total += int(stale)
+            self.taken_staleness[s] += 1
+            out.append(entry)
+        return out
+
+    def evict_stale(self, current_version: int) -> list[BufferEntry]:
+        """Under ``stale_policy="drop"``, discard every queued stale group now (frees space).
+
+        Returns the discarded entries (so a shell can release their refs); a no-op under ``"correct"``.
+        """
+        if self.stale_policy != "drop":
+            return []
+        stale = [e for e in self._queue.values() if self.is_stale(e, current_version)]
+        for e in stale:
+            del self._queue[e.group_id]
+        self.dropped["stale"] += len(stale)
+        return stale
+
+    # ------------------------------------------------------------------ observability
+
+    def queued_staleness(self, current_version: int) -> dict[int, int]:
+        """Histogram ``{staleness: count}`` of the queued groups at ``current_version``."""
+        return dict(sorted(Counter(self.staleness(e, current_version) for e in self._queue.values()).items()))
+
+    def stats(self, current_version: int | None = None) -> dict[str, Any]:
+        """Size, capacity, totals, drop counts by reason and staleness histograms."""
+        out: dict[str, Any] = {
+            "size": len(self._queue),
+            "max_groups": self.max_groups,
+            "accepted": self.accepted_total,
+            "taken": self.taken_total,
+            "corrected": self.corrected_total,
+            "consumed_ids": len(self.consumed_ids),
+            "dropped": {r: self.dropped[r] for r in DROP_REASONS},
+            "taken_staleness": dict(sorted(self.taken_staleness.items())),
+        }
+        if current_version is not None:
+            out["queued_staleness"] = self.queued_staleness(current_version)
+        return out
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed buffer needs: consumed ids and counters (JSON-safe).
+
+        Queued entries are not included: their refs do not outlive the process that holds them.
+        """
+        return {
+            "version": _STATE_VERSION,
+            "consumed_ids": sorted(self.consumed_ids),
+            "dropped": {r: self.dropped[r] for r in DROP_REASONS},
+            "accepted": self.accepted_total,
+            "taken": self.taken_total,
+            "corrected": self.corrected_total,
+            "taken_staleness": {str(k): v for k, v in sorted(self.taken_staleness.items())},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (merging consumed ids into those already known)."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping, got {type(state).__name__}")
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"state version must be {_STATE_VERSION}, got {state.get('version')!r}")
+        ids = state.get("consumed_ids")
+        if not isinstance(ids, (list, tuple, set)) or not all(isinstance(i, str) for i in ids):
+            raise ValueError("state['consumed_ids'] must be a list of strings")
+        self.consumed_ids |= set(ids)
+        for r, c in dict(state.get("dropped", {})).items():
+            if r not in DROP_REASONS:
+                raise ValueError(f"state['dropped'] has unknown reason {r!r} (known: {DROP_REASONS})")
+            self.dropped[r] = int(c)
+        self.accepted_total = int(state.get("accepted", 0))
+        self.taken_total = int(state.get("taken", 0))
+        self.corrected_total = int(state.get("corrected", 0))
+        self.taken_staleness = Counter({int(k): int(v) for k, v in dict(state.get("taken_staleness", {})).items()})

@@ -1,0 +1,265 @@
+"""The rollout buffer actor: an async Ray actor around :class:`~worldagent_ray.rl.buffer.GroupBuffer`.
+
+Producers put each reward-scored group into the object store and hand the buffer only its
+metadata and the ``ObjectRef``; the data never passes through the actor. The ref travels
+inside a list (``[ref]``) because Ray resolves top-level ``ObjectRef`` arguments but leaves
+nested ones alone. The learner's ``get_batch`` returns the refs and fetches the data itself
+with ``ray.get``.
+
+Back-pressure: ``put`` waits (an ``asyncio.Condition``) while the buffer is full, until a
+``get_batch`` frees space or the timeout passes (then :class:`BufferFullTimeout`). Under
+``stale_policy="drop"``, stale groups are evicted whenever the learner's version is known to
+advance (``get_batch``, ``set_policy_version``), which also frees space.
+
+Ownership: an object lives as long as its owner (the worker that called ``ray.put``). Put
+groups from long-lived processes (the driver or an actor), or the learner gets an
+``OwnerDiedError`` when it fetches them.
+
+Typical use::
+
+    buffer = create_buffer_actor(cfg.learner, name=cfg.run.name)
+    ok = ray.get(buffer.put.remote(meta_of(group), [ray.put(group)]))          # producer
+    batch = ray.get(buffer.get_batch.remote(4, version, 30.0))                 # learner
+    groups = ray.get([item["ref"] for item in batch])
+
+Metrics (``ray.util.metrics``, tag ``buffer`` = the buffer's name): gauge
+``worldagent_buffer_size``, histogram ``worldagent_buffer_staleness`` (of the groups handed
+out), counter ``worldagent_buffer_dropped_total`` (tag ``reason``: duplicate, consumed,
+zero_variance, full, stale).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal, Mapping
+
+import ray
+from ray.util import metrics as ray_metrics
+
+from worldagent_ray.rl.buffer import DROP_REASONS, AddResult, BufferEntry, GroupBuffer
+
+__all__ = ["BufferActor", "BufferFullTimeout", "buffer_actor_name", "create_buffer_actor"]
+
+ACTOR_NAME_PREFIX = "worldagent-buffer-"
+STALENESS_BOUNDARIES = [0.5, 1.5, 2.5, 3.5, 4.5, 8.5, 16.5, 32.5]
+"""Histogram buckets: staleness 0, 1, 2, 3, 4, 5-8, 9-16, 17-32, more (Ray wants positive bounds)."""
+
+
+class BufferFullTimeout(TimeoutError):
+    """``put`` waited ``timeout_s`` for space in a full buffer; the group was not queued."""
+
+
+def buffer_actor_name(name: str) -> str:
+    """The Ray actor name of the buffer of a run called ``name``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"buffer actor name must be a non-empty str, got {name!r}")
+    return f"{ACTOR_NAME_PREFIX}{name}"
+
+
+def _unwrap_ref(ref_wrapped: Any) -> ray.ObjectRef:
+    if not (isinstance(ref_wrapped, (list, tuple)) and len(ref_wrapped) == 1):
+        raise TypeError(
+            "ref_wrapped must be a one-element list [ObjectRef] (wrapped so that Ray does not resolve it), "
+            f"got {type(ref_wrapped).__name__}"
+        )
+    ref = ref_wrapped[0]
+    if not isinstance(ref, ray.ObjectRef):
+        raise TypeError(f"ref_wrapped[0] must be a ray.ObjectRef, got {type(ref).__name__}")
+    return ref
+
+
+class BufferActor:
+    """Async Ray actor holding refs of scored groups; see the module docstring.
+
+    Args:
+        max_groups, max_staleness, stale_policy, drop_zero_variance: as :class:`GroupBuffer`.
+        put_timeout_s (`float | None`): default wait of ``put`` on a full buffer (None: forever).
+        name (`str`): value of the ``buffer`` metrics tag.
+    """
+
+    def __init__(
+        self,
+        max_groups: int,
+        max_staleness: int,
+        stale_policy: Literal["drop", "correct"] = "correct",
+        drop_zero_variance: bool = True,
+        put_timeout_s: float | None = 60.0,
+        name: str = "default",
+    ):
+        if put_timeout_s is not None and put_timeout_s < 0:
+            raise ValueError(f"put_timeout_s must be >= 0 or None, got {put_timeout_s}")
+        self._core = GroupBuffer(max_groups, max_staleness, stale_policy, drop_zero_variance)
+        self._put_timeout_s = put_timeout_s
+        self._version = 0
+        self._cond = asyncio.Condition()
+        self._name = name
+        tags = {"buffer": name}
+        self._m_size = ray_metrics.Gauge(
+            "worldagent_buffer_size", description="Groups queued in the rollout buffer.", tag_keys=("buffer",)
+        )
+        self._m_size.set_default_tags(tags)
+        self._m_staleness = ray_metrics.Histogram(
+            "worldagent_buffer_staleness",
+            description="Policy versions between generation and consumption of a group.",
+            boundaries=STALENESS_BOUNDARIES,
+            tag_keys=("buffer",),
+        )
+        self._m_staleness.set_default_tags(tags)
+        self._m_dropped = ray_metrics.Counter(
+            "worldagent_buffer_dropped_total",
+            description="Groups refused or discarded by the buffer, by reason.",
+            tag_keys=("buffer", "reason"),
+        )
+        self._m_dropped.set_default_tags(tags)
+        self._m_size.set(0)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _publish(self, dropped_before: Mapping[str, int], taken: list[BufferEntry] = ()) -> None:
+        self._m_size.set(len(self._core))
+        for r in DROP_REASONS:
+            d = self._core.dropped[r] - dropped_before[r]
+            if d > 0:
+                self._m_dropped.inc(d, tags={"reason": r})
+        for e in taken:
+            self._m_staleness.observe(e.staleness)
+
+    def _advance(self, version: int) -> None:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ValueError(f"current_version must be an int >= 0, got {version!r}")
+        self._version = max(self._version, version)
+        if self._core.evict_stale(self._version):
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ API
+
+    async def put(self, meta: dict[str, Any], ref_wrapped: list[ray.ObjectRef], timeout_s: float | None = -1.0) -> bool:
+        """Queue one group: ``meta`` (see :func:`~worldagent_ray.rl.buffer.meta_of`) and ``[ref]``.
+
+        Waits while the buffer is full. ``timeout_s``: seconds to wait (``None`` forever, ``0``
+        not at all, negative: the actor's ``put_timeout_s``).
+
+        Returns:
+            `bool`: True if queued; False if refused as duplicate, consumed or zero-variance
+            (counted in ``stats()["dropped"]``).
+
+        Raises:
+            BufferFullTimeout: still full after ``timeout_s`` (counted as ``full``).
+            ValueError / TypeError: malformed ``meta`` or ``ref_wrapped``.
+        """
+        entry = BufferEntry.from_meta(meta, _unwrap_ref(ref_wrapped))
+        wait = self._put_timeout_s if timeout_s is not None and timeout_s < 0 else timeout_s
+        async with self._cond:
+            before = dict(self._core.dropped)
+            loop = asyncio.get_running_loop()
+            deadline = None if wait is None else loop.time() + wait
+            while self._core.check(entry) is AddResult.FULL:
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    self._core.add(entry)  # counts the refusal as "full"
+                    self._publish(before)
+                    raise BufferFullTimeout(
+                        f"buffer {self._name!r} stayed full ({self._core.max_groups} groups) for {wait} s; "
+                        f"group {entry.group_id!r} not queued"
+                    )
+                try:
+                    await asyncio.wait_for(self._cond.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+            result = self._core.add(entry)
+            self._publish(before)
+            if result.accepted:
+                self._cond.notify_all()
+            return result.accepted
+
+    async def get_batch(self, n: int, current_version: int, timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """Take ``n`` groups, oldest first, waiting up to ``timeout_s`` (None: forever) for them.
+
+        On timeout returns what is there (possibly fewer than ``n``, possibly none). Each item
+        is the group's metadata (``group_id``, ``policy_version``, ``staleness``,
+        ``needs_correction``, reward stats, ...) plus ``"ref"``, the ``ObjectRef`` of its data.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        async with self._cond:
+            before = dict(self._core.dropped)
+            self._advance(current_version)
+            loop = asyncio.get_running_loop()
+            deadline = None if timeout_s is None else loop.time() + timeout_s
+            while len(self._core) < n:
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self._cond.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+                self._advance(current_version)
+            taken = self._core.take(n, current_version)
+            self._publish(before, taken)
+            if taken:
+                self._cond.notify_all()  # space for waiting producers
+            return [{**e.meta(), "ref": e.ref} for e in taken]
+
+    async def set_policy_version(self, version: int) -> int:
+        """Tell the buffer the learner's version; under ``"drop"`` stale groups are evicted now.
+
+        Returns the number of queued groups afterwards.
+        """
+        async with self._cond:
+            before = dict(self._core.dropped)
+            self._advance(version)
+            self._publish(before)
+            return len(self._core)
+
+    async def size(self) -> int:
+        return len(self._core)
+
+    async def stats(self) -> dict[str, Any]:
+        """:meth:`GroupBuffer.stats` at the latest known policy version, plus ``policy_version``."""
+        return {**self._core.stats(self._version), "policy_version": self._version, "name": self._name}
+
+    async def state_dict(self) -> dict[str, Any]:
+        """:meth:`GroupBuffer.state_dict` plus the latest known policy version (JSON-safe)."""
+        return {**self._core.state_dict(), "policy_version": self._version}
+
+    async def load_state_dict(self, state: dict[str, Any]) -> None:
+        async with self._cond:
+            self._core.load_state_dict(state)
+            self._version = max(self._version, int(state.get("policy_version", 0)))
+            self._m_size.set(len(self._core))
+
+
+def create_buffer_actor(
+    learner_cfg: Any,
+    name: str = "default",
+    *,
+    put_timeout_s: float | None = 60.0,
+    namespace: str | None = None,
+    get_if_exists: bool = True,
+) -> "ray.actor.ActorHandle":
+    """Start (or look up) the named buffer actor configured by a ``LearnerConfig``.
+
+    Uses ``buffer_max_groups``, ``max_staleness``, ``stale_policy`` and ``drop_zero_variance``
+    of ``learner_cfg``. The actor needs no CPU of its own (``num_cpus=0``): it only does
+    bookkeeping. Not restartable: a restarted buffer would have lost its refs; the learner
+    restores consumed ids with ``load_state_dict`` instead.
+    """
+    return (
+        ray.remote(BufferActor)
+        .options(
+            name=buffer_actor_name(name),
+            namespace=namespace,
+            get_if_exists=get_if_exists,
+            num_cpus=0,
+            max_concurrency=1000,
+        )
+        .remote(
+            learner_cfg.buffer_max_groups,
+            learner_cfg.max_staleness,
+            learner_cfg.stale_policy,
+            learner_cfg.drop_zero_variance,
+            put_timeout_s=put_timeout_s,
+            name=name,
+        )
+    )
