@@ -780,6 +780,16 @@ class EpisodeMemory:
         self._index_names = None
         return set(self._indices())
 
+    def table_stats(self) -> dict[str, int]:
+        """Physical state of the table: ``rows`` (including not yet repaired duplicates),
+        ``fragments`` and ``version``; zeros when the table does not exist yet."""
+        table = self._open(create=False)
+        if table is None:
+            return {"rows": 0, "fragments": 0, "version": 0}
+        st = table.stats()
+        frags = st["fragment_stats"]["num_fragments"] if isinstance(st, dict) else st.fragment_stats.num_fragments
+        return {"rows": table.count_rows(), "fragments": int(frags), "version": int(table.version)}
+
     def flush(self) -> dict[str, int]:
         """Run :meth:`optimize` if anything was written since the last one."""
         if self._writes_since_optimize:
