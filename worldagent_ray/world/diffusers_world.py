@@ -206,7 +206,7 @@ class DiffusersWorld:
             "device": self.device,
             "supports_text": self.supports_text,
             "supports_image": self.supports_image,
-            "shape": self.shape_key(),
+            "shape": list(self.shape_key()),
         }
 
     def shape_key(self) -> tuple[int, int, int]:
