@@ -8,7 +8,6 @@ import uuid
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from worldagent_ray.config import Config, DiffusersConfig, load_config
 from worldagent_ray.schemas import Plan, Task
@@ -128,27 +127,29 @@ def test_diffusers_service_batches_concurrent_requests_and_survives_bad_input(ra
 
 @pytest.mark.skipif(not HAS_SANDBOX, reason="worldagent_ray.world.sandbox has not landed")
 def test_sandbox_service_batches_and_survives_bad_input(ray_serve, tmp_path):
+    from worldagent_ray.world.sandbox import SandboxTaskGenerator, reference_plan
+
     serve = ray_serve
     name, handle = _run(serve, _cfg("sandbox"))
     try:
-        task = _task(0, "Put the apple in the bowl")
-        actions = handle.admissible_actions.remote(task).result()
-        assert actions, "the sandbox lists its admissible actions"
-        plan = Plan.from_actions(actions[:2])
-        calls = [(_task(i, "Put the apple in the bowl"), [plan, Plan()], str(tmp_path / f"s{i}")) for i in range(5)]
+        gen = SandboxTaskGenerator(seed=3)
+        tasks = [gen.sample(phase=1 + i % 2, index=i) for i in range(5)]
+        assert handle.admissible_actions.remote(tasks[0]).result(), "the sandbox lists its actions"
+        calls = [(t, [reference_plan(t), Plan()], str(tmp_path / f"s{i}")) for i, t in enumerate(tasks)]
         results = asyncio.run(_gather(handle, calls))
-        for rollouts in results:
-            assert len(rollouts) == 2 and rollouts[0].error is None and rollouts[0].num_frames > 0
+        for task, (solved, empty) in zip(tasks, results):
+            assert solved.task_id == task.id and solved.error is None and solved.num_frames > 0
+            assert solved.ground_truth.goal_achieved and os.path.exists(solved.video_uri)
+            assert not (empty.ground_truth and empty.ground_truth.goal_achieved)
         info = handle.info.remote().result()
         assert info["world"] == "sandbox" and max(info["batch_sizes"]) > 1
-        big = tmp_path / "big.png"
-        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(big)
         bad = tmp_path / "bad.png"
         bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-        bad_rollouts = handle.render.remote(task, [plan], str(tmp_path), str(bad)).result()
-        assert bad_rollouts[0].error and "reference" in bad_rollouts[0].error
+        (bad_ref,) = handle.render.remote(tasks[0], [reference_plan(tasks[0])], str(tmp_path), str(bad)).result()
+        assert bad_ref.error and "reference" in bad_ref.error
         with pytest.raises(Exception, match="invalid task"):
-            handle.render.remote({"goal": ""}, [plan], str(tmp_path)).result()
-        assert handle.render.remote(task, [plan], str(tmp_path)).result()[0].error is None
+            handle.render.remote({"goal": ""}, [Plan()], str(tmp_path)).result()
+        (ok,) = handle.render.remote(tasks[1], [reference_plan(tasks[1])], str(tmp_path)).result()
+        assert ok.error is None and ok.ground_truth.goal_achieved
     finally:
         serve.delete(name)
