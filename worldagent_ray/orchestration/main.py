@@ -94,7 +94,6 @@ def run_evolve(cfg: Config, run: RunFolder, *, learn: bool = False, stop_after_e
             action=handles.action, world=handles.world, critic=handles.critic, curriculum=handles.curriculum,
             memory=memory, vocabulary=_vocabulary_fn(cfg),
             buffer=learner.feeder if learner else None,
-            policy_version=learner.current_version if learner else None,
         )
         progress = _Progress(sys.stdout.isatty() if interactive is None else interactive)
         driver = EvolveDriver(cfg, run, services, metrics=LoopMetrics(run.run_id), progress=progress,

@@ -55,10 +55,17 @@ class EngineServer:
 
         from ..rl.weight_sync import WeightSubscriber
 
+        from ..models import resolve_model
+        from ..rl.weight_sync import load_base_weights
+
         handle = ray.get_actor(self._publisher, namespace=self._namespace)
-        self.subscriber = WeightSubscriber(self.engine, handle, self.replica_id, lock=self.lock)
+        model_path = resolve_model(self.cfg.model)
+        self.subscriber = WeightSubscriber(
+            self.engine, handle, self.replica_id, lock=self.lock,
+            base_weights=lambda: load_base_weights(model_path),  # only used for LoRA payloads
+        )
         await self.subscriber.register()
-        self.subscriber.start(self._poll_s)
+        await self.subscriber.start(self._poll_s)
 
     async def generate(self, prompts: Sequence[Any], params: SamplingParams,
                        json_schema: Mapping[str, Any] | None = None) -> list[list[Completion]]:

@@ -1,0 +1,120 @@
+"""``--learn``: the asynchronous GRPO learner beside the rollouts.
+
+The driver feeds every reward-scored group into the buffer actor as an ObjectRef (the data
+stays in the object store); the Ray Train learner pulls batches, steps, checkpoints and
+publishes weights; the Action engine replicas pick new versions up from the publisher
+(pause -> load -> resume). Nothing here blocks the driver's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+from ..config import Config
+from ..schemas import PlanSample, ScoredGroup, Task, Verdict
+from .run_folder import RunFolder
+
+log = logging.getLogger(__name__)
+
+
+def scored_group(task: Task, group_id: str, samples: Sequence[PlanSample], verdicts: Sequence[Verdict],
+                 policy_version: int, episode_ids: Sequence[str]) -> ScoredGroup | None:
+    """A GRPO group from one task's samples, or None when a sample carries no tokens (an
+    engine error): such a group cannot be scored token by token."""
+    if any(not s.completion.token_ids or len(s.completion.logprobs) != len(s.completion.token_ids)
+           for s in samples):
+        return None
+    return ScoredGroup(
+        group_id=group_id, task_id=task.id, policy_version=policy_version,
+        prompt_token_ids=[list(s.completion.prompt_token_ids) for s in samples],
+        completion_token_ids=[list(s.completion.token_ids) for s in samples],
+        rollout_logprobs=[list(s.completion.logprobs) for s in samples],
+        rewards=[float(v.reward) for v in verdicts],
+        episode_ids=list(episode_ids),
+    )
+
+
+class GroupFeeder:
+    """Puts scored groups into the buffer; waits (back-pressure) while the buffer is full."""
+
+    def __init__(self, buffer: Any, run_id: str):
+        self.buffer = buffer
+        self.run_id = run_id
+        self.fed = 0
+        self.refused = 0
+        self.skipped = 0
+
+    async def feed(self, task: Task, samples: Sequence[PlanSample], verdicts: Sequence[Verdict],
+                   policy_version: int, episode_ids: Sequence[str]) -> bool:
+        import ray
+
+        from ..rl.buffer import meta_of
+
+        group = scored_group(task, f"{self.run_id}:{task.id}", samples, verdicts, policy_version, episode_ids)
+        if group is None:
+            self.skipped += 1
+            return False
+        ref = ray.put(group)
+        ok = await self.buffer.put.remote(meta_of(group), [ref])
+        if ok:
+            self.fed += 1
+        else:
+            self.refused += 1  # duplicate / consumed / zero-variance: counted by the buffer too
+        return bool(ok)
+
+
+class LearningSession:
+    def __init__(self, cfg: Config, run: RunFolder, namespace: str, say: Callable[[str], None] = print):
+        from ..rl.learner import launch_learner
+        from ..runtime.buffer_actor import buffer_actor_name, create_buffer_actor
+        from ..runtime.weights import get_or_create_publisher
+
+        self.cfg = cfg
+        self.say = say
+        self.publisher_name = f"worldagent-weights-{run.run_id}"
+        self.publisher = get_or_create_publisher(self.publisher_name, namespace=namespace)
+        self.buffer = create_buffer_actor(cfg.learner, name=run.run_id, namespace=namespace)
+        self.feeder = GroupFeeder(self.buffer, run.run_id)
+        self.trainer = launch_learner(cfg, str(run.local), buffer_actor_name(run.run_id), self.publisher_name,
+                                      namespace=namespace, idle_timeout_s=30.0)
+        self.result = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._fit, name="grpo-learner", daemon=True)
+        self._thread.start()
+        say(f"  learner started (Ray Train, {cfg.learner.num_workers} worker(s), {cfg.learner.backend})")
+
+    def _fit(self) -> None:
+        try:
+            self.result = self.trainer.fit()
+        except BaseException as e:  # surfaced by finish()
+            self.error = e
+            log.error("learner failed: %s", e)
+
+    def finish(self, timeout_s: float = 300.0) -> dict[str, Any]:
+        """Wait for the learner to drain the buffer (it stops after 30 s without data)."""
+        import ray
+
+        t0 = time.time()
+        self._thread.join(timeout_s)
+        stats = ray.get(self.buffer.stats.remote())
+        out: dict[str, Any] = {"fed_groups": self.feeder.fed, "refused": self.feeder.refused,
+                               "skipped": self.feeder.skipped, "buffer": stats,
+                               "wait_s": round(time.time() - t0, 1)}
+        if self.error is not None:
+            out["error"] = f"{type(self.error).__name__}: {self.error}"
+        elif self.result is not None:
+            m = self.result.metrics or {}
+            out.update({k: m[k] for k in ("policy_version", "loss", "reward_mean", "idle_frac") if k in m})
+            out["checkpoint"] = str(self.result.checkpoint.path) if self.result.checkpoint else None
+        return out
+
+    def stop(self) -> None:
+        """Nothing to kill explicitly: the trainer's actors end with the job."""
+
+
+def start_learning(cfg: Config, run: RunFolder, namespace: str, say: Callable[[str], None] = print) -> LearningSession:
+    return LearningSession(cfg, run, namespace, say)
