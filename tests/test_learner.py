@@ -1,0 +1,308 @@
+"""The GRPO learner: LearnerCore on tiny-random-llama (full and LoRA), weights into a real
+TransformersEngine, exact resume (core and Ray Train), and a reward that rises on a toy task."""
+
+from __future__ import annotations
+
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from worldagent_ray.config import EngineConfig, LearnerConfig
+from worldagent_ray.models import resolve_model
+from worldagent_ray.rl.learner import (
+    LORA_SCALING_KEY,
+    LearnerCore,
+    collate_groups,
+    lr_lambda,
+)
+from worldagent_ray.rl.weight_sync import load_base_weights, merge_lora
+from worldagent_ray.schemas import SamplingParams, ScoredGroup
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # On a shared 2-core machine, 2 OpenMP threads spin against each other and a step takes
+    # ~25x longer than with 1 thread; results do not depend on it.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_path() -> str:
+    return resolve_model("tiny-random-llama")
+
+
+def make_groups(seed: int, n_groups: int = 2, group_size: int = 4, version: int = 0) -> list[ScoredGroup]:
+    """Deterministic synthetic groups (random ids, rewards and rollout log-probs)."""
+    rng = random.Random(seed)
+    out = []
+    for g in range(n_groups):
+        prompt = [rng.randrange(100, 5000) for _ in range(rng.randrange(4, 9))]
+        comps = [[rng.randrange(100, 5000) for _ in range(rng.randrange(2, 7))] for _ in range(group_size)]
+        out.append(
+            ScoredGroup(
+                group_id=f"s{seed}-g{g}",
+                task_id=f"t{g}",
+                policy_version=version,
+                prompt_token_ids=prompt,
+                completion_token_ids=comps,
+                rollout_logprobs=[[-10.8 + rng.uniform(-0.3, 0.3) for _ in c] for c in comps],
+                rewards=[rng.random() for _ in comps],
+                episode_ids=[f"s{seed}-g{g}-{i}" for i in range(group_size)],
+            )
+        )
+    return out
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- core step
+
+
+def test_step_updates_weights_and_bumps_version(model_path):
+    core = LearnerCore(LearnerConfig(lr=1e-3), model_path)
+    before = snapshot(core.module)
+    groups = make_groups(0)
+    m = core.step(groups)
+    after = core.module.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert core.policy_version == 1 and core.step_count == 1 and m["policy_version"] == 1.0
+    assert "model.layers.0.self_attn.q_proj.weight" in changed and "model.norm.weight" in changed
+    rewards = [r for g in groups for r in g.rewards]
+    assert m["reward_mean"] == pytest.approx(sum(rewards) / len(rewards), abs=1e-6)
+    assert m["num_sequences"] == len(rewards) and math.isfinite(m["loss"]) and m["grad_norm"] > 0
+    # the engine's log-probs differ from the learner's, so IS weights are not all 1
+    assert m["is_weight/min"] < m["is_weight/max"]
+    core.step(make_groups(1))
+    assert core.policy_version == 2
+
+
+def test_lora_step_changes_only_adapters_and_exports_only_adapters(model_path):
+    cfg = LearnerConfig(lr=1e-2, lora=True, lora_rank=4, lora_alpha=8)
+    core = LearnerCore(cfg, model_path)
+    before = snapshot(core.module)
+    for s in range(2):  # lora_B starts at 0, so lora_A moves only from the second step on
+        core.step(make_groups(s))
+    after = core.module.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".lora_A." in k or ".lora_B." in k for k in changed), sorted(changed)[:5]
+    assert any(".lora_A." in k for k in changed) and any(".lora_B." in k for k in changed)
+    exported = core.export_weights()
+    assert float(exported.pop(LORA_SCALING_KEY)) == pytest.approx(8 / 4)
+    assert exported and all(".lora_A." in k or ".lora_B." in k for k in exported)
+    targets = {k.split(".")[-3] for k in exported}
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    base_numel = sum(v.numel() for k, v in after.items() if "lora_" not in k)
+    assert sum(v.numel() for v in exported.values()) < base_numel / 10
+
+
+def test_lora_merge_matches_peft_merge(model_path):
+    core = LearnerCore(LearnerConfig(lr=1e-2, lora=True, lora_rank=4, lora_alpha=16), model_path)
+    for s in range(2):
+        core.step(make_groups(s))
+    merged = merge_lora(load_base_weights(model_path), core.export_weights())
+    reference = {k: v for k, v in core.module.merge_and_unload().state_dict().items()}
+    assert set(reference) - set(merged) <= {"lm_head.weight"}  # tied to the embeddings
+    for k, v in merged.items():
+        torch.testing.assert_close(v, reference[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_kl_to_frozen_reference(model_path):
+    core = LearnerCore(LearnerConfig(lr=1e-2, beta=0.1), model_path)
+    m0 = core.step(make_groups(0))
+    m1 = core.step(make_groups(0))
+    assert m0["kl"] == pytest.approx(0.0, abs=1e-7)  # policy == reference before the first update
+    assert m1["kl"] > 1e-6
+    ref_before = core.ref_module.state_dict()["model.norm.weight"]
+    assert torch.equal(ref_before, torch.ones_like(ref_before))  # reference stayed frozen
+
+
+# --------------------------------------------------------------------------- into the engine
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from worldagent_ray.engines.hf import TransformersEngine
+
+    eng = TransformersEngine(EngineConfig(model="tiny-random-llama", backend="transformers", dtype="float32"))
+    yield eng
+    eng.shutdown()
+
+
+def _greedy(engine, prompt: str = "Plan: pick up the cup") -> tuple[list[int], int]:
+    [[c]] = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8, seed=0))
+    return c.token_ids, c.weights_version
+
+
+def test_engine_generates_with_new_full_weights(model_path, engine):
+    core = LearnerCore(LearnerConfig(lr=3e-2), model_path)
+    before, v0 = _greedy(engine)
+    # reward the greedy continuation's tokens negatively: the argmax must move
+    [[c]] = engine.generate(["Plan: pick up the cup"], SamplingParams(temperature=1.0, max_tokens=8, n=1, seed=1))
+    for _ in range(3):
+        groups = [
+            ScoredGroup(
+                group_id="g", task_id="t", policy_version=v0, prompt_token_ids=c.prompt_token_ids,
+                completion_token_ids=[before, c.token_ids], rollout_logprobs=[[-10.0] * len(before), c.logprobs],
+                rewards=[0.0, 1.0], episode_ids=["a", "b"],
+            )
+        ]
+        core.step(groups)
+    version = v0 + core.policy_version
+    assert engine.load_weights(core.export_weights(), version) == version
+    after, v1 = _greedy(engine)
+    assert engine.weights_version == version and v1 == version
+    assert after != before
+    # the engine now holds exactly the learner's weights: its log-probs of a fresh sample are
+    # the learner's, so the IS weights of the next step are 1
+    [[s]] = engine.generate(["Plan: pick up the cup"], SamplingParams(temperature=1.0, max_tokens=6, n=1, seed=2))
+    [[s2]] = engine.generate(["Plan: pick up the cup"], SamplingParams(temperature=1.0, max_tokens=6, n=1, seed=3))
+    m = core.step(
+        [ScoredGroup(group_id="h", task_id="t", policy_version=version, prompt_token_ids=s.prompt_token_ids,
+                     completion_token_ids=[s.token_ids, s2.token_ids], rollout_logprobs=[s.logprobs, s2.logprobs],
+                     rewards=[0.0, 1.0], episode_ids=["c", "d"])]
+    )
+    assert m["is_weight/min"] == pytest.approx(1.0, abs=1e-3) and m["is_weight/max"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_engine_generates_with_merged_lora_weights(model_path, engine):
+    core = LearnerCore(LearnerConfig(lr=5e-2, lora=True, lora_rank=8, lora_alpha=16), model_path)
+    for s in range(3):
+        core.step(make_groups(s))
+    before, v0 = _greedy(engine, "Say hello")
+    payload = core.export_weights()
+    version = v0 + 1
+    engine.load_weights(merge_lora(load_base_weights(model_path), payload), version)
+    after, v1 = _greedy(engine, "Say hello")
+    assert v1 == version == engine.weights_version
+    assert after != before
+
+
+# --------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resume_is_exact_at_core_level(model_path, tmp_path, lora):
+    cfg = LearnerConfig(lr=1e-2, lr_schedule="cosine", lr_warmup_steps=1, max_steps=5, weight_decay=0.01,
+                        lora=lora, lora_rank=4, lora_alpha=8)
+    N, k = 4, 2
+    data = [make_groups(100 + s) for s in range(N)]
+    cont = LearnerCore(cfg, model_path)
+    cont_metrics = [cont.step(g) for g in data]
+
+    first = LearnerCore(cfg, model_path)
+    for g in data[:k]:
+        first.step(g)
+    first.save_checkpoint(tmp_path / "ckpt", extra={"consumed": ["a", "b"]})
+    random.random(), torch.rand(3)  # disturb the RNGs: the checkpoint must restore them
+    resumed = LearnerCore(cfg, model_path)
+    extra = resumed.load_checkpoint(tmp_path / "ckpt")
+    assert extra == {"consumed": ["a", "b"]}
+    assert (resumed.step_count, resumed.policy_version) == (k, k)
+    res_metrics = [resumed.step(g) for g in data[k:]]
+
+    assert abs(res_metrics[-1]["loss"] - cont_metrics[-1]["loss"]) <= 1e-6
+    assert res_metrics[-1]["lr"] == pytest.approx(cont_metrics[-1]["lr"], rel=1e-12)
+    for (name, a), b in zip(cont.trainable_state_dict().items(), resumed.trainable_state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    assert resumed.policy_version == cont.policy_version == N
+
+
+def test_checkpoint_refuses_a_lora_mismatch(model_path, tmp_path):
+    core = LearnerCore(LearnerConfig(lr=1e-3), model_path)
+    core.save_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="lora"):
+        LearnerCore(LearnerConfig(lr=1e-3, lora=True), model_path).load_checkpoint(tmp_path)
+
+
+def test_checkpoint_has_no_pickled_objects(model_path, tmp_path):
+    core = LearnerCore(LearnerConfig(lr=1e-3, lora=True), model_path)
+    core.step(make_groups(0))
+    core.save_checkpoint(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "learner_state.json", "trainer_state.pt"]
+    state = torch.load(tmp_path / "trainer_state.pt", weights_only=True)  # would raise on arbitrary objects
+    assert set(state) == {"optimizer", "scheduler", "rng"}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def test_collate_layout_left_pads_prompts_and_right_pads_completions():
+    g = ScoredGroup(group_id="g", task_id="t", policy_version=1, prompt_token_ids=[[5, 6, 7], [8]],
+                    completion_token_ids=[[1, 2], [3, 4, 9]], rollout_logprobs=[[-1.0, -2.0], [-3.0, -4.0, -5.0]],
+                    rewards=[0.0, 1.0], episode_ids=["a", "b"])
+    b = collate_groups([g], policy_version=3, pad_token_id=0)
+    assert b.input_ids.tolist() == [[5, 6, 7, 1, 2, 0], [0, 0, 8, 3, 4, 9]]
+    assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert b.position_ids[1].tolist()[2:] == [0, 1, 2, 3]
+    assert b.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert b.rollout_logps.tolist() == [[-1.0, -2.0, 0.0], [-3.0, -4.0, -5.0]]
+    assert b.staleness == [2]
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(rewards=[1.0]), "1 rewards for 2 completions"),
+        (dict(completion_token_ids=[[1], []]), "completion 1 is empty"),
+        (dict(rollout_logprobs=[[-1.0, -1.0], [-1.0]]), "completion 0 has 1 tokens but 2 rollout logprobs"),
+        (dict(prompt_token_ids=[]), "empty prompt_token_ids"),
+    ],
+)
+def test_collate_names_the_bad_group(bad, match):
+    fields = dict(group_id="bad-group", policy_version=0, prompt_token_ids=[1, 2], completion_token_ids=[[1], [2]],
+                  rollout_logprobs=[[-1.0], [-1.0]], rewards=[0.0, 1.0])
+    fields.update(bad)
+    with pytest.raises(ValueError, match="bad-group") as e:
+        collate_groups([SimpleNamespace(**fields)], 0)
+    assert match in str(e.value)
+    with pytest.raises(ValueError, match="at least one"):
+        collate_groups([], 0)
+
+
+def test_lr_schedules():
+    kw = dict(warmup_steps=2, total_steps=10)
+    assert [lr_lambda(s, schedule="constant", **kw) for s in range(4)] == pytest.approx([1 / 3, 2 / 3, 1, 1])
+    assert lr_lambda(2, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_lambda(6, schedule="cosine", **kw) == pytest.approx(0.5)
+    assert lr_lambda(10, schedule="cosine", **kw) == pytest.approx(0.0, abs=1e-12)
+    assert lr_lambda(6, schedule="linear", **kw) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_lambda(5, schedule="step", **kw)
+
+
+# --------------------------------------------------------------------------- learning
+
+
+def test_reward_rises_on_even_token_task(model_path, engine):
+    """Closed loop on CPU: the engine samples groups, a synthetic reward (the fraction of
+    even token ids in the completion) scores them, LearnerCore steps, the engine loads the new
+    weights. Sampling at temperature 0.3 makes the toy policy learnable in a few steps."""
+    temperature, steps = 0.3, 16
+    core = LearnerCore(LearnerConfig(lr=1e-2, loss_type="dapo"), model_path, temperature=temperature)
+    engine.load_weights(core.export_weights(), engine.weights_version + 1)  # start from the base
+    base_version = engine.weights_version
+    history = []
+    for step in range(steps):
+        [comps] = engine.generate(["Count: one two"], SamplingParams(temperature=temperature, max_tokens=6, n=8, seed=step))
+        assert all(c.weights_version == base_version + core.policy_version for c in comps)
+        rewards = [sum(t % 2 == 0 for t in c.token_ids) / len(c.token_ids) for c in comps]
+        group = ScoredGroup(
+            group_id=f"even-{step}", task_id="even", policy_version=core.policy_version,
+            prompt_token_ids=comps[0].prompt_token_ids, completion_token_ids=[c.token_ids for c in comps],
+            rollout_logprobs=[c.logprobs for c in comps], rewards=rewards,
+            episode_ids=[f"even-{step}-{i}" for i in range(len(comps))],
+        )
+        history.append(core.step([group])["reward_mean"])
+        engine.load_weights(core.export_weights(), base_version + core.policy_version)
+    first, last = sum(history[:4]) / 4, sum(history[-4:]) / 4
+    assert first < 0.7 and last > first + 0.25, history
