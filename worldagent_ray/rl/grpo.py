@@ -79,7 +79,8 @@ def group_advantages(
     ``scale="batch"``, and ``A_i = r_i - mean_g r`` with no division when ``scale="none"``.
     A group (or batch) of one sample has ``s = 0``. This is TRL 1.16's definition
     (``scale_rewards``; ``sum_then_normalize`` with one reward function), including the
-    ``1e-4`` default for ``eps``. A constant group gets all-zero advantages.
+    ``1e-4`` default for ``eps``. A constant group gets exactly zero advantages (TRL can leave
+    rounding residue there, amplified by ``1 / eps``).
 
     Args:
         rewards (`Tensor`): shape ``[B]``, finite floats.
@@ -116,6 +117,10 @@ def group_advantages(
     counts_f = counts.to(rewards.dtype)
     means = sums / counts_f
     centred = rewards - means[inverse]
+    # A constant group has exactly zero advantage (the mean above may be off by an ulp).
+    gmin = torch.full_like(sums, math.inf).scatter_reduce_(0, inverse, rewards, reduce="amin")
+    gmax = torch.full_like(sums, -math.inf).scatter_reduce_(0, inverse, rewards, reduce="amax")
+    centred = torch.where((gmax == gmin)[inverse], torch.zeros_like(centred), centred)
     if scale == "none":
         return centred
     if scale == "group":
