@@ -610,10 +610,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         device=device,
         wrap_model=lambda m: ray.train.torch.prepare_model(m, parallel_strategy=strategy),
     )
-    _restore_from_ray_checkpoint(core, buffer, publisher, rank)
+    restored = _restore_from_ray_checkpoint(core, buffer, rank)
     sync = _RankZeroPublisher(core, publisher, cfg) if (publisher is not None and rank == 0) else None
-    if sync is not None and core.step_count > 0:
-        sync.publish_if_behind()
+    if restored and publisher is not None:
+        version = sync.reconcile_after_restore() if sync is not None else core.policy_version
+        core.policy_version = _broadcast_int(version)
 
     t_start, t_idle = time.monotonic(), 0.0
     while core.step_count < cfg.max_steps:
@@ -637,8 +638,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _pull_batch(buffer: Any, cfg: LearnerConfig, version: int, config: Mapping[str, Any]) -> list[tuple[Any, bool]] | None:
-    """Block until the buffer hands over a batch; return ``[(ScoredGroup, stale_flag)]`` or
-    ``None`` once ``idle_timeout_s`` passed without one."""
+    """Block until the buffer hands over groups; return ``[(ScoredGroup, needs_correction)]``,
+    or ``None`` once ``idle_timeout_s`` passed without any.
+
+    ``BufferActor.get_batch`` returns up to ``groups_per_step`` items (fewer when its wait
+    runs out); a partial batch is used as is rather than held back.
+    """
     import ray
 
     wait_s = float(config.get("batch_timeout_s", 5.0))
@@ -647,18 +652,16 @@ def _pull_batch(buffer: Any, cfg: LearnerConfig, version: int, config: Mapping[s
     while True:
         batch = ray.get(buffer.get_batch.remote(cfg.groups_per_step, version, wait_s))
         if batch:
-            groups = ray.get([refs[0] for _, refs in batch])
-            return [(g, _is_stale(meta, version, cfg)) for (meta, _), g in zip(batch, groups)]
+            groups = ray.get([item["ref"] for item in batch])
+            return [(g, _needs_correction(item, version, cfg)) for item, g in zip(batch, groups)]
         if idle_limit is not None and time.monotonic() - t0 >= float(idle_limit):
             return None
 
 
-def _is_stale(meta: Any, version: int, cfg: LearnerConfig) -> bool:
-    flag = meta.get("stale") if isinstance(meta, Mapping) else getattr(meta, "stale", None)
-    if flag is not None:
-        return bool(flag)
-    pv = meta.get("policy_version") if isinstance(meta, Mapping) else getattr(meta, "policy_version", version)
-    return version - int(pv) > cfg.max_staleness
+def _needs_correction(item: Mapping[str, Any], version: int, cfg: LearnerConfig) -> bool:
+    if "needs_correction" in item:
+        return bool(item["needs_correction"])
+    return version - int(item["policy_version"]) > cfg.max_staleness
 
 
 def _maybe_inject_failure(config: Mapping[str, Any], next_step: int) -> None:
@@ -669,23 +672,31 @@ def _maybe_inject_failure(config: Mapping[str, Any], next_step: int) -> None:
     raise RuntimeError(f"injected learner failure before step {next_step} (fault injection)")
 
 
-def _restore_from_ray_checkpoint(core: LearnerCore, buffer: Any, publisher: Any, rank: int) -> None:
+def _restore_from_ray_checkpoint(core: LearnerCore, buffer: Any, rank: int) -> bool:
+    """Restore the latest Ray Train checkpoint (if any) into ``core``; rank 0 merges the saved
+    consumed group ids back into the buffer. Returns whether a checkpoint was restored."""
     import ray
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return
+        return False
     with ckpt.as_directory() as d:
         extra = core.load_checkpoint(d)
     logger.info("learner rank %d resumed at step %d, version %d", rank, core.step_count, core.policy_version)
     if rank == 0 and extra.get("buffer_state") is not None:
         ray.get(buffer.load_state_dict.remote(extra["buffer_state"]))
-    if publisher is not None:
-        # Versions only increase: if weights newer than the checkpoint were published before the
-        # failure, continue numbering after them (and republish: engines must drop those weights).
-        latest, _ = ray.get(publisher.latest.remote())
-        core.policy_version = max(core.policy_version, int(latest))
+    return True
+
+
+def _broadcast_int(value: int) -> int:
+    """Rank 0's ``value`` on every rank (identity on one process)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.long)
+    dist.broadcast(t, src=0)
+    return int(t.item())
 
 
 def _report_with_checkpoint(core: LearnerCore, buffer: Any, metrics: dict[str, float], rank: int) -> None:
@@ -703,8 +714,9 @@ def _report_with_checkpoint(core: LearnerCore, buffer: Any, metrics: dict[str, f
 
 class _RankZeroPublisher:
     """Publishes the learner's weights through the :class:`WeightPublisher` actor (object-store
-    path): the payload is ``ray.put`` once, owned by the publisher (so it outlives a learner
-    restart), and the learner waits for the *previous* version to be acked by every live
+    path): the payload is ``ray.put`` once (owned by this worker: if the learner dies, a
+    replica that has not fetched it yet gets a loud ``WeightSyncError`` until the restarted
+    learner republishes, see :meth:`reconcile_after_restore`), and the learner waits for the *previous* version to be acked by every live
     replica before publishing the next, so that at most one sync is in flight and a replica
     that stops acking fails the learner loudly (``WeightSyncError``) instead of serving
     ever-staler weights."""
@@ -720,19 +732,27 @@ class _RankZeroPublisher:
         if self.last_published is not None:
             ray.get(self.publisher.wait_synced.remote(self.last_published, self.cfg.sync_timeout_s))
         payload = self.core.export_weights()
-        ref = ray.put(payload, _owner=self.publisher)
+        ref = ray.put(payload)
         version = self.core.policy_version
         ray.get(self.publisher.publish.remote(version, [ref]))
         self.last_published = version
         return {"sync_s": time.monotonic() - t0, "published_version": float(version)}
 
-    def publish_if_behind(self) -> None:
+    def reconcile_after_restore(self) -> int:
+        """After a restore, make the engines serve the checkpoint's weights under a version that
+        still increases: if weights newer than the checkpoint were published before the failure,
+        the restored weights are republished as ``latest + 1``; if the engines are behind the
+        checkpoint, the checkpoint version is published; if they match, nothing is sent.
+        Returns the learner's policy version from now on."""
         import ray
 
         latest, _ = ray.get(self.publisher.latest.remote())
-        if int(latest) >= self.core.policy_version:
-            self.core.policy_version = int(latest) + 1
-        self.publish()
+        latest = int(latest)
+        if latest > self.core.policy_version:
+            self.core.policy_version = latest + 1
+        if latest != self.core.policy_version:
+            self.publish()
+        return self.core.policy_version
 
 
 def launch_learner(

@@ -3,8 +3,8 @@
 Two transports:
 
 - **Object store** (:class:`WeightPublisher`, the default and the CPU path): the learner
-  ``ray.put``\\ s its state dict once (owned by the publisher, so it survives a learner restart)
-  and calls ``publish(version, [ref])``. Engine replicas (each running a
+  ``ray.put``\\ s its state dict once (the learner worker owns it; the publisher keeps a
+  reference, so it lives until a newer version replaces it) and calls ``publish(version, [ref])``. Engine replicas (each running a
   :class:`~worldagent_ray.rl.weight_sync.WeightSubscriber`) register, poll ``latest``, load and
   ``ack``. ``wait_synced`` tells the learner when every live replica runs a version.
   Works with Serve autoscaling: replicas come and go by ``register`` / ``unregister``, and a
