@@ -143,11 +143,27 @@ class EvolveDriver:
                 pending.append(WorkItem(rnd, slot, task, missing))
             else:
                 self._rounds_done[rnd] += 1
+        await self._reconcile_ledger(done)
         for row in self.run.episode_rows()[-4 * self.cfg.agents.curriculum.window:]:
             self.recent.append(Outcome(row["phase"], row["success"], row["goal"], row["reward"], row.get("caption", "")))
         if pending:
             self.run.record_event(event="resume", pending_tasks=len(pending), committed=self.committed)
         return pending, (max(rounds) + 1 if rounds else 0)
+
+    async def _reconcile_ledger(self, done: set[str]) -> None:
+        """Episodes in memory but not in metrics.jsonl (a crash between the two writes) get
+        their ledger rows back from memory, so the ledger never silently misses one."""
+        missing = done - {r["id"] for r in self.run.episode_rows()}
+        if not missing:
+            return
+        rows = []
+        for eid in sorted(missing):
+            ep = await self.s.memory.get.remote(eid)
+            if ep is not None:
+                rnd = int(ep.task.id[1:5]) if ep.task.id.startswith("r") and ep.task.id[1:5].isdigit() else -1
+                rows.append(_episode_row(ep, self.run, WorkItem(rnd, 0, ep.task, set())))
+        self.run.record_episodes(rows)
+        self.run.record_event(event="ledger_reconciled", episodes=len(rows))
 
     async def _propose(self, pending: list[WorkItem], next_round: int) -> None:
         for item in pending:
