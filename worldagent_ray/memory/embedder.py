@@ -43,9 +43,16 @@ class Embedder:
             Torch device of the model.
         batch_size (`int`, *optional*, defaults to `64`):
             Encoding batch size.
+        num_threads (`int`, *optional*):
+            If set, ``torch.set_num_threads(num_threads)`` when the model loads. This is
+            process-wide, so only a process that owns the embedder (the memory actor) should
+            set it. On a busy 2-core machine one thread encoded a short goal in 10 ms against
+            100 ms with two (intra-op threads contend with other processes).
     """
 
-    def __init__(self, name: str = "minilm", device: str = "cpu", batch_size: int = 64):
+    def __init__(
+        self, name: str = "minilm", device: str = "cpu", batch_size: int = 64, num_threads: int | None = None
+    ):
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"embedder name must be a non-empty string, got {name!r}")
         if batch_size < 1:
@@ -53,6 +60,10 @@ class Embedder:
         self.name = name
         self.device = device
         self.batch_size = batch_size
+        bad_threads = isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
+        if num_threads is not None and bad_threads:
+            raise ValueError(f"num_threads must be an int >= 1 or None, got {num_threads!r}")
+        self.num_threads = num_threads
         self._model: Any = None
         self._lock = threading.Lock()
 
@@ -64,6 +75,10 @@ class Embedder:
                 if self._model is None:
                     from sentence_transformers import SentenceTransformer
 
+                    if self.num_threads is not None:
+                        import torch
+
+                        torch.set_num_threads(self.num_threads)
                     self._model = SentenceTransformer(_resolve_model(self.name), device=self.device)
         return self._model
 

@@ -471,37 +471,51 @@ class EpisodeMemory:
             what=f"merge_insert of {data.num_rows} rows into {self.table_name!r}",
         )
 
+    def _create_index_once(self, name: str, create: Callable[[Any], None]) -> None:
+        """Build index ``name`` unless it exists; another writer building it first is fine."""
+        table = self._open(create=False)
+
+        def attempt() -> None:
+            if name in {i.name for i in table.list_indices()}:
+                return
+            try:
+                with self._file_lock:
+                    create(table)
+            except Exception as e:
+                if name in {i.name for i in table.list_indices()}:  # lost a race to build it
+                    return
+                if "exist" in str(e).lower():
+                    return
+                raise
+
+        retry_with_backoff(
+            attempt, attempts=self.max_write_attempts, base_delay_s=self.retry_base_delay_s, what=f"index {name}"
+        )
+        self._index_names = None
+
     def _ensure_fts_index(self) -> None:
         if "goal_idx" in self._indices():
             return
         from lancedb.index import FTS
 
-        table = self._open(create=False)
-        try:
-            with self._file_lock:
-                table.create_index("goal", config=FTS(), replace=False, name="goal_idx")
-        except Exception as e:  # another writer built it first
-            if "exist" not in str(e).lower():
-                raise
-        self._index_names = None
+        self._create_index_once("goal_idx", lambda t: t.create_index("goal", config=FTS(), name="goal_idx"))
 
     def _ensure_vector_index(self, n_rows: int) -> None:
         if "vector_idx" in self._indices() or n_rows < self.vector_index_min_rows:
             return
-        table = self._open(create=False)
-        dim = table.schema.field("vector").type.list_size
+        dim = self._open(create=False).schema.field("vector").type.list_size
         sub = next(s for s in (48, 32, 24, 16, 12, 8, 6, 4, 3, 2, 1) if dim % s == 0)
-        with self._file_lock:
-            table.create_index(
+        self._create_index_once(
+            "vector_idx",
+            lambda t: t.create_index(
                 metric="cosine",
                 num_partitions=max(1, int(math.sqrt(n_rows))),
                 num_sub_vectors=sub,
                 vector_column_name="vector",
                 index_type="IVF_PQ",
                 name="vector_idx",
-                replace=True,
-            )
-        self._index_names = None
+            ),
+        )
 
     def optimize(self, cleanup_older_than: timedelta | None = None) -> dict[str, int]:
         """Compact fragments, bring indices up to date and repair duplicate ids.
@@ -538,22 +552,42 @@ class EpisodeMemory:
             return {"rows": table.count_rows(), "duplicates_removed": removed}
 
     def _remove_duplicates(self, table: Any) -> int:
-        scan = self._scan(["id", "updated_at", "write_id"], where=None, dedupe=False)
-        ids = scan["id"].to_pylist()
-        if len(set(ids)) == len(ids):
-            return 0
-        keep = _newest_per_id(scan)
-        dup_ids = {i for i, c in Counter(ids).items() if c > 1}
-        keep_write = dict(zip(keep["id"].to_pylist(), keep["write_id"].to_pylist()))
-        removed = 0
-        for i in sorted(dup_ids):
-            where = f"id = {sql_str(i)} AND write_id != {sql_str(keep_write[i])}"
+        """Delete every row of a duplicated id but the newest; returns the number deleted.
+
+        Duplicates can be byte-identical (LanceDB re-applies a merge after a commit conflict),
+        so stale copies are deleted by row id, recomputed on each retry."""
+
+        def attempt() -> int:
             with self._file_lock:
-                before = table.count_rows(where)
-                table.delete(where)
-            removed += before
-        logger.warning("removed %d duplicate rows of %d ids from %r", removed, len(dup_ids), self.table_name)
-        return removed
+                scan = (
+                    table.search()
+                    .select(["id", "updated_at", "write_id"])
+                    .with_row_id(True)
+                    .limit(None)
+                    .to_arrow()
+                )
+                dup_ids = {i for i, c in Counter(scan["id"].to_pylist()).items() if c > 1}
+                if not dup_ids:
+                    return 0
+                rows = [r for r in scan.to_pylist() if r["id"] in dup_ids]
+                rows.sort(key=lambda r: (r["id"], -r["updated_at"], r["write_id"]), reverse=False)
+                newest = {}
+                for r in rows:  # ties on updated_at: the larger write_id wins, as in _newest_per_id
+                    cur = newest.get(r["id"])
+                    if cur is None or (r["updated_at"], r["write_id"]) > (cur["updated_at"], cur["write_id"]):
+                        newest[r["id"]] = r
+                keep = {r["_rowid"] for r in newest.values()}
+                stale = [r["_rowid"] for r in rows if r["_rowid"] not in keep]
+                for i in range(0, len(stale), 1_000):
+                    table.delete("_rowid IN (" + ", ".join(str(int(x)) for x in stale[i : i + 1_000]) + ")")
+                logger.warning(
+                    "removed %d duplicate rows of %d ids from %r", len(stale), len(dup_ids), self.table_name
+                )
+                return len(stale)
+
+        return retry_with_backoff(
+            attempt, attempts=self.max_write_attempts, base_delay_s=self.retry_base_delay_s, what="duplicate repair"
+        )
 
     # ------------------------------------------------------------------ reads
 

@@ -46,6 +46,7 @@ class MemoryActor:
         optimize_every (`int`, *optional*, defaults to `64`): Optimize after this many write commits.
         query_type (`str`, *optional*, defaults to `"vector"`): Default ``query_type`` of :meth:`retrieve`.
         device (`str`, *optional*, defaults to `"cpu"`): Torch device of the embedder.
+        num_threads (`int`, *optional*): Torch threads of this actor's process (see :class:`Embedder`).
         **memory_kwargs: Further keyword arguments of :class:`EpisodeMemory`.
     """
 
@@ -57,13 +58,14 @@ class MemoryActor:
         optimize_every: int = 64,
         query_type: QueryType = "vector",
         device: str = "cpu",
+        num_threads: int | None = None,
         **memory_kwargs: Any,
     ):
         self.default_query_type = query_type
         self.memory = EpisodeMemory(
             uri,
             table=table,
-            embedder=Embedder(embedder, device=device),
+            embedder=Embedder(embedder, device=device, num_threads=num_threads),
             optimize_every=optimize_every,
             **memory_kwargs,
         )
@@ -170,6 +172,7 @@ def get_or_create_memory_actor(
             optimize_every=cfg.memory.optimize_every,
             query_type=cfg.memory.query_type,
             device="cuda" if res.num_gpus > 0 else "cpu",
+            num_threads=max(1, int(res.num_cpus)),  # match the CPUs reserved for the actor
         )
     )
     if wait_ready:
