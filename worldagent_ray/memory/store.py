@@ -47,7 +47,7 @@ PHASES: tuple[int, ...] = (1, 2, 3)
 _T = TypeVar("_T")
 
 # Substrings of LanceDB/Lance error messages that mean "another writer committed first; try again".
-_RETRYABLE_MARKERS: tuple[str, ...] = ("conflict", "retryable", "retry", "concurrent", "too many")
+_RETRYABLE_MARKERS: tuple[str, ...] = ("conflict", "retry", "preempted", "too many requests", "slow down")
 
 
 class MemoryFilterError(ValueError):
@@ -570,7 +570,6 @@ class EpisodeMemory:
                 if not dup_ids:
                     return 0
                 rows = [r for r in scan.to_pylist() if r["id"] in dup_ids]
-                rows.sort(key=lambda r: (r["id"], -r["updated_at"], r["write_id"]), reverse=False)
                 newest = {}
                 for r in rows:  # ties on updated_at: the larger write_id wins, as in _newest_per_id
                     cur = newest.get(r["id"])
