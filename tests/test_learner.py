@@ -312,6 +312,7 @@ def test_reward_rises_on_even_token_task(model_path, engine):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_ray_train_resume_after_injected_failure_is_exact(model_path, tmp_path):
     """TorchTrainer (1 gloo worker) pulls 4 steps from a real BufferActor, checkpoints every 2
     steps and publishes weights every step; a fault injected before step 3 kills the worker,
