@@ -602,6 +602,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.get_actor(config["publisher_name"], namespace=namespace) if config.get("publisher_name") else None
     )
     strategy = config.get("parallel_strategy", "ddp")
+    if strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"parallel_strategy must be 'ddp' or 'fsdp', got {strategy!r}")
+    if strategy == "fsdp" and config.get("publisher_name"):
+        raise ValueError(
+            "parallel_strategy='fsdp' cannot publish weights yet: export needs a full-state-dict "
+            "gather across ranks, which is not implemented; use 'ddp' or publisher_name=None"
+        )
     device = ray.train.torch.get_device()
     core = LearnerCore(
         cfg,
