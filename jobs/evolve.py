@@ -65,9 +65,11 @@ def main(argv=None) -> int:
     summary = run_evolve(cfg, run, learn=args.learn or cfg.learner.enabled,
                          stop_after_episodes=args.stop_after_episodes)
     print_summary(summary)
+    if summary.get("interrupted"):
+        print(f"interrupted; continue with: python jobs/evolve.py --resume {run.local}", file=sys.stderr)
     if args.json:
         print("SUMMARY " + json.dumps(summary, default=str))
-    return 0
+    return 130 if summary.get("interrupted") else 0
 
 
 if __name__ == "__main__":

@@ -96,7 +96,8 @@ class EvolveDriver:
         self.state: CurriculumState = CurriculumState(phase=cfg.agents.curriculum.start_phase)
         self.recent: list[Outcome] = []
         self.committed = 0
-        self.expected = 0
+        self.expected = 0  # episodes of the tasks proposed so far
+        self.planned = cfg.run.iterations * cfg.agents.curriculum.tasks_per_proposal * G
         self.failed = 0
         self._rounds_done: dict[int, int] = defaultdict(int)
         self._round_sizes: dict[int, int] = {}
@@ -307,7 +308,7 @@ class EvolveDriver:
             if self.metrics:
                 self.metrics.episodes(eps, self.state.phase)
             if self.progress:
-                self.progress(self.committed, self.expected)
+                self.progress(self.committed, max(self.expected, self.planned))
         if self.s.buffer is not None and item.failure is None and item.samples is not None:
             try:
                 await self.s.buffer.feed(item.task, item.samples, item.verdicts, item.policy_version,

@@ -100,6 +100,9 @@ def run_evolve(cfg: Config, run: RunFolder, *, learn: bool = False, stop_after_e
                               stop_after_episodes=stop_after_episodes)
         try:
             summary = asyncio.run(driver.run_loop())
+        except KeyboardInterrupt:  # Ctrl-C: keep what finished, report it, say how to resume
+            summary = driver.summary()
+            summary["interrupted"] = True
         finally:
             progress.close()
         if learner is not None:
