@@ -88,7 +88,8 @@ def _scores_html(scores: dict[str, float] | None) -> str:
     if not scores:
         return ""
     cells = "".join(
-        f'<span class="s" title="{d}"><b>{SHORT[d]}</b><i style="width:{scores[d] * 100:.0f}%"></i>{scores[d]:.2f}</span>'
+        f'<span class="s" title="{d}"><b>{SHORT[d]}</b><span class="t"><i style="width:{scores[d] * 100:.0f}%"></i>'
+        f'</span>{scores[d]:.2f}</span>'
         for d in DIMS if d in scores
     )
     return f'<div class="scores">{cells}</div>'
@@ -128,9 +129,9 @@ th:first-child,td:first-child{text-align:left}
 .meta{font-size:12px;min-width:0}.meta ol{margin:4px 0;padding-left:18px}.cap{color:#374151;font-style:italic;margin:4px 0}
 .b{font-weight:600;border-radius:4px;padding:1px 6px;font-size:11px}.ok{background:#dcfce7;color:#166534}
 .no{background:#f3f4f6;color:#374151}.fail{background:#fee2e2;color:#991b1b}.err{color:#991b1b;margin:4px 0}
-.scores{display:grid;grid-template-columns:1fr 1fr;gap:2px 8px;margin-top:4px}
-.s{position:relative;font-size:10px;display:flex;gap:4px;align-items:center}.s b{width:44px;font-weight:500}
-.s i{display:inline-block;height:6px;background:#60a5fa;border-radius:3px;max-width:60px}
+.scores{display:grid;grid-template-columns:1fr;gap:1px;margin-top:4px;max-width:170px}
+.s{font-size:10px;display:flex;gap:4px;align-items:center}.s b{width:42px;font-weight:500}
+.t{flex:1;height:6px;background:#e5e7eb;border-radius:3px;overflow:hidden}.t i{display:block;height:6px;background:#60a5fa}
 """
 
 
