@@ -12,7 +12,11 @@ as one GPU-pinned replica would, so that the comparison is about scheduling, not
 Measured: episodes/s of each, their ratio, and the world stage's utilisation in the async run
 (time with a render in flight / wall time between the first and the last render).
 
-    python jobs/bench_pipeline.py [--latency 0.5] [--tasks 12]
+    python jobs/bench_pipeline.py [--latency 3.0] [--rounds 4] [--tasks-per-round 3]
+
+The per-stage call times are printed for both runs: the world is meant to be the slowest
+stage (as a video model is); if the action stage is slower on a loaded machine, the world
+cannot be kept busy and the printout shows why.
 
 Last line: ``RESULT async_eps=… lockstep_eps=… ratio=… world_util=…``
 """
@@ -44,6 +48,7 @@ class Served:
         self._obj, self._latency, self._serial = obj, latency, serial
         self._lock = threading.Lock()
         self.busy: list[tuple[float, float]] = []
+        self.by_method: dict[str, list[float]] = {}
 
     def _run(self, name, args, kwargs):
         def call():
@@ -53,6 +58,7 @@ class Served:
             if rest > 0:
                 time.sleep(rest)
             self.busy.append((t0, time.time()))
+            self.by_method.setdefault(name, []).append(time.time() - t0)
             return out
 
         if self._serial:
@@ -144,7 +150,9 @@ class CriticAsScore:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--latency", type=float, default=0.5, help="injected seconds per world and per critic call")
+    ap.add_argument("--latency", type=float, default=3.0,
+                    help="injected seconds per world and per critic call (default 3: the world, a video model, "
+                         "is the slow stage in production; keep it above the action stage's measured time)")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--tasks-per-round", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=4)
@@ -182,8 +190,9 @@ def main(argv=None) -> int:
                 n = summary["episodes"]
             dt = time.time() - t0
             results[mode] = (n, dt, utilisation(s.world.busy))
-            print(f"{mode:9s}: {n} episodes in {dt:6.2f}s = {n / dt:5.2f} eps/s; world utilisation "
-                  f"{results[mode][2]:.1%}")
+            stages = {"action": s.action, "world": s.world, "critic": s.critic.served, "memory": s.memory}
+            print(f"  {mode} calls (count x mean s): " + ", ".join(
+                f"{k}.{m} {len(d)}x{sum(d) / len(d):.2f}" for k, v in stages.items() for m, d in v.by_method.items()))
         a_n, a_t, a_u = results["async"]
         l_n, l_t, _ = results["lockstep"]
         ratio = (a_n / a_t) / (l_n / l_t)

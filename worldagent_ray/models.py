@@ -125,11 +125,11 @@ def _build_tiny_llama(out: Path) -> None:
     tok = _smollm2_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,  # head_dim 64: vLLM-CPU's attention has no kernel for 16
+        num_key_value_heads=1,
         max_position_embeddings=2048,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -158,11 +158,11 @@ def _build_tiny_qwen2_vl(out: Path) -> None:
     tok.chat_template = QWEN_VL_CHAT_TEMPLATE
     text_config = dict(
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,  # head_dim 64: vLLM-CPU's attention has no kernel for 16
+        num_key_value_heads=1,
         max_position_embeddings=2048,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         bos_token_id=tok.bos_token_id,
@@ -215,6 +215,15 @@ def builtin_models() -> list[str]:
 # --------------------------------------------------------------------------- resolution
 
 
+_RECIPE_REVISIONS = {"tiny-random-llama": 2}
+"""Bump a model's revision when its recipe changes: only that model is rebuilt."""
+
+
+def _recipe_version(name: str) -> str:
+    rev = _RECIPE_REVISIONS.get(name)
+    return _BUILD_VERSION if rev is None else f"{_BUILD_VERSION}+r{rev}"
+
+
 def _build_once(name: str) -> Path:
     """Build builtin ``name`` under a file lock; concurrent callers wait and reuse it.
 
@@ -224,17 +233,18 @@ def _build_once(name: str) -> Path:
     root = cache_dir()
     final = root / name
     marker = final / _COMPLETE
-    if marker.exists() and marker.read_text().strip() == _BUILD_VERSION:
+    version = _recipe_version(name)
+    if marker.exists() and marker.read_text().strip() == version:
         return final
     with FileLock(str(root / f".{name}.lock"), timeout=1800):
-        if marker.exists() and marker.read_text().strip() == _BUILD_VERSION:
+        if marker.exists() and marker.read_text().strip() == version:
             return final  # another process built it while we waited
         t0 = time.perf_counter()
         logger.info("building builtin model %r into %s (first use)", name, final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
         try:
             _BUILDERS[name](tmp)
-            (tmp / _COMPLETE).write_text(_BUILD_VERSION)
+            (tmp / _COMPLETE).write_text(version)
             if final.exists():  # stale: an older recipe or an interrupted rename
                 shutil.rmtree(final)
             tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by the user's jobs
