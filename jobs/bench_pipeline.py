@@ -190,6 +190,8 @@ def main(argv=None) -> int:
                 n = summary["episodes"]
             dt = time.time() - t0
             results[mode] = (n, dt, utilisation(s.world.busy))
+            print(f"{mode:9s}: {n} episodes in {dt:6.2f}s = {n / dt:5.2f} eps/s; world utilisation "
+                  f"{results[mode][2]:.1%}")
             stages = {"action": s.action, "world": s.world, "critic": s.critic.served, "memory": s.memory}
             print(f"  {mode} calls (count x mean s): " + ", ".join(
                 f"{k}.{m} {len(d)}x{sum(d) / len(d):.2f}" for k, v in stages.items() for m, d in v.by_method.items()))
