@@ -623,6 +623,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         version = sync.reconcile_after_restore() if sync is not None else core.policy_version
         core.policy_version = _broadcast_int(version)
 
+    gauges = _LearnerGauges() if rank == 0 else None
     t_start, t_idle = time.monotonic(), 0.0
     while core.step_count < cfg.max_steps:
         _maybe_inject_failure(config, core.step_count + 1)
@@ -638,10 +639,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if sync is not None and core.step_count % cfg.sync_every == 0:
             metrics.update(sync.publish())
         metrics["idle_frac"] = t_idle / max(1e-9, time.monotonic() - t_start)
+        if gauges is not None:
+            gauges.record(core.policy_version, metrics)
         if core.step_count % cfg.checkpoint_every == 0 or core.step_count >= cfg.max_steps:
             _report_with_checkpoint(core, buffer, metrics, rank)
         else:
             ray.train.report(metrics)
+
+
+class _LearnerGauges:
+    """Ray metrics of the learner (rank 0), shown in the Ray dashboard beside the loop's."""
+
+    def __init__(self) -> None:
+        from ray.util import metrics as m
+
+        self.version = m.Gauge("worldagent_learner_policy_version", "Policy version of the learner")
+        self.idle = m.Gauge("worldagent_learner_idle_fraction", "Fraction of learner time spent waiting on the buffer")
+        self.loss = m.Gauge("worldagent_learner_loss", "GRPO loss of the last step")
+        self.reward = m.Gauge("worldagent_learner_reward_mean", "Mean reward of the last batch")
+        self.staleness = m.Gauge("worldagent_learner_staleness_mean", "Mean staleness (versions) of the last batch")
+        self.steps = m.Counter("worldagent_learner_steps_total", "Optimizer steps taken")
+
+    def record(self, version: int, metrics: Mapping[str, float]) -> None:
+        self.version.set(version)
+        self.idle.set(float(metrics.get("idle_frac", 0.0)))
+        for gauge, key in ((self.loss, "loss"), (self.reward, "reward_mean"), (self.staleness, "staleness_mean")):
+            if key in metrics:
+                gauge.set(float(metrics[key]))
+        self.steps.inc()
 
 
 def _pull_batch(buffer: Any, cfg: LearnerConfig, version: int, config: Mapping[str, Any]) -> list[tuple[Any, bool]] | None:

@@ -47,6 +47,10 @@ class EngineServer:
         self._namespace = namespace
         self._poll_s = poll_s
         self.replica_id = f"{engine_name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        from ray.util import metrics as m
+
+        self._version_gauge = m.Gauge("worldagent_engine_weights_version",
+                                      "Weights version an engine replica generates with", tag_keys=("engine",))
 
     async def _ensure_subscriber(self) -> None:
         if self._publisher is None or self.subscriber is not None:
@@ -71,7 +75,9 @@ class EngineServer:
                        json_schema: Mapping[str, Any] | None = None) -> list[list[Completion]]:
         await self._ensure_subscriber()
         async with self.lock:
-            return await asyncio.to_thread(self.engine.generate, list(prompts), params, json_schema)
+            out = await asyncio.to_thread(self.engine.generate, list(prompts), params, json_schema)
+            self._version_gauge.set(self.engine.weights_version, tags={"engine": self.name})
+            return out
 
     async def info(self) -> dict[str, Any]:
         await self._ensure_subscriber()
