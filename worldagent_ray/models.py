@@ -158,11 +158,11 @@ def _build_tiny_qwen2_vl(out: Path) -> None:
     tok.chat_template = QWEN_VL_CHAT_TEMPLATE
     text_config = dict(
         vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=256,
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=2,  # head_dim 64: vLLM-CPU's attention has no kernel for 16
-        num_key_value_heads=1,
+        num_attention_heads=4,  # head_dim 16 = 2 * sum(mrope_section)
+        num_key_value_heads=2,
         max_position_embeddings=2048,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         bos_token_id=tok.bos_token_id,
