@@ -270,6 +270,20 @@ def test_actor_get_batch_waits_then_times_out_with_what_it_has(ray_local):
 
 
 @pytest.mark.ray
+def test_actor_close_releases_a_waiting_learner_and_reports_drained(ray_local):
+    ray = ray_local
+    actor = _actor(ray, max_groups=4)
+    ray.get(_put(ray, actor, _group("last")))
+    pending = actor.get_batch.remote(3, 0, None)  # waits forever for 3 groups...
+    ready, _ = ray.wait([pending], timeout=0.5)
+    assert ready == [] and ray.get(actor.drained.remote()) is False
+    ray.get(actor.close.remote())  # ...until the producer says no more will come
+    assert [b["group_id"] for b in ray.get(pending, timeout=10)] == ["last"]
+    assert ray.get(actor.drained.remote()) is True
+    assert ray.get(actor.get_batch.remote(2, 0, None), timeout=10) == []
+
+
+@pytest.mark.ray
 def test_actor_staleness_drop_and_correct(ray_local):
     ray = ray_local
     drop = _actor(ray, max_groups=4, max_staleness=1, stale_policy="drop")

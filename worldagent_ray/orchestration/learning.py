@@ -79,8 +79,10 @@ class LearningSession:
         self.publisher = get_or_create_publisher(self.publisher_name, namespace=namespace)
         self.buffer = create_buffer_actor(cfg.learner, name=run.run_id, namespace=namespace)
         self.feeder = GroupFeeder(self.buffer, run.run_id)
+        # No idle timeout: the learner waits for rollouts (deployment can take minutes) and
+        # stops when finish() closes the buffer and it has drained.
         self.trainer = launch_learner(cfg, str(run.local), buffer_actor_name(run.run_id), self.publisher_name,
-                                      namespace=namespace, idle_timeout_s=30.0)
+                                      namespace=namespace, idle_timeout_s=None)
         self.result = None
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._fit, name="grpo-learner", daemon=True)
@@ -94,12 +96,15 @@ class LearningSession:
             self.error = e
             log.error("learner failed: %s", e)
 
-    def finish(self, timeout_s: float = 300.0) -> dict[str, Any]:
-        """Wait for the learner to drain the buffer (it stops after 30 s without data)."""
+    def finish(self, timeout_s: float = 600.0) -> dict[str, Any]:
+        """Close the buffer (no more rollouts) and wait for the learner to drain it and stop."""
         import ray
 
         t0 = time.time()
+        ray.get(self.buffer.close.remote())
         self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self.error = TimeoutError(f"learner still running {timeout_s:.0f}s after the rollouts ended")
         stats = ray.get(self.buffer.stats.remote())
         out: dict[str, Any] = {"fed_groups": self.feeder.fed, "refused": self.feeder.refused,
                                "skipped": self.feeder.skipped, "buffer": stats,

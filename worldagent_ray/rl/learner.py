@@ -631,7 +631,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         items = _pull_batch(buffer, cfg, core.policy_version, config)
         t_idle += time.monotonic() - t0
         if items is None:
-            logger.warning("learner rank %d: no batch for %ss; finishing at step %d", rank, config.get("idle_timeout_s"), core.step_count)
+            logger.warning("learner rank %d: buffer drained or idle for %ss; finishing at step %d",
+                           rank, config.get("idle_timeout_s"), core.step_count)
             break
         groups = [g for g, _ in items]
         stale = [s for _, s in items]
@@ -671,7 +672,8 @@ class _LearnerGauges:
 
 def _pull_batch(buffer: Any, cfg: LearnerConfig, version: int, config: Mapping[str, Any]) -> list[tuple[Any, bool]] | None:
     """Block until the buffer hands over groups; return ``[(ScoredGroup, needs_correction)]``,
-    or ``None`` once ``idle_timeout_s`` passed without any.
+    or ``None`` when the producer closed the buffer and it is drained, or once
+    ``idle_timeout_s`` passed without any group.
 
     ``BufferActor.get_batch`` returns up to ``groups_per_step`` items (fewer when its wait
     runs out); a partial batch is used as is rather than held back.
@@ -686,6 +688,8 @@ def _pull_batch(buffer: Any, cfg: LearnerConfig, version: int, config: Mapping[s
         if batch:
             groups = ray.get([item["ref"] for item in batch])
             return [(g, _needs_correction(item, version, cfg)) for item, g in zip(batch, groups)]
+        if ray.get(buffer.drained.remote()):
+            return None
         if idle_limit is not None and time.monotonic() - t0 >= float(idle_limit):
             return None
 

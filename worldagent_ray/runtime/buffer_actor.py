@@ -92,6 +92,7 @@ class BufferActor:
         self._put_timeout_s = put_timeout_s
         self._version = 0
         self._cond = asyncio.Condition()
+        self._closed = False  # set by the producer when no more groups will come
         self._name = name
         tags = {"buffer": name}
         self._m_size = ray_metrics.Gauge(
@@ -186,7 +187,7 @@ class BufferActor:
             self._advance(current_version)
             loop = asyncio.get_running_loop()
             deadline = None if timeout_s is None else loop.time() + timeout_s
-            while len(self._core) < n:
+            while len(self._core) < n and not self._closed:
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
                     break
@@ -200,6 +201,17 @@ class BufferActor:
             if taken:
                 self._cond.notify_all()  # space for waiting producers
             return [{**e.meta(), "ref": e.ref} for e in taken]
+
+    async def close(self) -> None:
+        """The producer is done: waiting and later ``get_batch`` calls return at once with
+        what is left, so the learner drains the buffer and then stops (see :meth:`drained`)."""
+        async with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    async def drained(self) -> bool:
+        """True once the producer closed the buffer and every queued group was taken."""
+        return self._closed and len(self._core) == 0
 
     async def set_policy_version(self, version: int) -> int:
         """Tell the buffer the learner's version; under ``"drop"`` stale groups are evicted now.

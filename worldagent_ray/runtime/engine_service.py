@@ -69,7 +69,7 @@ class EngineServer:
             base_weights=lambda: load_base_weights(model_path),  # only used for LoRA payloads
         )
         await self.subscriber.register()
-        await self.subscriber.start(self._poll_s)
+        self.subscriber.start(self._poll_s)
 
     async def generate(self, prompts: Sequence[Any], params: SamplingParams,
                        json_schema: Mapping[str, Any] | None = None) -> list[list[Completion]]:
