@@ -234,6 +234,8 @@ class LearnerConfig(_Section):
     max_steps: int = Field(default=1000, ge=1)
     grad_clip: float = Field(default=1.0, gt=0.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
+    gradient_checkpointing: bool = Field(
+        default=True, description="Recompute activations in backward: far less memory for ~30% more compute.")
     lora: bool = False
     lora_rank: int = Field(default=16, ge=1)
     lora_alpha: int = Field(default=32, ge=1)
