@@ -74,7 +74,6 @@ class Services:
     memory: Any      # Ray actor: upsert / retrieve / ids / mastered_goals
     vocabulary: Callable[[Task], list[str] | None] | None = None
     buffer: Any = None  # GroupFeeder or None
-    policy_version: Callable[[], int] | None = None
 
 
 class EvolveDriver:
@@ -239,7 +238,6 @@ class EvolveDriver:
         vocab = self.s.vocabulary(item.task) if self.s.vocabulary else None
         req = ActionRequest(task=item.task, memory=item.hits, vocabulary=vocab,
                             seed=_seed(self.cfg.run.seed, self.run.run_id, item.task.id))
-        item.policy_version = self.s.policy_version() if self.s.policy_version else 0
         [samples] = await self._call("action", lambda: self.s.action.act.remote([req]))
         if len(samples) != self.G:
             raise StageError(f"action returned {len(samples)} samples, expected {self.G}")

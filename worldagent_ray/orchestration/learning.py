@@ -117,9 +117,6 @@ class LearningSession:
             out["checkpoint"] = str(self.result.checkpoint.path) if self.result.checkpoint else None
         return out
 
-    def stop(self) -> None:
-        """Nothing to kill explicitly: the trainer's actors end with the job."""
-
 
 def start_learning(cfg: Config, run: RunFolder, namespace: str, say: Callable[[str], None] = print) -> LearningSession:
     return LearningSession(cfg, run, namespace, say)

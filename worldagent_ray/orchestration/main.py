@@ -112,9 +112,7 @@ def run_evolve(cfg: Config, run: RunFolder, *, learn: bool = False, stop_after_e
             summary["report"] = str(write_report(run, summary))
         return summary
     finally:
-        if learner is not None:
-            learner.stop()
-        teardown()
+        teardown()  # the learner's actors end with the job
 
 
 def print_summary(summary: dict[str, Any]) -> None:

@@ -56,10 +56,6 @@ class RunFolder:
         return f"{self.artifacts.rstrip('/')}/videos"
 
     @property
-    def memory_uri(self) -> str:
-        return f"{self.artifacts.rstrip('/')}/memory"
-
-    @property
     def metrics_path(self) -> Path:
         return self.local / "metrics.jsonl"
 
