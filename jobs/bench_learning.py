@@ -159,7 +159,7 @@ def train_grpo(b: Bench, core, engine_dtype) -> tuple[list[tuple[float, float, i
     import torch
 
     from worldagent_ray.agents.action import ActionAgent
-    from worldagent_ray.orchestration.learning import scored_group
+    from worldagent_ray.runtime.learning import scored_group
 
     a = b.args
     agent = ActionAgent(b.action_config(sample=True), b.engine)

@@ -28,7 +28,7 @@ import time
 import uuid
 from collections import Counter
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Literal, Sequence, TypeVar
+from typing import Any, Callable, Literal, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa

@@ -74,18 +74,18 @@ def run_evolve(cfg: Config, run: RunFolder, *, learn: bool = False, stop_after_e
     import ray
 
     from ..runtime.apps import deploy, teardown
-    from ..runtime.memory_actor import get_or_create_memory_actor
-    from .metrics import LoopMetrics
+    from ..runtime.memory_actor import create_memory_actor
+    from ..runtime.metrics import LoopMetrics
     from .report import write_report
 
     init_ray(cfg)
     say(f"run folder: {run.local}  (ray: {ray.get_runtime_context().gcs_address})")
-    memory = get_or_create_memory_actor(cfg, run.artifacts, name=run.run_id, namespace=NAMESPACE)
+    memory = create_memory_actor(cfg, run.artifacts, name=run.run_id, namespace=NAMESPACE)
     learner = None
     try:
         publisher = None
         if learn:
-            from .learning import start_learning
+            from ..runtime.learning import start_learning
 
             learner = start_learning(cfg, run, namespace=NAMESPACE, say=say)
             publisher = learner.publisher_name

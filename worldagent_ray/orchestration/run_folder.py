@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..config import Config, ConfigError, dump_config, validate_tree
+from ..config import Config, dump_config, validate_tree
 from ..schemas import CurriculumState, Task
 
 import yaml

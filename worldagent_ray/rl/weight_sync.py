@@ -1,7 +1,7 @@
 """Engine-side weight sync: a subscriber that keeps an inference engine on the latest policy.
 
 Pure asyncio (this module never imports Ray): the subscriber talks to the
-:class:`~worldagent_ray.runtime.weights.WeightPublisher` through an actor handle whose methods
+:class:`~worldagent_ray.runtime.weight_publisher.WeightPublisher` through an actor handle whose methods
 are called as ``handle.method.remote(...)`` and awaited, and awaits the payload's object ref
 directly (an ``ObjectRef`` is awaitable, so the event loop never blocks on a fetch).
 
@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 
-import torch
 from torch import Tensor
 
 from ..engines.base import WeightSyncError
@@ -185,7 +184,7 @@ class WeightSubscriber:
     Args:
         engine: an :class:`~worldagent_ray.engines.base.InferenceEngine` (``weights_version``,
             ``load_weights(named_tensors, version) -> int``).
-        publisher: a handle of the ``WeightPublisher`` actor.
+        publisher: a handle of the ``WeightPublisherActor``.
         replica_id (`str`): this replica's unique id (e.g. the Serve replica tag).
         timeout_s (`float`): bound on every step (remote call, fetch, merge, load).
         base_weights (`Callable[[], Mapping[str, Tensor]] | None`): returns the base model's

@@ -15,8 +15,9 @@ from typing import Any
 from ray import serve
 
 from ..config import Config, load_config
-from .agent_services import action_app, critic_app, curriculum_app
-from .engine_service import engine_app, engine_app_name
+from .agent_deployments import action_app, critic_app, curriculum_app
+from .engine_deployment import engine_app, engine_app_name
+from .world_deployment import world_app
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +30,6 @@ class Handles:
     critic: Any
     curriculum: Any
     engines: dict[str, Any]
-
-
-def _world_app(cfg: Config):
-    from .world_service import world_deployment
-
-    return world_deployment(cfg)
 
 
 def used_engines(cfg: Config) -> list[str]:
@@ -63,7 +58,7 @@ def deploy(cfg: Config, publisher: str | None = None, namespace: str | None = No
         engines[name] = serve.run(engine_app(cfg, name, pub, namespace), name=engine_app_name(name),
                                   route_prefix=None)
         progress(f"engine {name!r} ({cfg.engines[name].model}) ready in {time.time() - t0:.1f}s")
-    parts = {"world": _world_app, "critic": critic_app, "curriculum": curriculum_app, "action": action_app}
+    parts = {"world": world_app, "critic": critic_app, "curriculum": curriculum_app, "action": action_app}
     handles = {}
     for name, build in parts.items():
         t0 = time.time()
@@ -93,7 +88,7 @@ def engine_builder(args: dict[str, Any]):
 
 
 def world_builder(args: dict[str, Any]):
-    return _world_app(_cfg(args))
+    return world_app(_cfg(args))
 
 
 def critic_builder(args: dict[str, Any]):

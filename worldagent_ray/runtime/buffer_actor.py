@@ -34,15 +34,13 @@ import asyncio
 from typing import Any, Literal, Mapping
 
 import ray
-from ray.util import metrics as ray_metrics
 
-from worldagent_ray.rl.buffer import DROP_REASONS, AddResult, BufferEntry, GroupBuffer
+from ..rl.buffer import DROP_REASONS, AddResult, BufferEntry, GroupBuffer
+from .metrics import BufferMetrics
 
 __all__ = ["BufferActor", "BufferFullTimeout", "buffer_actor_name", "create_buffer_actor"]
 
 ACTOR_NAME_PREFIX = "worldagent-buffer-"
-STALENESS_BOUNDARIES = [0.5, 1.5, 2.5, 3.5, 4.5, 8.5, 16.5, 32.5]
-"""Histogram buckets: staleness 0, 1, 2, 3, 4, 5-8, 9-16, 17-32, more (Ray wants positive bounds)."""
 
 
 class BufferFullTimeout(TimeoutError):
@@ -94,36 +92,19 @@ class BufferActor:
         self._cond = asyncio.Condition()
         self._closed = False  # set by the producer when no more groups will come
         self._name = name
-        tags = {"buffer": name}
-        self._m_size = ray_metrics.Gauge(
-            "worldagent_buffer_size", description="Groups queued in the rollout buffer.", tag_keys=("buffer",)
-        )
-        self._m_size.set_default_tags(tags)
-        self._m_staleness = ray_metrics.Histogram(
-            "worldagent_buffer_staleness",
-            description="Policy versions between generation and consumption of a group.",
-            boundaries=STALENESS_BOUNDARIES,
-            tag_keys=("buffer",),
-        )
-        self._m_staleness.set_default_tags(tags)
-        self._m_dropped = ray_metrics.Counter(
-            "worldagent_buffer_dropped_total",
-            description="Groups refused or discarded by the buffer, by reason.",
-            tag_keys=("buffer", "reason"),
-        )
-        self._m_dropped.set_default_tags(tags)
-        self._m_size.set(0)
+        self._m = BufferMetrics(name)
+        self._m.size.set(0)
 
     # ------------------------------------------------------------------ helpers
 
     def _publish(self, dropped_before: Mapping[str, int], taken: list[BufferEntry] = ()) -> None:
-        self._m_size.set(len(self._core))
+        self._m.size.set(len(self._core))
         for r in DROP_REASONS:
             d = self._core.dropped[r] - dropped_before[r]
             if d > 0:
-                self._m_dropped.inc(d, tags={"reason": r})
+                self._m.dropped.inc(d, tags={"reason": r})
         for e in taken:
-            self._m_staleness.observe(e.staleness)
+            self._m.staleness.observe(e.staleness)
 
     def _advance(self, version: int) -> None:
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
@@ -239,7 +220,7 @@ class BufferActor:
         async with self._cond:
             self._core.load_state_dict(state)
             self._version = max(self._version, int(state.get("policy_version", 0)))
-            self._m_size.set(len(self._core))
+            self._m.size.set(len(self._core))
 
 
 def create_buffer_actor(

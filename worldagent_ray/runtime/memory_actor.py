@@ -7,7 +7,7 @@ or ``optimize`` is in progress: LanceDB reads are safe alongside a write, and
 
 Typical use from the driver::
 
-    memory = get_or_create_memory_actor(cfg, run_dir, name=cfg.run.name)
+    memory = create_memory_actor(cfg, run_dir, name=cfg.run.name)
     ray.get(memory.upsert.remote(episodes))
     hits = ray.get(memory.retrieve.remote("put the apple in the bowl", 3))
 """
@@ -117,7 +117,7 @@ class MemoryActor:
         return {"uri": self.memory.uri, "table": self.memory.table_name, "indices": sorted(self.memory.index_names())}
 
 
-def get_or_create_memory_actor(
+def create_memory_actor(
     cfg: Config,
     run_dir: str,
     name: str,

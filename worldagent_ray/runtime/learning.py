@@ -8,7 +8,6 @@ publishes weights; the Action engine replicas pick new versions up from the publ
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -16,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 from ..config import Config
 from ..schemas import PlanSample, ScoredGroup, Task, Verdict
-from .run_folder import RunFolder
+from ..orchestration.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +68,14 @@ class GroupFeeder:
 
 class LearningSession:
     def __init__(self, cfg: Config, run: RunFolder, namespace: str, say: Callable[[str], None] = print):
-        from ..rl.learner import launch_learner
-        from ..runtime.buffer_actor import buffer_actor_name, create_buffer_actor
-        from ..runtime.weights import get_or_create_publisher
+        from .buffer_actor import buffer_actor_name, create_buffer_actor
+        from .learner_trainer import launch_learner
+        from .weight_publisher import create_publisher_actor
 
         self.cfg = cfg
         self.say = say
         self.publisher_name = f"worldagent-weights-{run.run_id}"
-        self.publisher = get_or_create_publisher(self.publisher_name, namespace=namespace)
+        self.publisher = create_publisher_actor(self.publisher_name, namespace=namespace)
         self.buffer = create_buffer_actor(cfg.learner, name=run.run_id, namespace=namespace)
         self.feeder = GroupFeeder(self.buffer, run.run_id)
         # No idle timeout: the learner waits for rollouts (deployment can take minutes) and

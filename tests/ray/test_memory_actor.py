@@ -11,7 +11,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from worldagent_ray.config import Config  # noqa: E402
-from worldagent_ray.runtime.memory_actor import get_or_create_memory_actor, memory_actor_name  # noqa: E402
+from worldagent_ray.runtime.memory_actor import create_memory_actor, memory_actor_name  # noqa: E402
 from worldagent_ray.schemas import Episode, Plan, Scores, Task, Verdict  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -70,9 +70,9 @@ def test_memory_actor_serves_concurrent_writers_and_readers(local_ray, tmp_path)
     cfg = Config()
     cfg.memory.optimize_every = 8
     run_dir = str(tmp_path / "run")
-    actor = get_or_create_memory_actor(cfg, run_dir, name="t1")
+    actor = create_memory_actor(cfg, run_dir, name="t1")
     # Named and reusable: a second lookup gets the same actor.
-    assert get_or_create_memory_actor(cfg, run_dir, name="t1") == actor
+    assert create_memory_actor(cfg, run_dir, name="t1") == actor
     assert ray.get_actor(memory_actor_name("t1"), namespace="test-memory") == actor
     assert ray.get(actor.info.remote())["uri"] == os.path.join(run_dir, "memory")
 
@@ -113,6 +113,6 @@ def test_memory_actor_requires_memory_enabled(tmp_path):
     cfg = Config()
     cfg.memory.enabled = False
     with pytest.raises(ValueError, match="memory.enabled"):
-        get_or_create_memory_actor(cfg, str(tmp_path), name="off")
+        create_memory_actor(cfg, str(tmp_path), name="off")
     with pytest.raises(ValueError, match="name"):
         memory_actor_name("")

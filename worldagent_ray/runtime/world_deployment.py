@@ -27,11 +27,9 @@ from ..config import Config, WorldConfig
 from ..schemas import Plan, Rollout, Task
 from ..world import build_world
 from ..world.diffusers_world import RenderRequest
+from .metrics import WorldMetrics
 
 log = logging.getLogger(__name__)
-
-_LATENCY_BOUNDARIES = [0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0]
-
 
 def _as_task(task: Task | dict[str, Any]) -> Task:
     if isinstance(task, Task):
@@ -55,40 +53,7 @@ def _as_plan(plan: Any) -> Plan | Any:
         return plan
 
 
-class _Metrics:
-    """Ray metrics (Prometheus, shown in the dashboard); absent outside a Ray worker."""
-
-    def __init__(self, world: str):
-        self.tags = {"world": world}
-        try:
-            from ray.util import metrics
-
-            self.rollouts = metrics.Counter(
-                "worldagent_world_rollouts", "Rollouts rendered, by outcome.", tag_keys=("world", "outcome")
-            )
-            self.batch = metrics.Histogram(
-                "worldagent_world_batch_requests", "Requests per served batch.",
-                boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("world",),
-            )
-            self.latency = metrics.Histogram(
-                "worldagent_world_batch_seconds", "Wall time of one served batch.",
-                boundaries=_LATENCY_BOUNDARIES, tag_keys=("world",),
-            )
-        except Exception as e:  # metrics are optional, never fatal
-            log.debug("metrics unavailable: %s", e)
-            self.rollouts = self.batch = self.latency = None
-
-    def record(self, n_requests: int, seconds: float, results: list[list[Rollout]]) -> None:
-        if self.batch is None:
-            return
-        self.batch.observe(n_requests, tags=self.tags)
-        self.latency.observe(seconds, tags=self.tags)
-        for rs in results:
-            for r in rs:
-                self.rollouts.inc(1, tags={**self.tags, "outcome": "error" if r.error else "ok"})
-
-
-class WorldServer:
+class WorldDeployment:
     """One world-model replica.
 
     Args:
@@ -105,8 +70,8 @@ class WorldServer:
         self._render_batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.batch_sizes: list[int] = []
         self.requests_served = 0
-        self._metrics = _Metrics(self.world.name)
-        log.info("WorldService replica: %s world ready in %.1fs", self.world.name, self.load_s)
+        self._metrics = WorldMetrics(self.world.name)
+        log.info("WorldDeployment replica: %s world ready in %.1fs", self.world.name, self.load_s)
 
     async def render(
         self,
@@ -195,14 +160,11 @@ class WorldServer:
     def check_health(self) -> None:
         """Serve's periodic health probe: a replica without a world is unhealthy."""
         if getattr(self, "world", None) is None:
-            raise RuntimeError("WorldService replica has no world backend")
+            raise RuntimeError("WorldDeployment replica has no world backend")
 
 
-WorldService = serve.deployment(WorldServer, name="WorldService")
-
-
-def world_deployment(cfg: Config) -> serve.Application:
-    """Bind :class:`WorldService` with placement from ``cfg.resources.world``.
+def world_app(cfg: Config) -> serve.Application:
+    """Bind :class:`WorldDeployment` with placement from ``cfg.resources.world``.
 
     Args:
         cfg (`Config`):
@@ -227,4 +189,4 @@ def world_deployment(cfg: Config) -> serve.Application:
             "resources.world.max_ongoing_requests (%d) < world.max_batch_size (%d): batches never fill",
             res.max_ongoing_requests, cfg.world.max_batch_size,
         )
-    return WorldService.options(**opts).bind(cfg.world.model_dump(mode="json"))
+    return serve.deployment(WorldDeployment).options(**opts).bind(cfg.world.model_dump(mode="json"))

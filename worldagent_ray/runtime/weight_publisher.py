@@ -2,7 +2,7 @@
 
 Two transports:
 
-- **Object store** (:class:`WeightPublisher`, the default and the CPU path): the learner
+- **Object store** (:class:`WeightPublisherActor`, the default and the CPU path): the learner
   ``ray.put``\\ s its state dict once (the learner worker owns it; the publisher keeps a
   reference, so it lives until a newer version replaces it) and calls ``publish(version, [ref])``. Engine replicas (each running a
   :class:`~worldagent_ray.rl.weight_sync.WeightSubscriber`) register, poll ``latest``, load and
@@ -35,9 +35,8 @@ from ..engines.base import WeightSyncError
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "WeightPublisher",
     "WeightPublisherActor",
-    "get_or_create_publisher",
+    "create_publisher_actor",
     "NcclBroadcastSync",
     "TensorSpec",
     "tensor_manifest",
@@ -51,11 +50,10 @@ class _Replica:
     registered_at: float = field(default_factory=time.monotonic)
 
 
-class WeightPublisher:
+class WeightPublisherActor:
     """The registry of published weight versions and of the engine replicas that follow them.
 
-    Run as an async Ray actor (see :data:`WeightPublisherActor` and
-    :func:`get_or_create_publisher`); every method is a coroutine on one event loop, so the
+    Run as an async Ray actor (see :func:`create_publisher_actor`); every method is a coroutine on one event loop, so the
     state needs no locks.
 
     Args:
@@ -185,16 +183,13 @@ class WeightPublisher:
         self._changed.set()
 
 
-WeightPublisherActor = ray.remote(num_cpus=0, max_restarts=0)(WeightPublisher)
-"""The publisher as a Ray actor class (0 CPUs: it only holds references and versions)."""
-
-
-def get_or_create_publisher(
+def create_publisher_actor(
     name: str, namespace: str | None = None, liveness_timeout_s: float = 30.0
 ) -> "ray.actor.ActorHandle":
-    """The named publisher actor, created if absent (owned by the calling job, not detached)."""
-    return WeightPublisherActor.options(
-        name=name, namespace=namespace, get_if_exists=True, lifetime=None
+    """The named publisher actor, created if absent (owned by the calling job, not detached;
+    0 CPUs: it only holds references and versions)."""
+    return ray.remote(WeightPublisherActor).options(
+        name=name, namespace=namespace, get_if_exists=True, lifetime=None, num_cpus=0, max_restarts=0
     ).remote(liveness_timeout_s)
 
 
@@ -226,7 +221,7 @@ class NcclBroadcastSync:
     worker that holds a shard of the policy is another rank. All ranks must call
     :meth:`setup` (it rendezvouses), then the sender calls :meth:`send` while every receiver
     calls :meth:`receive` with the same manifest (the manifest and the version travel through
-    the :class:`WeightPublisher`, which stays the source of truth for versions and acks).
+    the :class:`WeightPublisherActor`, which stays the source of truth for versions and acks).
     ``backend="gloo"`` runs the same code on CPU tensors (used by the tests).
 
     The group's membership is fixed when it is created, so use this path with a fixed number

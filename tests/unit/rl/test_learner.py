@@ -1,5 +1,5 @@
-"""The GRPO learner: LearnerCore on tiny-random-llama (full and LoRA), weights into a real
-TransformersEngine, exact resume (core and Ray Train), and a reward that rises on a toy task."""
+"""The GRPO learner core: LearnerCore on tiny-random-llama (full and LoRA), weights into a real
+TransformersEngine, exact resume, and a reward that rises on a toy task."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from worldagent_ray.rl.learner import (
 from worldagent_ray.rl.weight_sync import load_base_weights, merge_lora
 from worldagent_ray.schemas import SamplingParams, ScoredGroup
 
+from tests.factories import make_groups
+
 pytestmark = pytest.mark.timeout(600)
 
 
@@ -37,28 +39,6 @@ def _one_torch_thread():
 @pytest.fixture(scope="module")
 def model_path() -> str:
     return resolve_model("tiny-random-llama")
-
-
-def make_groups(seed: int, n_groups: int = 2, group_size: int = 4, version: int = 0) -> list[ScoredGroup]:
-    """Deterministic synthetic groups (random ids, rewards and rollout log-probs)."""
-    rng = random.Random(seed)
-    out = []
-    for g in range(n_groups):
-        prompt = [rng.randrange(100, 5000) for _ in range(rng.randrange(4, 9))]
-        comps = [[rng.randrange(100, 5000) for _ in range(rng.randrange(2, 7))] for _ in range(group_size)]
-        out.append(
-            ScoredGroup(
-                group_id=f"s{seed}-g{g}",
-                task_id=f"t{g}",
-                policy_version=version,
-                prompt_token_ids=prompt,
-                completion_token_ids=comps,
-                rollout_logprobs=[[-10.8 + rng.uniform(-0.3, 0.3) for _ in c] for c in comps],
-                rewards=[rng.random() for _ in comps],
-                episode_ids=[f"s{seed}-g{g}-{i}" for i in range(group_size)],
-            )
-        )
-    return out
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -306,69 +286,3 @@ def test_reward_rises_on_even_token_task(model_path, engine):
         engine.load_weights(core.export_weights(), base_version + core.policy_version)
     first, last = sum(history[:4]) / 4, sum(history[-4:]) / 4
     assert first < 0.7 and last > first + 0.25, history
-
-
-# --------------------------------------------------------------------------- Ray Train
-
-
-@pytest.mark.slow
-@pytest.mark.ray
-def test_ray_train_resume_after_injected_failure_is_exact(model_path, tmp_path):
-    """TorchTrainer (1 gloo worker) pulls 4 steps from a real BufferActor, checkpoints every 2
-    steps and publishes weights every step; a fault injected before step 3 kills the worker,
-    Ray Train restarts it from the step-2 checkpoint, and the last loss equals an
-    uninterrupted LearnerCore run on the same data."""
-    import ray
-
-    from worldagent_ray.config import load_config
-    from worldagent_ray.rl.buffer import meta_of
-    from worldagent_ray.rl.learner import launch_learner
-    from worldagent_ray.runtime.buffer_actor import buffer_actor_name, create_buffer_actor
-    from worldagent_ray.runtime.weights import get_or_create_publisher
-
-    N = 4
-    cfg = load_config(
-        "local-cpu",
-        overrides=[
-            "engines.policy.model=tiny-random-llama", "learner.lr=0.01", f"learner.max_steps={N}",
-            "learner.checkpoint_every=2", "learner.groups_per_step=2", "learner.num_workers=1",
-            "learner.max_failures=1", "learner.sync_every=1", "learner.max_staleness=100",
-            "agents.action.temperature=1.0", "run.name=lt",
-        ],
-        environ={},
-    )
-    data = [make_groups(100 + s) for s in range(N)]
-    reference = LearnerCore(cfg.learner, model_path)
-    expected = [reference.step(g) for g in data][-1]
-
-    ray.init(num_cpus=2, include_dashboard=False, namespace="test-learner", log_to_driver=False)
-    try:
-        buffer = create_buffer_actor(cfg.learner, name="lt", put_timeout_s=5.0)
-        publisher = get_or_create_publisher("lt-weights")
-        for g in (g for step in data for g in step):
-            assert ray.get(buffer.put.remote(meta_of(g), [ray.put(g)]))
-        trainer = launch_learner(
-            cfg, tmp_path / "run", buffer_actor_name("lt"), "lt-weights", namespace="test-learner",
-            idle_timeout_s=20.0,
-            extra_loop_config={"fail_at_step": 3, "fail_marker": str(tmp_path / "failed"), "batch_timeout_s": 1.0},
-        )
-        result = trainer.fit()
-        assert (tmp_path / "failed").read_text() == "3"  # the fault really fired
-        assert result.metrics["step"] == N
-        assert abs(result.metrics["loss"] - expected["loss"]) <= 1e-6
-        assert 0.0 <= result.metrics["idle_frac"] < 1.0
-        assert result.checkpoint is not None
-        status = ray.get(publisher.status.remote())
-        assert status["version"] == result.metrics["policy_version"] >= N
-        # the buffer knows every group was consumed, none is left
-        stats = ray.get(buffer.stats.remote())
-        assert stats["size"] == 0 and stats["consumed_ids"] == 2 * N
-        # the final checkpoint restores into a fresh core with the same weights
-        fresh = LearnerCore(cfg.learner, model_path)
-        with result.checkpoint.as_directory() as d:
-            extra = fresh.load_checkpoint(d)
-        assert len(extra["buffer_state"]["consumed_ids"]) == 2 * N
-        for (k, a), b in zip(reference.trainable_state_dict().items(), fresh.trainable_state_dict().values()):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
-    finally:
-        ray.shutdown()

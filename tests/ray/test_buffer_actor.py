@@ -1,15 +1,14 @@
-"""Rollout buffer: the pure :class:`GroupBuffer` and the Ray :class:`BufferActor` on a local cluster."""
+"""The rollout buffer actor (:class:`BufferActor`) on a local Ray cluster."""
 
 from __future__ import annotations
 
 import gc
-import json
 import time
 
 import pytest
 
 from worldagent_ray.config import LearnerConfig
-from worldagent_ray.rl.buffer import AddResult, BufferEntry, GroupBuffer, meta_of
+from worldagent_ray.rl.buffer import BufferEntry, meta_of
 from worldagent_ray.schemas import ScoredGroup
 
 
@@ -29,139 +28,6 @@ def _group(gid: str, version: int = 0, rewards=(0.0, 1.0), task: str = "t") -> S
 
 def _entry(gid: str, version: int = 0, rewards=(0.0, 1.0)) -> BufferEntry:
     return BufferEntry.from_group(_group(gid, version, rewards), ref=f"payload-{gid}")
-
-
-# --------------------------------------------------------------------------- pure core
-
-
-def test_fifo_and_payload_kept():
-    buf = GroupBuffer(max_groups=8, max_staleness=2)
-    for i in range(5):
-        assert buf.add(_entry(f"g{i}")) is AddResult.ACCEPTED
-    got = buf.take(3, current_version=0)
-    assert [e.group_id for e in got] == ["g0", "g1", "g2"]
-    assert [e.ref for e in got] == ["payload-g0", "payload-g1", "payload-g2"]
-    assert [e.group_id for e in buf.take(10, 0)] == ["g3", "g4"]
-    assert buf.take(1, 0) == []
-
-
-def test_duplicates_and_consumed_ids_rejected_and_counted():
-    buf = GroupBuffer(max_groups=8, max_staleness=2)
-    assert buf.add(_entry("a")).accepted
-    assert buf.add(_entry("a")) is AddResult.DUPLICATE
-    buf.take(1, 0)
-    assert buf.add(_entry("a")) is AddResult.CONSUMED
-    assert len(buf) == 0
-    assert buf.stats()["dropped"] == {"duplicate": 1, "consumed": 1, "zero_variance": 0, "full": 0, "stale": 0}
-
-
-def test_zero_variance_dropped_when_enabled():
-    buf = GroupBuffer(max_groups=8, max_staleness=2, drop_zero_variance=True)
-    assert buf.add(_entry("flat", rewards=(0.5, 0.5, 0.5))) is AddResult.ZERO_VARIANCE
-    assert buf.add(_entry("ok", rewards=(0.5, 0.6))).accepted
-    assert buf.stats()["dropped"]["zero_variance"] == 1 and len(buf) == 1
-    keep = GroupBuffer(max_groups=8, max_staleness=2, drop_zero_variance=False)
-    assert keep.add(_entry("flat", rewards=(0.5, 0.5))).accepted
-
-
-def test_full_refused_and_counted():
-    buf = GroupBuffer(max_groups=2, max_staleness=2)
-    assert buf.add(_entry("a")).accepted and buf.add(_entry("b")).accepted
-    assert buf.check(_entry("c")) is AddResult.FULL and buf.stats()["dropped"]["full"] == 0  # check is pure
-    assert buf.add(_entry("c")) is AddResult.FULL
-    assert buf.stats()["dropped"]["full"] == 1 and "c" not in buf
-
-
-def test_staleness_drop_policy():
-    buf = GroupBuffer(max_groups=8, max_staleness=1, stale_policy="drop")
-    for gid, v in [("v0", 0), ("v1", 1), ("v2", 2), ("v3", 3)]:
-        buf.add(_entry(gid, version=v))
-    got = buf.take(2, current_version=3)  # v0 (3 behind) and v1 (2 behind) are stale
-    assert [(e.group_id, e.staleness, e.needs_correction) for e in got] == [("v2", 1, False), ("v3", 0, False)]
-    s = buf.stats(current_version=3)
-    assert s["dropped"]["stale"] == 2 and s["taken_staleness"] == {0: 1, 1: 1}
-    assert "v0" not in buf.consumed_ids  # a regenerated v0 group would be welcome
-    assert buf.add(_entry("v0", version=3)).accepted
-
-
-def test_staleness_correct_policy_flags_instead_of_dropping():
-    buf = GroupBuffer(max_groups=8, max_staleness=1, stale_policy="correct")
-    buf.add(_entry("old", version=0))
-    buf.add(_entry("new", version=4))
-    got = buf.take(2, current_version=4)
-    assert [(e.group_id, e.staleness, e.needs_correction) for e in got] == [("old", 4, True), ("new", 0, False)]
-    assert buf.stats()["corrected"] == 1 and buf.stats()["dropped"]["stale"] == 0
-
-
-def test_evict_stale_frees_space_only_under_drop():
-    drop = GroupBuffer(max_groups=2, max_staleness=0, stale_policy="drop")
-    drop.add(_entry("a", 0))
-    drop.add(_entry("b", 1))
-    assert [e.group_id for e in drop.evict_stale(1)] == ["a"] and not drop.full
-    corr = GroupBuffer(max_groups=2, max_staleness=0, stale_policy="correct")
-    corr.add(_entry("a", 0))
-    assert corr.evict_stale(5) == [] and len(corr) == 1
-    assert corr.queued_staleness(5) == {5: 1}
-
-
-def test_consumed_ids_survive_state_dict_round_trip():
-    buf = GroupBuffer(max_groups=8, max_staleness=1, stale_policy="drop")
-    for i in range(4):
-        buf.add(_entry(f"g{i}", version=i))
-    buf.add(_entry("g0"))  # duplicate
-    buf.take(4, current_version=3)  # g0, g1 stale -> dropped; g2, g3 consumed
-    state = json.loads(json.dumps(buf.state_dict()))  # JSON-safe
-    fresh = GroupBuffer(max_groups=8, max_staleness=1, stale_policy="drop")
-    fresh.load_state_dict(state)
-    assert fresh.consumed_ids == {"g2", "g3"}
-    assert fresh.add(_entry("g2", version=3)) is AddResult.CONSUMED
-    assert fresh.add(_entry("g0", version=3)).accepted
-    st = fresh.stats()
-    assert st["taken"] == 2 and st["dropped"]["stale"] == 2 and st["dropped"]["duplicate"] == 1
-    assert st["dropped"]["consumed"] == 1 and st["taken_staleness"] == {0: 1, 1: 1}
-
-
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        ({"max_groups": 0, "max_staleness": 1}, "max_groups"),
-        ({"max_groups": 2, "max_staleness": -1}, "max_staleness"),
-        ({"max_groups": 2, "max_staleness": 1, "stale_policy": "keep"}, "stale_policy"),
-    ],
-)
-def test_bad_config(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        GroupBuffer(**kwargs)
-
-
-def test_bad_entries_and_state():
-    with pytest.raises(ValueError, match="policy_version"):
-        BufferEntry("g", -1, 0.5, 0.1, 2)
-    with pytest.raises(ValueError, match="reward_std"):
-        BufferEntry("g", 0, 0.5, float("nan"), 2)
-    with pytest.raises(ValueError, match=r"missing required keys \['reward_std'\]"):
-        BufferEntry.from_meta({"group_id": "g", "policy_version": 0, "reward_mean": 0.0, "num_samples": 2})
-    buf = GroupBuffer(max_groups=2, max_staleness=1)
-    with pytest.raises(ValueError, match="version"):
-        buf.load_state_dict({"consumed_ids": []})
-    with pytest.raises(ValueError, match="consumed_ids"):
-        buf.load_state_dict({"version": 1, "consumed_ids": [1, 2]})
-    with pytest.raises(ValueError, match="n must be"):
-        buf.take(-1, 0)
-
-
-def test_scored_group_validation():
-    with pytest.raises(ValueError, match="rewards has 1 entries, expected 2"):
-        ScoredGroup(group_id="g", task_id="t", policy_version=0, prompt_token_ids=[1],
-                    completion_token_ids=[[1], [2]], rollout_logprobs=[[-1.0], [-1.0]], rewards=[1.0],
-                    episode_ids=["a", "b"])
-    with pytest.raises(ValueError, match="per-sample prompts"):
-        ScoredGroup(group_id="g", task_id="t", policy_version=0, prompt_token_ids=[[1], [2], [3]],
-                    completion_token_ids=[[1], [2]], rollout_logprobs=[[-1.0], [-1.0]], rewards=[1.0, 0.0],
-                    episode_ids=["a", "b"])
-    g = _group("g", rewards=(0.0, 1.0))
-    assert meta_of(g) == {"group_id": "g", "task_id": "t", "policy_version": 0, "reward_mean": 0.5,
-                          "reward_std": 0.5, "num_samples": 2}
 
 
 # --------------------------------------------------------------------------- Ray actor

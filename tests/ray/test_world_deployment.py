@@ -58,10 +58,10 @@ def _task(i: int, goal: str = "Make a cup of tea") -> Task:
 
 
 def _run(serve, cfg: Config):
-    from worldagent_ray.runtime.world_service import world_deployment
+    from worldagent_ray.runtime.world_deployment import world_app
 
     name = f"world-{uuid.uuid4().hex[:8]}"
-    return name, serve.run(world_deployment(cfg), name=name, route_prefix=None)
+    return name, serve.run(world_app(cfg), name=name, route_prefix=None)
 
 
 def _frames(rollout):
@@ -75,15 +75,15 @@ async def _gather(handle, calls):
 
 
 def test_deployment_options_follow_the_resources_section():
-    from worldagent_ray.runtime.world_service import world_deployment
+    from worldagent_ray.runtime.world_deployment import world_app
 
-    gpu = world_deployment(load_config("gpu-cluster", environ={}))._bound_deployment
+    gpu = world_app(load_config("gpu-cluster", environ={}))._bound_deployment
     assert gpu.ray_actor_options == {"num_cpus": 4.0, "num_gpus": 1.0}
     auto = gpu._deployment_config.autoscaling_config
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (2, 16, 1.0)
     assert gpu._deployment_config.max_ongoing_requests == 4
     assert gpu.init_args[0]["backend"] == "diffusers"
-    local = world_deployment(load_config("local-cpu", environ={}))._bound_deployment
+    local = world_app(load_config("local-cpu", environ={}))._bound_deployment
     assert local.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.0} and local.num_replicas == 1
 
 

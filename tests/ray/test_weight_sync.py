@@ -20,7 +20,7 @@ from worldagent_ray.config import EngineConfig, LearnerConfig
 from worldagent_ray.engines.base import WeightSyncError
 from worldagent_ray.models import resolve_model
 from worldagent_ray.rl.weight_sync import AsyncRWLock, WeightSubscriber, load_base_weights, merge_lora
-from worldagent_ray.runtime.weights import NcclBroadcastSync, WeightPublisherActor, get_or_create_publisher
+from worldagent_ray.runtime.weight_publisher import NcclBroadcastSync, WeightPublisherActor, create_publisher_actor
 from worldagent_ray.schemas import SamplingParams
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -55,7 +55,7 @@ def engine():
 
 @pytest.fixture
 def publisher():
-    handle = get_or_create_publisher(f"pub-{uuid.uuid4().hex[:8]}")
+    handle = create_publisher_actor(f"pub-{uuid.uuid4().hex[:8]}")
     ray.get(handle.latest.remote(), timeout=60)  # started: later calls are bounded by short timeouts
     return handle
 
@@ -141,7 +141,7 @@ def test_publisher_versions_only_increase(publisher):
 
 
 def test_wait_synced_ignores_unregistered_and_dead_replicas():
-    pub = WeightPublisherActor.options(name=f"pub-live-{uuid.uuid4().hex[:6]}").remote(liveness_timeout_s=0.5)
+    pub = ray.remote(WeightPublisherActor).options(num_cpus=0, name=f"pub-live-{uuid.uuid4().hex[:6]}").remote(liveness_timeout_s=0.5)
     ray.get(pub.register.remote("gone", 0))
     ray.get(pub.register.remote("silent", 0))
     ray.get(pub.publish.remote(1, [ray.put({"w": torch.ones(1)})]))
@@ -370,7 +370,7 @@ def test_collective_broadcast_path_on_gloo(model_path):
     sender, r1, r2 = (_CollectiveRank.remote(group, 3, i) for i in range(3))
     assert ray.get([a.setup.remote() for a in (sender, r1, r2)], timeout=120) == [True] * 3
     # the receivers need the manifest first; it is deterministic (sorted names)
-    from worldagent_ray.runtime.weights import tensor_manifest
+    from worldagent_ray.runtime.weight_publisher import tensor_manifest
 
     manifest = tensor_manifest(load_base_weights(model_path))
     recv = [r.receive.remote(manifest) for r in (r1, r2)]

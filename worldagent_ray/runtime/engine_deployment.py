@@ -22,6 +22,7 @@ from ray import serve
 from ..config import Config, EngineConfig
 from ..engines.base import EngineError, InferenceEngine
 from ..schemas import Completion, SamplingParams
+from .metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,12 @@ def engine_app_name(engine: str) -> str:
     return f"engine-{engine}"
 
 
-class EngineServer:
-    """Holds one engine. ``generate`` calls are serialised against weight loads by an
-    asyncio lock, so a generation never mixes half-updated weights."""
+class EngineDeployment:
+    """One engine replica (a Serve deployment class).
+
+    An exclusive asyncio lock serialises *every* ``generate`` call on this replica, and weight
+    loads take the same lock, so a generation never mixes half-updated weights; concurrent
+    requests to one replica therefore queue rather than batch."""
 
     def __init__(self, engine_cfg: dict[str, Any], engine_name: str, publisher: str | None = None,
                  namespace: str | None = None, poll_s: float = 0.5):
@@ -47,20 +51,15 @@ class EngineServer:
         self._namespace = namespace
         self._poll_s = poll_s
         self.replica_id = f"{engine_name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        from ray.util import metrics as m
-
-        self._version_gauge = m.Gauge("worldagent_engine_weights_version",
-                                      "Weights version an engine replica generates with", tag_keys=("engine",))
+        self._metrics = EngineMetrics(engine_name)
 
     async def _ensure_subscriber(self) -> None:
         if self._publisher is None or self.subscriber is not None:
             return
         import ray
 
-        from ..rl.weight_sync import WeightSubscriber
-
         from ..models import resolve_model
-        from ..rl.weight_sync import load_base_weights
+        from ..rl.weight_sync import WeightSubscriber, load_base_weights
 
         handle = ray.get_actor(self._publisher, namespace=self._namespace)
         model_path = resolve_model(self.cfg.model)
@@ -76,7 +75,7 @@ class EngineServer:
         await self._ensure_subscriber()
         async with self.lock:
             out = await asyncio.to_thread(self.engine.generate, list(prompts), params, json_schema)
-            self._version_gauge.set(self.engine.weights_version, tags={"engine": self.name})
+            self._metrics.weights_version(self.engine.weights_version)
             return out
 
     async def info(self) -> dict[str, Any]:
@@ -93,9 +92,6 @@ class EngineServer:
             pass
 
 
-EngineService = serve.deployment(EngineServer, name="EngineService")
-
-
 def engine_app(cfg: Config, engine_name: str, publisher: str | None = None, namespace: str | None = None):
     """A Serve application for one named engine, placed per ``cfg.resources.engines``."""
     if engine_name not in cfg.engines:
@@ -108,7 +104,7 @@ def engine_app(cfg: Config, engine_name: str, publisher: str | None = None, name
             opts["autoscaling_config"] = res.autoscaling.model_dump()
         else:
             opts["num_replicas"] = res.replicas
-    return EngineService.options(**opts).bind(
+    return serve.deployment(EngineDeployment).options(**opts).bind(
         cfg.engines[engine_name].model_dump(), engine_name, publisher, namespace
     )
 

@@ -16,7 +16,7 @@ from ..agents.action import ActionAgent, ActionRequest
 from ..agents.curriculum import CurriculumAgent, Outcome, Proposal
 from ..config import Config
 from ..schemas import CurriculumState, Plan, PlanSample, Rollout, Task, Verdict
-from .engine_service import RemoteEngine, engine_app_name
+from .engine_deployment import RemoteEngine, engine_app_name
 
 
 def _remote(cfg: Config, engine: str) -> RemoteEngine:
@@ -32,7 +32,7 @@ def _task_space(cfg: Config):
     return None
 
 
-class ActionServer:
+class ActionDeployment:
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = Config.model_validate(cfg)
         self.agent = ActionAgent(self.cfg.agents.action, _remote(self.cfg, self.cfg.agents.action.engine))
@@ -41,7 +41,7 @@ class ActionServer:
         return await asyncio.to_thread(self.agent.act, list(requests))
 
 
-class CriticServer:
+class CriticDeployment:
     def __init__(self, cfg: dict[str, Any]):
         from ..critic import Critic
 
@@ -55,7 +55,7 @@ class CriticServer:
         return await asyncio.to_thread(self.critic.score_batch, list(items))
 
 
-class CurriculumServer:
+class CurriculumDeployment:
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = Config.model_validate(cfg)
         c = self.cfg.agents.curriculum
@@ -65,11 +65,6 @@ class CurriculumServer:
     async def propose(self, state: CurriculumState, recent: Sequence[Outcome], mastered: set[str],
                       n: int | None, round_index: int) -> Proposal:
         return await asyncio.to_thread(self.agent.propose, state, list(recent), set(mastered), n, round_index)
-
-
-ActionService = serve.deployment(ActionServer, name="ActionService")
-CriticService = serve.deployment(CriticServer, name="CriticService")
-CurriculumService = serve.deployment(CurriculumServer, name="CurriculumService")
 
 
 def _opts(res, default_ongoing: int = 32) -> dict[str, Any]:
@@ -86,13 +81,13 @@ def _opts(res, default_ongoing: int = 32) -> dict[str, Any]:
 
 def action_app(cfg: Config):
     # The action shell is light (the engine does the work), so it takes a small CPU share.
-    return ActionService.options(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64).bind(
+    return serve.deployment(ActionDeployment).options(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64).bind(
         cfg.model_dump(mode="json"))
 
 
 def critic_app(cfg: Config):
-    return CriticService.options(**_opts(cfg.resources.critic)).bind(cfg.model_dump(mode="json"))
+    return serve.deployment(CriticDeployment).options(**_opts(cfg.resources.critic)).bind(cfg.model_dump(mode="json"))
 
 
 def curriculum_app(cfg: Config):
-    return CurriculumService.options(ray_actor_options={"num_cpus": 0.1}).bind(cfg.model_dump(mode="json"))
+    return serve.deployment(CurriculumDeployment).options(ray_actor_options={"num_cpus": 0.1}).bind(cfg.model_dump(mode="json"))
