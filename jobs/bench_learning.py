@@ -90,7 +90,7 @@ class Bench:
         )
 
     def requests(self, tasks: Sequence[Any], use_memory: bool, seed: int) -> list[Any]:
-        from worldagent_ray.agents.action import ActionRequest
+        from worldagent_ray.schemas import ActionRequest
 
         out = []
         for i, t in enumerate(tasks):

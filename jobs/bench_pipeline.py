@@ -115,7 +115,7 @@ def build(cfg, root: str, latency: float, engine):
 
 async def lockstep(cfg, run, s) -> int:
     """The naive loop: one task at a time, one stage at a time."""
-    from worldagent_ray.agents.action import ActionRequest
+    from worldagent_ray.schemas import ActionRequest
     from worldagent_ray.schemas import Episode
 
     from worldagent_ray.schemas import CurriculumState
@@ -128,7 +128,7 @@ async def lockstep(cfg, run, s) -> int:
         for slot, task in enumerate(prop.tasks):
             task = task.model_copy(update={"id": f"r{rnd:04d}.{slot}.{task.id}"[:200]})
             hits = await s.memory.retrieve.remote(task.goal, cfg.agents.action.memory_top_k)
-            [samples] = await s.action.act.remote([ActionRequest(task, hits, s.vocabulary(task))])
+            [samples] = await s.action.act.remote([ActionRequest(task=task, memory=hits, vocabulary=s.vocabulary(task))])
             rollouts = await s.world.render.remote(task, [x.plan for x in samples], f"{run.videos}/{task.id}")
             verdicts = await s.critic.score_batch.remote([(task, x.plan, r) for x, r in zip(samples, rollouts)])
             eps = [Episode.new(run.run_id, task, i, plan=x.plan, rollout=r, verdict=v)
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
         f"agents.action.group_size={args.group_size}", "agents.curriculum.use_llm=false",
         "agents.critic.scorers=[verifiable]", "agents.action.max_tokens=96",
         "engines.policy.model=tiny-random-llama", f"engines.policy.backend={args.backend}",
-        "run.max_inflight={action: 2, world: 4, critic: 4}",
+        "run.pipeline={action: {workers: 2, queue: 2}, world: {workers: 4, queue: 4}, critic: {workers: 4, queue: 4}}",
     ])
     engine = build_engine(cfg.engines["policy"])
     print(f"engine: {type(engine).__name__} on {cfg.engines['policy'].model}; latency {args.latency}s "

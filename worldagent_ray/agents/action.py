@@ -9,33 +9,22 @@ learner needs. Model output is data: it is parsed as JSON, never executed.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..config import ActionConfig
 from ..engines.base import InferenceEngine
 from ..schemas import (
+    ActionRequest,
     Completion,
     MemoryHit,
     Plan,
     PlanParseError,
     PlanSample,
     SamplingParams,
-    Task,
     parse_plan_json,
 )
 
 MAX_VOCAB_IN_PROMPT = 40
-
-
-@dataclass
-class ActionRequest:
-    """Everything the Action agent needs for one task."""
-
-    task: Task
-    memory: list[MemoryHit] = field(default_factory=list)
-    vocabulary: list[str] | None = None
-    seed: int | None = None
 
 
 def order_memory(hits: Sequence[MemoryHit], k: int) -> list[MemoryHit]:

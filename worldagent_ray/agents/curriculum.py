@@ -19,12 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 from ..config import CurriculumConfig
 from ..engines.base import EngineError, InferenceEngine
-from ..schemas import CurriculumState, SamplingParams, Task
+from ..schemas import CurriculumState, Outcome, Proposal, SamplingParams, Task
 
 PHASE_NAMES = {1: "atomic", 2: "composite", 3: "multi-stage"}
 
@@ -44,23 +43,6 @@ class TaskSpace(Protocol):
     def sample(self, phase: int, split: str = "train", index: int | None = None) -> Task: ...
 
     def match_goal(self, text: str) -> Task | None: ...
-
-
-@dataclass
-class Outcome:
-    phase: int
-    success: bool
-    goal: str = ""
-    reward: float = 0.0
-    caption: str = ""
-
-
-@dataclass
-class Proposal:
-    tasks: list[Task]
-    state: CurriculumState
-    sources: list[str] = field(default_factory=list)  # "llm" | "generator" | "free_text"
-    notes: list[str] = field(default_factory=list)
 
 
 def update_phase(cfg: CurriculumConfig, state: CurriculumState, outcomes: Sequence[Outcome]) -> CurriculumState:

@@ -29,10 +29,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from ..agents.action import ActionRequest
-from ..agents.curriculum import Outcome, update_phase
+from ..agents.curriculum import update_phase
 from ..config import Config
-from ..schemas import CurriculumState, Episode, MemoryHit, PlanSample, Rollout, Task, Verdict, episode_id
+from ..schemas import ActionRequest, CurriculumState, Episode, MemoryHit, Outcome, PlanSample, Rollout, Task, Verdict, episode_id
 from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -87,11 +86,11 @@ class EvolveDriver:
         self.stop_after = stop_after_episodes
         G = cfg.agents.action.group_size
         self.G = G
-        lim = cfg.run.max_inflight
-        self.action_q: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=max(1, lim.get("action", 2)))
-        self.world_q: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=max(1, lim.get("world", 8)))
-        self.critic_q: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=max(1, lim.get("critic", 8)))
-        self.n_workers = {k: max(1, lim.get(k, 2)) for k in ("action", "world", "critic")}
+        lim = cfg.run.pipeline
+        self.action_q: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=lim.action.queue)
+        self.world_q: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=lim.world.queue)
+        self.critic_q: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=lim.critic.queue)
+        self.n_workers = {k: getattr(lim, k).workers for k in ("action", "world", "critic")}
         self.state: CurriculumState = CurriculumState(phase=cfg.agents.curriculum.start_phase)
         self.recent: list[Outcome] = []
         self.committed = 0
@@ -145,7 +144,8 @@ class EvolveDriver:
                 self._rounds_done[rnd] += 1
         await self._reconcile_ledger(done)
         for row in self.run.episode_rows()[-4 * self.cfg.agents.curriculum.window:]:
-            self.recent.append(Outcome(row["phase"], row["success"], row["goal"], row["reward"], row.get("caption", "")))
+            self.recent.append(Outcome(phase=row["phase"], success=row["success"], goal=row["goal"],
+                                       reward=row["reward"], caption=row.get("caption", "")))
         if pending:
             self.run.record_event(event="resume", pending_tasks=len(pending), committed=self.committed)
         return pending, (max(rounds) + 1 if rounds else 0)
@@ -294,8 +294,8 @@ class EvolveDriver:
             self.run.record_episodes(rows)
             self.committed += len(eps)
             self.failed += sum(e.status == "failed" for e in eps)
-            outcomes = [Outcome(e.task.phase, e.success, e.task.goal, e.reward,
-                                e.verdict.state_caption if e.verdict else "") for e in eps if e.status == "ok"]
+            outcomes = [Outcome(phase=e.task.phase, success=e.success, goal=e.task.goal, reward=e.reward,
+                                caption=e.verdict.state_caption if e.verdict else "") for e in eps if e.status == "ok"]
             self.recent.extend(outcomes)
             self.recent = self.recent[-256:]
             before = self.state.phase

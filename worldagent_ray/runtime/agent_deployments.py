@@ -12,11 +12,12 @@ from typing import Any, Sequence
 
 from ray import serve
 
-from ..agents.action import ActionAgent, ActionRequest
-from ..agents.curriculum import CurriculumAgent, Outcome, Proposal
+from ..agents.action import ActionAgent
+from ..agents.curriculum import CurriculumAgent
 from ..config import Config
-from ..schemas import CurriculumState, Plan, PlanSample, Rollout, Task, Verdict
+from ..schemas import ActionRequest, CurriculumState, Outcome, Plan, PlanSample, Proposal, Rollout, Task, Verdict
 from .engine_deployment import RemoteEngine, engine_app_name
+from .placement import deployment_options
 
 
 def _remote(cfg: Config, engine: str) -> RemoteEngine:
@@ -67,27 +68,16 @@ class CurriculumDeployment:
         return await asyncio.to_thread(self.agent.propose, state, list(recent), set(mastered), n, round_index)
 
 
-def _opts(res, default_ongoing: int = 32) -> dict[str, Any]:
-    opts: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus},
-        "max_ongoing_requests": res.max_ongoing_requests or default_ongoing,
-    }
-    if res.autoscaling:
-        opts["autoscaling_config"] = res.autoscaling.model_dump()
-    else:
-        opts["num_replicas"] = res.replicas
-    return opts
-
-
 def action_app(cfg: Config):
-    # The action shell is light (the engine does the work), so it takes a small CPU share.
-    return serve.deployment(ActionDeployment).options(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64).bind(
+    return serve.deployment(ActionDeployment).options(**deployment_options(cfg.resources.action)).bind(
         cfg.model_dump(mode="json"))
 
 
 def critic_app(cfg: Config):
-    return serve.deployment(CriticDeployment).options(**_opts(cfg.resources.critic)).bind(cfg.model_dump(mode="json"))
+    return serve.deployment(CriticDeployment).options(**deployment_options(cfg.resources.critic)).bind(
+        cfg.model_dump(mode="json"))
 
 
 def curriculum_app(cfg: Config):
-    return serve.deployment(CurriculumDeployment).options(ray_actor_options={"num_cpus": 0.1}).bind(cfg.model_dump(mode="json"))
+    return serve.deployment(CurriculumDeployment).options(**deployment_options(cfg.resources.curriculum)).bind(
+        cfg.model_dump(mode="json"))

@@ -19,10 +19,11 @@ from typing import Any, Mapping, Sequence
 
 from ray import serve
 
-from ..config import Config, EngineConfig
+from ..config import Config, EngineConfig, PartResources
 from ..engines.base import EngineError, InferenceEngine
 from ..schemas import Completion, SamplingParams
 from .metrics import EngineMetrics
+from .placement import deployment_options
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +97,8 @@ def engine_app(cfg: Config, engine_name: str, publisher: str | None = None, name
     """A Serve application for one named engine, placed per ``cfg.resources.engines``."""
     if engine_name not in cfg.engines:
         raise ValueError(f"unknown engine {engine_name!r}; defined: {sorted(cfg.engines)}")
-    res = cfg.resources.engines.get(engine_name)
-    opts: dict[str, Any] = {"max_ongoing_requests": 64}
-    if res is not None:
-        opts["ray_actor_options"] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
-        if res.autoscaling:
-            opts["autoscaling_config"] = res.autoscaling.model_dump()
-        else:
-            opts["num_replicas"] = res.replicas
+    res = cfg.resources.engines.get(engine_name) or PartResources()
+    opts = deployment_options(res)
     return serve.deployment(EngineDeployment).options(**opts).bind(
         cfg.engines[engine_name].model_dump(), engine_name, publisher, namespace
     )

@@ -257,7 +257,8 @@ def launch_learner(
         scaling_config=ScalingConfig(
             num_workers=lc.num_workers,
             use_gpu=lc.use_gpu,
-            resources_per_worker={"CPU": res.num_cpus, **({"GPU": res.num_gpus or 1} if lc.use_gpu else {})},
+            resources_per_worker={"CPU": res.num_cpus, **({"GPU": res.num_gpus or 1} if lc.use_gpu else {}),
+                                  **res.custom},
         ),
         run_config=RunConfig(
             name=f"{cfg.run.name}-learner",

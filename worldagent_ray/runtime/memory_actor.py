@@ -20,10 +20,11 @@ from typing import Any, Literal
 
 import ray
 
-from worldagent_ray.config import Config
-from worldagent_ray.memory.embedder import Embedder
-from worldagent_ray.memory.store import EpisodeMemory, QueryType
-from worldagent_ray.schemas import Episode, MemoryHit
+from ..config import Config
+from ..memory.embedder import Embedder
+from ..memory.store import EpisodeMemory, QueryType
+from ..schemas import Episode, MemoryHit
+from .placement import actor_options
 
 ACTOR_NAME_PREFIX = "worldagent-memory-"
 DEFAULT_MAX_CONCURRENCY = 8
@@ -159,8 +160,7 @@ def create_memory_actor(
             namespace=namespace,
             lifetime=lifetime,
             get_if_exists=True,
-            num_cpus=res.num_cpus,
-            num_gpus=res.num_gpus,
+            **actor_options(res),
             max_concurrency=max_concurrency,
             max_restarts=1,
             max_task_retries=1,  # safe: writes are idempotent by episode id, the rest only read

@@ -28,6 +28,7 @@ from ..schemas import Plan, Rollout, Task
 from ..world import build_world
 from ..world.diffusers_world import RenderRequest
 from .metrics import WorldMetrics
+from .placement import deployment_options
 
 log = logging.getLogger(__name__)
 
@@ -176,14 +177,7 @@ def world_app(cfg: Config) -> serve.Application:
         `serve.Application`: pass it to ``serve.run``.
     """
     res = cfg.resources.world
-    opts: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus},
-        "max_ongoing_requests": res.max_ongoing_requests,
-    }
-    if res.autoscaling is not None:
-        opts["autoscaling_config"] = res.autoscaling.model_dump()
-    else:
-        opts["num_replicas"] = res.replicas
+    opts = deployment_options(res)
     if res.max_ongoing_requests < cfg.world.max_batch_size:
         log.warning(
             "resources.world.max_ongoing_requests (%d) < world.max_batch_size (%d): batches never fill",

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from worldagent_ray.agents.action import ActionRequest, build_messages, order_memory, parse_sample
-from worldagent_ray.agents.curriculum import CurriculumAgent, Outcome, goals_schema, update_phase
+from worldagent_ray.agents.action import build_messages, order_memory, parse_sample
+from worldagent_ray.agents.curriculum import CurriculumAgent, goals_schema, update_phase
+from worldagent_ray.schemas import ActionRequest, Outcome
 from worldagent_ray.config import ActionConfig, CurriculumConfig
 from worldagent_ray.schemas import Completion, CurriculumState, MemoryHit, Task
 
@@ -82,7 +83,7 @@ def test_memory_context_successes_first_and_top_k():
     hits = [hit(1, False, 0.9), hit(2, True, 0.5), hit(3, True, 0.95), hit(4, False, 0.1)]
     assert [h.episode_id for h in order_memory(hits, 3)] == ["e3", "e2", "e1"]
     cfg = ActionConfig(memory_top_k=2)
-    msgs = build_messages(cfg, ActionRequest(Task(id="t", goal="Boil water", phase=2), hits,
+    msgs = build_messages(cfg, ActionRequest(task=Task(id="t", goal="Boil water", phase=2), memory=hits,
                                              vocabulary=["fill the kettle", "turn on the kettle"]))
     user = msgs[-1]["content"]
     assert "Goal: Boil water" in user and "- fill the kettle" in user
@@ -92,8 +93,8 @@ def test_memory_context_successes_first_and_top_k():
 
 def test_reference_image_attached_only_for_vision_models():
     task = Task(id="t", goal="g", phase=1, reference_image="/tmp/x.png")
-    text_only = build_messages(ActionConfig(), ActionRequest(task), attach_image=False)[-1]["content"]
-    vision = build_messages(ActionConfig(), ActionRequest(task), attach_image=True)[-1]["content"]
+    text_only = build_messages(ActionConfig(), ActionRequest(task=task), attach_image=False)[-1]["content"]
+    vision = build_messages(ActionConfig(), ActionRequest(task=task), attach_image=True)[-1]["content"]
     assert isinstance(text_only, str)
     assert vision[0] == {"type": "image", "image": "/tmp/x.png"} and vision[1]["type"] == "text"
 
