@@ -397,8 +397,22 @@ class RunConfig(_Section):
     seed: int = Field(default=0, description="Seed of the run (sampling seeds derive from it).")
     iterations: int = Field(default=6, ge=1, description="Curriculum proposals (rounds) in a run.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Stage concurrency.")
-    stage_timeout_s: float = Field(default=600.0, gt=0, description="Timeout of one stage call.")
-    max_retries: int = Field(default=1, ge=0, description="Retries of a failed stage call.")
+    stage_timeout_s: float = Field(default=600.0, gt=0, description="Timeout of one Action, World, Critic or Curriculum call.")
+    memory_timeout_s: float = Field(default=60.0, gt=0, description="Timeout of one memory or learner call.")
+    max_retries: int = Field(default=3, ge=0, description="Retries of a failed call before its group fails.")
+    retry_backoff_s: float = Field(
+        default=2.0, ge=0, description="First retry delay; it doubles per retry (capped at 30 s)."
+    )
+    max_attempts: int = Field(
+        default=2, ge=1, description="Attempts per episode: --resume retries failed episodes until this many."
+    )
+    watchdog_timeouts: int = Field(
+        default=3, ge=1,
+        description="End the run (resumable) when no stage finishes a call for this many stage timeouts.",
+    )
+    lookahead_rounds: int = Field(
+        default=2, ge=1, description="Rounds in flight at once: later rounds wait, so the curriculum sees outcomes."
+    )
     report: bool = Field(default=True, description="Write report.html at the end.")
 
 

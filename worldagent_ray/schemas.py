@@ -31,6 +31,88 @@ SCORE_DIMENSIONS: tuple[str, ...] = (
 
 MAX_GOAL_CHARS = 2_000
 MAX_ACTION_CHARS = 500
+MAX_JSON_CHARS = 65_536
+"""Model output longer than this is rejected before it is parsed as JSON."""
+MAX_JSON_DEPTH = 64
+"""JSON nested deeper than this is rejected (the parser never recurses into it)."""
+
+
+def clean_text(text: str) -> str:
+    """``text`` with every unpaired UTF-16 surrogate (e.g. from a ``"\\ud83c"`` JSON escape in model
+    output) replaced by U+FFFD, so it can always be encoded as UTF-8 and stored. Valid text is
+    returned unchanged."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+class JsonRejection(ValueError):
+    """Text that is not an acceptable JSON document; ``reason`` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _depth_exceeds(text: str, limit: int) -> bool:
+    """True if brackets outside strings nest deeper than ``limit`` (a linear scan, no recursion)."""
+    depth, in_str, esc = 0, False, False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
+def load_json(text: Any, max_chars: int = MAX_JSON_CHARS, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse model output as JSON, totally: the value, or :class:`JsonRejection` naming why.
+
+    Never raises anything else, whatever the input: non-strings, oversized text, nesting deeper
+    than ``max_depth``, integers too long to convert, NaN/Infinity, and invalid JSON are all
+    rejections. Strings in the value have unpaired surrogates replaced (:func:`clean_text`).
+    """
+    if not isinstance(text, str):
+        raise JsonRejection(f"expected text, got {type(text).__name__}")
+    if len(text) > max_chars:
+        raise JsonRejection(f"output has {len(text)} characters, more than the limit {max_chars}")
+    if _depth_exceeds(text, max_depth):
+        raise JsonRejection(f"JSON nests deeper than {max_depth} levels")
+
+    def _no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        raise JsonRejection(f"not valid JSON ({e.msg} at char {e.pos})") from None
+    except (ValueError, RecursionError, OverflowError, MemoryError) as e:  # huge ints, NaN, depth
+        raise JsonRejection(f"unacceptable JSON: {type(e).__name__}: {str(e)[:120]}") from None
+    return _clean_strings(value)
+
+
+def _clean_strings(value: Any) -> Any:
+    """A copy of a parsed JSON value with every string cleaned (depth is bounded by the caller)."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, list):
+        return [_clean_strings(x) for x in value]
+    if isinstance(value, dict):
+        return {clean_text(k): _clean_strings(x) for k, x in value.items()}
+    return value
 
 
 class _Message(BaseModel):
@@ -73,7 +155,7 @@ class Task(_Message):
     def _goal_not_blank(cls, v: str) -> str:
         if not v.strip():
             raise ValueError(f"goal must contain non-whitespace text, got {v!r}")
-        return v.strip()
+        return clean_text(v.strip())
 
 
 # --------------------------------------------------------------------------- plans
@@ -84,6 +166,11 @@ class PlanStep(_Message):
 
     step: int = Field(ge=1)
     action: str = Field(min_length=1, max_length=MAX_ACTION_CHARS)
+
+    @field_validator("action")
+    @classmethod
+    def _clean(cls, v: str) -> str:
+        return clean_text(v)
 
 
 class Plan(_Message):
@@ -158,19 +245,23 @@ def parse_plan_json(text: str, max_steps: int | None = None) -> Plan:
     """Parse model output (JSON) into a Plan. The output is data: it is only parsed, never run.
 
     Accepts ``{"steps": [...]}`` or a bare list of steps; steps may be objects with an
-    ``action`` or plain strings. Steps are renumbered 1..n in the order given.
-    Raises :class:`PlanParseError` naming the problem.
+    ``action`` or plain strings. Steps are renumbered 1..n in the order given; actions longer
+    than ``MAX_ACTION_CHARS`` are cut. Total: any input gives a Plan or raises
+    :class:`PlanParseError` naming the problem (never another exception).
     """
+    raw = text if isinstance(text, str) else repr(text)
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PlanParseError(f"not valid JSON ({e.msg} at char {e.pos})", text) from None
+        data = load_json(text)
+    except JsonRejection as e:
+        raise PlanParseError(e.reason, raw) from None
     if isinstance(data, dict):
         if "steps" not in data:
-            raise PlanParseError(f"JSON object has no 'steps' field (keys: {sorted(data)[:5]})", text)
+            raise PlanParseError(f"JSON object has no 'steps' field (keys: {sorted(data)[:5]})", raw)
         data = data["steps"]
     if not isinstance(data, list):
-        raise PlanParseError(f"'steps' must be a list, got {type(data).__name__}", text)
+        raise PlanParseError(f"'steps' must be a list, got {type(data).__name__}", raw)
+    if max_steps is not None and len(data) > max_steps:
+        raise PlanParseError(f"plan has {len(data)} steps, more than max_steps={max_steps}", raw)
     actions: list[str] = []
     for i, item in enumerate(data):
         if isinstance(item, str):
@@ -178,16 +269,20 @@ def parse_plan_json(text: str, max_steps: int | None = None) -> Plan:
         elif isinstance(item, dict) and isinstance(item.get("action"), str):
             action = item["action"]
         else:
-            raise PlanParseError(f"steps[{i}] has no string 'action': {item!r:.80}", text)
+            raise PlanParseError(f"steps[{i}] has no string 'action': {_short(item)}", raw)
         action = action.strip()
         if not action:
-            raise PlanParseError(f"steps[{i}].action is empty", text)
+            raise PlanParseError(f"steps[{i}].action is empty", raw)
         actions.append(action[:MAX_ACTION_CHARS])
     if not actions:
-        raise PlanParseError("plan has no steps", text)
-    if max_steps is not None and len(actions) > max_steps:
-        raise PlanParseError(f"plan has {len(actions)} steps, more than max_steps={max_steps}", text)
+        raise PlanParseError("plan has no steps", raw)
     return Plan.from_actions(actions)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A bounded repr (never recurses deeply: the JSON depth is already capped)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------- world
@@ -409,7 +504,10 @@ class Episode(_Message):
     group_id: str = Field(description="Episodes of one task share a group (GRPO).")
     status: Literal["ok", "failed"] = "ok"
     failure_reason: str | None = None
+    round: int = Field(default=0, ge=0, description="Curriculum round that proposed the task.")
+    attempt: int = Field(default=1, ge=1, description="1 for the first try; resume retries failed episodes.")
     plan: Plan | None = None
+    plan_error: str | None = Field(default=None, description="Why the sample has no plan (unparseable output).")
     raw_output: str = ""
     rollout: Rollout | None = None
     verdict: Verdict | None = None
@@ -451,6 +549,85 @@ class Episode(_Message):
     def success(self) -> bool:
         return bool(self.verdict and self.verdict.success)
 
+    def summary(self) -> "EpisodeSummary":
+        """The one flat view of this episode (ledger rows, memory columns, benchmarks)."""
+        v, r = self.verdict, self.rollout
+        return EpisodeSummary(
+            id=self.id, run_id=self.run_id, task_id=self.task.id, group_id=self.group_id,
+            sample=self.sample_index, round=self.round, attempt=self.attempt, goal=self.task.goal,
+            phase=self.task.phase, split=self.task.split, status=self.status, failure=self.failure_reason,
+            success=self.success, reward=round(self.reward, 4),
+            scores=v.scores.as_dict() if v else None, caption=v.state_caption if v else "",
+            notes=(v.notes if v else [])[:5], plan=self.plan.actions if self.plan else None,
+            plan_error=self.plan_error, gif=r.gif_uri if r else None, video=r.video_uri if r else None,
+            policy_version=self.policy_version, created_at=self.created_at,
+        )
+
+
+class EpisodeSummary(_Message):
+    """The flat view of one :class:`Episode`: what the ledger (``metrics.jsonl``) records per
+    episode, what memory keeps as columns, and what benchmarks tabulate. Built only by
+    :meth:`Episode.summary`."""
+
+    id: str
+    run_id: str
+    task_id: str
+    group_id: str
+    sample: int = Field(ge=0)
+    round: int = Field(ge=0)
+    attempt: int = Field(ge=1)
+    goal: str
+    phase: int = Field(ge=1, le=3)
+    split: str
+    status: Literal["ok", "failed"]
+    failure: str | None = None
+    success: bool
+    reward: float
+    scores: dict[str, float] | None = None
+    caption: str = ""
+    notes: list[str] = Field(default_factory=list)
+    plan: list[str] | None = None
+    plan_error: str | None = None
+    gif: str | None = None
+    video: str | None = None
+    policy_version: int = Field(ge=0)
+    created_at: float = 0.0
+
+
+class EpisodeRow(EpisodeSummary):
+    """One episode line of the ledger: the summary plus what the driver measured."""
+
+    kind: Literal["episode"] = "episode"
+    t: float = Field(description="Wall time the row was written.")
+    latency_s: float = Field(default=0.0, ge=0.0, description="Seconds from dispatch to commit.")
+    memory_hits: int = Field(default=0, ge=0, description="Episodes retrieved for the prompt.")
+
+
+class EventRow(_Message):
+    """One event line of the ledger (resume, phase change, failures the run survived, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: Literal["event"] = "event"
+    t: float
+    event: str
+
+
+class RoundRow(_Message):
+    """One line of ``tasks.jsonl``: a whole round's tasks, written before any is dispatched
+    (one line, so a round is recorded entirely or not at all)."""
+
+    kind: Literal["round"] = "round"
+    round: int = Field(ge=0)
+    tasks: list[Task]
+    sources: list[str]
+    t: float = 0.0
+
+    @model_validator(mode="after")
+    def _aligned(self) -> "RoundRow":
+        if len(self.sources) != len(self.tasks):
+            raise ValueError(f"sources has {len(self.sources)} entries for {len(self.tasks)} tasks")
+        return self
+
 
 class MemoryHit(_Message):
     """One retrieved episode, summarised for the Action agent's prompt."""
@@ -467,9 +644,12 @@ class MemoryHit(_Message):
 
 
 class CurriculumState(_Message):
-    """What the curriculum persists: its phase and the recent outcomes per phase."""
+    """What the curriculum persists: its phase, the outcomes of the current stay in that phase
+    (what the promotion rule reads), recent outcomes per phase (for prompts and reports), and
+    every phase change."""
 
     phase: int = Field(default=1, ge=1, le=3)
+    stay: list[bool] = Field(default_factory=list, description="Outcomes of this phase since entering it.")
     history: dict[int, list[bool]] = Field(default_factory=dict)
     promotions: list[dict[str, Any]] = Field(default_factory=list)
     fallbacks: int = 0

@@ -17,13 +17,13 @@ Proposal order:
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from typing import Any, Protocol, Sequence
 
 from ..config import CurriculumConfig
 from ..engines.base import EngineError, InferenceEngine
-from ..schemas import CurriculumState, Outcome, Proposal, SamplingParams, Task
+from ..schemas import (MAX_GOAL_CHARS, CurriculumState, JsonRejection, Outcome, Proposal, SamplingParams, Task,
+                       load_json)
 
 PHASE_NAMES = {1: "atomic", 2: "composite", 3: "multi-stage"}
 
@@ -48,20 +48,22 @@ class TaskSpace(Protocol):
 def update_phase(cfg: CurriculumConfig, state: CurriculumState, outcomes: Sequence[Outcome]) -> CurriculumState:
     """Record outcomes and apply the promotion rule.
 
-    Rule: over the last ``cfg.window`` outcomes *of the current phase* (only once there are
-    that many), success rate >= ``promote_threshold`` promotes to the next phase (up to
-    ``max_phase``); success rate < ``demote_threshold`` demotes (down to 1). Each change is
-    appended to ``state.promotions`` and the new phase starts with a fresh window.
+    Rule: over the last ``cfg.window`` outcomes of the *current stay* in the current phase (only
+    once there are that many), a success rate >= ``promote_threshold`` promotes to the next phase
+    (up to ``max_phase``); a rate < ``demote_threshold`` demotes (down to 1). Each change is
+    appended to ``state.promotions`` and the new phase starts with an empty stay. Outcomes of
+    other phases (still in flight when the phase changed) go to the history only. The stay is
+    kept to the last ``cfg.window`` outcomes, so the rule never reads a stale window.
     """
     st = state.model_copy(deep=True)
     for o in outcomes:
         st.history.setdefault(o.phase, []).append(bool(o.success))
         st.history[o.phase] = st.history[o.phase][-4 * cfg.window:]
-    recent = st.history.get(st.phase, [])
-    since = _window_start(st)
-    recent = recent[since:] if since is not None else recent
-    if len(recent) >= cfg.window:
-        rate = sum(recent[-cfg.window:]) / cfg.window
+        if o.phase == st.phase:
+            st.stay = (st.stay + [bool(o.success)])[-cfg.window:]
+        if len(st.stay) < cfg.window:
+            continue
+        rate = sum(st.stay) / cfg.window
         new = st.phase
         if rate >= cfg.promote_threshold and st.phase < cfg.max_phase:
             new = st.phase + 1
@@ -73,15 +75,8 @@ def update_phase(cfg: CurriculumConfig, state: CurriculumState, outcomes: Sequen
                 "window": cfg.window, "at": {p: len(h) for p, h in st.history.items()},
             })
             st.phase = new
+            st.stay = []
     return st
-
-
-def _window_start(st: CurriculumState) -> int | None:
-    """Index in the current phase's history where the current stay in this phase began."""
-    for ev in reversed(st.promotions):
-        if ev["to"] == st.phase:
-            return int(ev["at"].get(st.phase, ev["at"].get(str(st.phase), 0)))
-    return None
 
 
 def _stable_index(*parts: Any) -> int:
@@ -106,6 +101,19 @@ def build_proposal_messages(state: CurriculumState, recent: Sequence[Outcome], n
         'Answer as JSON: {"goals": ["...", "..."]}'
     )
     return [{"role": "system", "content": "You are a curriculum designer."}, {"role": "user", "content": user}]
+
+
+def parse_goals(text: str, n: int) -> tuple[list[str], str | None]:
+    """The goals of an LLM proposal, or ``([], reason)``. Total: never raises."""
+    try:
+        data = load_json(text)
+    except JsonRejection as e:
+        return [], f"unparseable proposal ({e.reason})"
+    goals = data.get("goals") if isinstance(data, dict) else None
+    if not isinstance(goals, list):
+        return [], "proposal has no 'goals' list"
+    out = [g.strip()[:MAX_GOAL_CHARS] for g in goals[: 4 * n] if isinstance(g, str) and g.strip()]
+    return out, None if out else "proposal has no usable goal"
 
 
 def goals_schema(n: int) -> dict[str, Any]:
@@ -146,11 +154,7 @@ class CurriculumAgent:
         c = comps[0]
         if c.finish_reason == "error":
             return [], "no valid JSON after retries"
-        try:
-            goals = json.loads(c.text)["goals"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            return [], f"unparseable proposal ({type(e).__name__})"
-        return [g.strip() for g in goals if isinstance(g, str) and g.strip()], None
+        return parse_goals(c.text, n)
 
     def propose(
         self,
@@ -204,7 +208,10 @@ class CurriculumAgent:
     def _validate_goal(self, goal: str, phase: int, round_index: int, slot: int) -> Task | None:
         if self.task_space is None:
             tid = f"free-{_stable_index(goal) % 10**10:010d}"
-            return Task(id=tid, goal=goal[:300], phase=phase, source="llm")
+            try:
+                return Task(id=tid, goal=goal[:300], phase=phase, source="llm")
+            except ValueError:  # pydantic ValidationError: e.g. a goal of only whitespace
+                return None
         task = self.task_space.match_goal(goal)
         if task is None or task.phase != phase:
             return None

@@ -1,7 +1,7 @@
 """The self-evolving loop, top to bottom (seed 000):
 
     Curriculum -> Action (G plans per task) -> World model -> Critic -> World memory -> Curriculum
-                                                                  \\-> GRPO buffer (with --learn)
+                                                                  \\-> GRPO learner (with --learn)
 
 Every stage is a pool of asyncio workers pulling from a bounded queue, so all stages are busy
 at once and a slow stage pushes back on the ones before it (no lock-step rounds):
@@ -9,14 +9,28 @@ at once and a slow stage pushes back on the ones before it (no lock-step rounds)
     proposer --action_q--> action workers --world_q--> world workers --critic_q--> critic workers
                                                                                     (commit)
 
-``commit`` writes the group's episodes to memory (idempotent upsert by deterministic id), then
-to ``metrics.jsonl``, updates the curriculum state and feeds the learner. A request that fails
-(engine error, crashed replica, timeout) is retried, and after the last retry becomes a
-recorded failed episode: the run never stops for it and no episode goes missing.
+The driver talks to the rest of the system only through :class:`Services` (plain async
+methods; ``runtime/services.py`` adapts Ray handles to it, tests use in-process fakes) and,
+when learning, :class:`Learner`.
 
-Resume: tasks are written to ``tasks.jsonl`` before they are dispatched; on ``--resume`` every
-task whose episodes are not all in memory is dispatched again (only the missing episode ids
-are written), then proposing continues from the next round.
+Failure boundaries (nothing is lost, nothing hangs, nothing is rewritten silently):
+
+- Every call goes through :meth:`EvolveDriver._call`: a timeout, retries with exponential
+  backoff, then :class:`StageError`. A group whose call fails for good becomes recorded
+  failed episodes; the run goes on.
+- No exception leaves a worker or the proposer: an unexpected one is recorded as an event and
+  its group still finishes its round, so the drain cannot wait forever.
+- The commit is a small idempotent transaction: memory (the source of truth that resume
+  reads), then the ledger, then the curriculum. An item whose memory write succeeded is never
+  committed again; a ledger or curriculum write that fails (a full disk) ends the run with a
+  clear error, and resume restores the missing ledger rows from memory.
+- A watchdog ends the run (resumable) when no call finishes for ``run.watchdog_timeouts``
+  stage timeouts.
+
+Resume: rounds are recorded in ``tasks.jsonl`` before dispatch; on ``--resume`` every episode
+that is not in memory is dispatched again, failed episodes are retried until
+``run.max_attempts`` (each attempt is a ledger row), and rounds that were never recorded are
+proposed.
 """
 
 from __future__ import annotations
@@ -27,14 +41,76 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol, Sequence, TypeVar
 
 from ..agents.curriculum import update_phase
 from ..config import Config
-from ..schemas import ActionRequest, CurriculumState, Episode, MemoryHit, Outcome, PlanSample, Rollout, Task, Verdict, episode_id
+from ..rl.groups import scored_group
+from ..schemas import (ActionRequest, CurriculumState, Episode, EpisodeRow, MemoryHit, Outcome, Plan, PlanSample,
+                       Proposal, Rollout, ScoredGroup, Task, Verdict, episode_id)
 from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+# ====================================================================== contract
+
+
+class Services(Protocol):
+    """Everything the driver needs from the rest of the system, as plain async methods."""
+
+    async def propose(self, state: CurriculumState, recent: list[Outcome], mastered: set[str], n: int,
+                      round_index: int) -> Proposal:
+        """The Curriculum: the next ``n`` tasks."""
+
+    async def prepare(self, task: Task, out_dir: str) -> Task:
+        """World-specific set-up of a proposed task (the sandbox renders its starting scene as
+        the reference image under ``out_dir``); returns the task to dispatch."""
+
+    async def act(self, request: ActionRequest) -> list[PlanSample]:
+        """The Action agent: G plan samples for one task."""
+
+    async def render(self, task: Task, plans: list[Plan | None], out_dir: str, seeds: list[int]) -> list[Rollout]:
+        """The world model: one rollout per plan (errors come back as ``Rollout.error``)."""
+
+    async def score(self, items: list[tuple[Task, Plan | None, Rollout]]) -> list[Verdict]:
+        """The Critic: one verdict per rollout."""
+
+    async def remember(self, episodes: list[Episode]) -> None:
+        """Memory: idempotent upsert by episode id."""
+
+    async def recall(self, goal: str, k: int) -> list[MemoryHit]:
+        """Memory: the ``k`` most relevant past episodes for a goal."""
+
+    async def stored_ids(self, run_id: str) -> set[str]:
+        """Memory: ids of this run's stored episodes."""
+
+    async def stored_episodes(self, ids: list[str]) -> list[Episode]:
+        """Memory: the stored episodes with these ids (missing ones are left out)."""
+
+    async def mastered_goals(self, threshold: float, min_n: int) -> set[str]:
+        """Memory: goals whose success rate is at least ``threshold`` over ``min_n`` episodes."""
+
+    def vocabulary(self, task: Task) -> list[str] | None:
+        """The world's admissible actions for a task, if it has a vocabulary."""
+
+
+class Learner(Protocol):
+    """The asynchronous learner, seen from the driver (with ``--learn``)."""
+
+    async def feed(self, group: ScoredGroup) -> bool:
+        """Queue one reward-scored group; False when the buffer refused it (counted there)."""
+
+    async def healthy(self) -> str | None:
+        """None while the learner runs; otherwise why it stopped."""
+
+
+class StageError(RuntimeError):
+    """A call that failed after every retry."""
+
+
+# ====================================================================== work items
 
 
 @dataclass
@@ -44,230 +120,306 @@ class WorkItem:
     round: int
     slot: int
     task: Task
-    missing: set[int]  # sample indices whose episodes are not yet committed
+    attempts: dict[int, int]  # sample index -> attempt number of the episodes to commit
     hits: list[MemoryHit] = field(default_factory=list)
     samples: list[PlanSample] | None = None
     rollouts: list[Rollout] | None = None
     verdicts: list[Verdict] | None = None
     policy_version: int = 0
     failure: str | None = None
+    committed: bool = False
+    finished: bool = False
     t_start: float = field(default_factory=time.time)
 
 
-class StageError(RuntimeError):
-    pass
-
-
-class Interrupted(Exception):
-    """Raised inside the driver when ``stop_after_episodes`` is reached (tests a crash)."""
-
-
-@dataclass
-class Services:
-    """Handles the driver talks to; any object with these async-callable methods works."""
-
-    action: Any      # .act.remote(list[ActionRequest]) -> list[list[PlanSample]]
-    world: Any       # .render.remote(task, plans, out_dir, reference_image, seeds) -> list[Rollout]
-    critic: Any      # .score.remote(list[(task, plan, rollout)]) -> list[Verdict]
-    curriculum: Any  # .propose.remote(state, recent, mastered, n, round) -> Proposal
-    memory: Any      # Ray actor: upsert / retrieve / ids / mastered_goals
-    vocabulary: Callable[[Task], list[str] | None] | None = None
-    buffer: Any = None  # GroupFeeder or None
+# ====================================================================== driver
 
 
 class EvolveDriver:
-    def __init__(self, cfg: Config, run: RunFolder, services: Services, *, metrics=None,
-                 progress: Callable[[int, int], None] | None = None, stop_after_episodes: int | None = None):
+    """Runs the loop of one run folder; :meth:`run_loop` returns the summary.
+
+    Args:
+        cfg: the whole config (``run``, ``agents``, ``memory.enabled``).
+        run: the run folder (ledgers, curriculum state).
+        services: the parts (see :class:`Services`).
+        learner: the learner, or None.
+        metrics: an object with ``stage(stage, seconds, depths)``, ``retry(stage)`` and
+            ``episodes(episodes, phase)`` (Ray metrics in a run), or None.
+        progress: called with a snapshot dict after every commit (see :meth:`snapshot`).
+    """
+
+    def __init__(self, cfg: Config, run: RunFolder, services: Services, *, learner: Learner | None = None,
+                 metrics: Any = None, progress: Callable[[dict[str, Any]], None] | None = None):
         self.cfg = cfg
         self.run = run
         self.s = services
+        self.learner = learner
         self.metrics = metrics
         self.progress = progress
-        self.stop_after = stop_after_episodes
-        G = cfg.agents.action.group_size
-        self.G = G
+        self.G = cfg.agents.action.group_size
         lim = cfg.run.pipeline
-        self.action_q: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=lim.action.queue)
-        self.world_q: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=lim.world.queue)
-        self.critic_q: asyncio.Queue[WorkItem | None] = asyncio.Queue(maxsize=lim.critic.queue)
-        self.n_workers = {k: getattr(lim, k).workers for k in ("action", "world", "critic")}
-        self.state: CurriculumState = CurriculumState(phase=cfg.agents.curriculum.start_phase)
+        self.queues: dict[str, asyncio.Queue[WorkItem]] = {
+            "action": asyncio.Queue(maxsize=lim.action.queue),
+            "world": asyncio.Queue(maxsize=lim.world.queue),
+            "critic": asyncio.Queue(maxsize=lim.critic.queue),
+        }
+        self.state = CurriculumState(phase=cfg.agents.curriculum.start_phase)
         self.recent: list[Outcome] = []
-        self.committed = 0
-        self.expected = 0  # episodes of the tasks proposed so far
-        self.planned = cfg.run.iterations * cfg.agents.curriculum.tasks_per_proposal * G
-        self.failed = 0
-        self._rounds_done: dict[int, int] = defaultdict(int)
+        self.status: dict[str, str] = {}  # episode id -> status of its latest committed attempt
+        self.uncommitted = 0  # episodes whose memory write failed for good (redone on resume)
+        self.planned = cfg.run.iterations * cfg.agents.curriculum.tasks_per_proposal * self.G
+        self.skipped_rounds: list[int] = []
+        self.feeding = learner is not None
+        self.fed = 0
+        self.error: str | None = None  # why the run ended early (resumable)
         self._round_sizes: dict[int, int] = {}
-        self._round_cv = asyncio.Condition()
+        self._rounds_done: dict[int, int] = defaultdict(int)
+        self._cv = asyncio.Condition()
         self._commit_lock = asyncio.Lock()
         self._stop = asyncio.Event()
+        self._last_progress = time.monotonic()
         self.started = time.time()
 
     # ================================================================== main
     async def run_loop(self) -> dict[str, Any]:
-        pending, next_round = await self._resume_state()
-        stages = [
-            *(self._worker("action", self.action_q, self._act, self.world_q) for _ in range(self.n_workers["action"])),
-            *(self._worker("world", self.world_q, self._render, self.critic_q) for _ in range(self.n_workers["world"])),
-            *(self._worker("critic", self.critic_q, self._score_and_commit, None) for _ in range(self.n_workers["critic"])),
+        pending, rounds_to_propose = await self._resume_state()
+        workers = [
+            asyncio.create_task(self._worker(stage, self._stage_fn(stage)), name=f"{stage}-{i}")
+            for stage in ("action", "world", "critic")
+            for i in range(getattr(self.cfg.run.pipeline, stage).workers)
         ]
-        workers = [asyncio.create_task(w) for w in stages]
+        watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
         try:
-            await self._propose(pending, next_round)
+            await self._propose(pending, rounds_to_propose)
             await self._drain()
-        except Interrupted:
-            log.warning("stopped after %d committed episodes (stop_after_episodes)", self.committed)
         finally:
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+            tasks = [*workers, watchdog]
+            for t in tasks:
+                t.cancel()
+            # bounded: a call that ignores cancellation must not hang the end of the run
+            _, stuck = await asyncio.wait(tasks, timeout=10.0)
+            if stuck:
+                log.error("%d driver task(s) did not stop within 10 s of cancellation: %s", len(stuck),
+                          sorted(t.get_name() for t in stuck))
         return self.summary()
 
-    # ================================================================== proposer
-    async def _resume_state(self) -> tuple[list[WorkItem], int]:
-        """Tasks already proposed whose episodes are not all in memory, and the next round."""
+    def stop(self, reason: str) -> None:
+        """End the run early (resumable): propose nothing more, abandon in-flight work."""
+        if self.error is None:
+            self.error = reason
+            log.error("run ends early: %s", reason)
+            self._event("run_stopped", reason=reason)
+        self._stop.set()
+
+    # ================================================================== resume
+    async def _resume_state(self) -> tuple[list[WorkItem], list[int]]:
+        """Groups with episodes still to commit, and the rounds never recorded."""
         saved = self.run.load_curriculum()
         if saved is not None:
             self.state = saved
-        done: set[str] = set(await self.s.memory.ids.remote(self.run.run_id))
-        self.committed = len(done)
-        pending, rounds = [], set()
-        for rnd, slot, task in self.run.tasks():
-            rounds.add(rnd)
-            missing = {i for i in range(self.G) if episode_id(self.run.run_id, task.id, i) not in done}
-            self.expected += self.G
-            self._round_sizes[rnd] = self._round_sizes.get(rnd, 0) + 1
-            if missing:
-                pending.append(WorkItem(rnd, slot, task, missing))
-            else:
-                self._rounds_done[rnd] += 1
-        await self._reconcile_ledger(done)
-        for row in self.run.episode_rows()[-4 * self.cfg.agents.curriculum.window:]:
-            self.recent.append(Outcome(phase=row["phase"], success=row["success"], goal=row["goal"],
-                                       reward=row["reward"], caption=row.get("caption", "")))
-        if pending:
-            self.run.record_event(event="resume", pending_tasks=len(pending), committed=self.committed)
-        return pending, (max(rounds) + 1 if rounds else 0)
+        stored: set[str] | None = None
+        if self.cfg.memory.enabled:
+            stored = await self._call("memory", lambda: self.s.stored_ids(self.run.run_id), memory=True)
+            await self._reconcile_ledger(stored)
+        last: dict[str, EpisodeRow] = {}
+        for row in self.run.episode_rows():
+            last[row.id] = row
+        committed = set(last) if stored is None else stored
+        self.status = {eid: (last[eid].status if eid in last else "ok") for eid in committed}
+        pending: list[WorkItem] = []
+        recorded: set[int] = set()
+        retried = 0
+        for rnd in self.run.rounds():
+            recorded.add(rnd.round)
+            n_items = 0
+            for slot, task in enumerate(rnd.tasks):
+                attempts: dict[int, int] = {}
+                for i in range(self.G):
+                    eid = episode_id(self.run.run_id, task.id, i)
+                    row = last.get(eid)
+                    if eid not in committed:
+                        attempts[i] = row.attempt + 1 if row else 1
+                    elif row is not None and row.status == "failed" and row.attempt < self.cfg.run.max_attempts:
+                        attempts[i] = row.attempt + 1
+                        retried += 1
+                if attempts:
+                    pending.append(WorkItem(rnd.round, slot, task, attempts))
+                    n_items += 1
+            self._round_sizes[rnd.round] = n_items
+        for r in list(last.values())[-4 * self.cfg.agents.curriculum.window:]:
+            if r.status == "ok":
+                self.recent.append(Outcome(phase=r.phase, success=r.success, goal=r.goal, reward=r.reward,
+                                           caption=r.caption))
+        if pending or recorded:
+            self._event("resume", pending_groups=len(pending), committed=self.committed, retried_failed=retried,
+                        recorded_rounds=len(recorded))
+        to_propose = [r for r in range(self.cfg.run.iterations) if r not in recorded]
+        return pending, to_propose
 
-    async def _reconcile_ledger(self, done: set[str]) -> None:
-        """Episodes in memory but not in metrics.jsonl (a crash between the two writes) get
-        their ledger rows back from memory, so the ledger never silently misses one."""
-        missing = done - {r["id"] for r in self.run.episode_rows()}
+    async def _reconcile_ledger(self, stored: set[str]) -> None:
+        """Episodes in memory but not in the ledger (a crash or a failed write between the two)
+        get their ledger rows back from memory, so the ledger never silently misses one."""
+        missing = sorted(stored - {r.id for r in self.run.episode_rows()})
         if not missing:
             return
-        rows = []
-        for eid in sorted(missing):
-            ep = await self.s.memory.get.remote(eid)
-            if ep is not None:
-                rnd = int(ep.task.id[1:5]) if ep.task.id.startswith("r") and ep.task.id[1:5].isdigit() else -1
-                rows.append(_episode_row(ep, self.run, WorkItem(rnd, 0, ep.task, set())))
+        eps = await self._call("memory", lambda: self.s.stored_episodes(missing), memory=True)
+        rows = [EpisodeRow(**e.summary().model_dump(), t=time.time()) for e in eps]
         self.run.record_episodes(rows)
-        self.run.record_event(event="ledger_reconciled", episodes=len(rows))
+        self._event("ledger_reconciled", episodes=len(rows), missing=len(missing) - len(rows))
 
-    async def _propose(self, pending: list[WorkItem], next_round: int) -> None:
+    # ================================================================== proposer
+    async def _propose(self, pending: list[WorkItem], rounds: list[int]) -> None:
         for item in pending:
-            await self.action_q.put(item)
+            if self._stop.is_set():
+                return
+            await self.queues["action"].put(item)
         cur = self.cfg.agents.curriculum
-        for rnd in range(next_round, self.cfg.run.iterations):
-            # Run at most two rounds ahead of the last finished one: stages stay busy while the
+        for rnd in rounds:
+            # Keep at most `lookahead_rounds` rounds in flight: stages stay busy while the
             # curriculum still sees recent outcomes.
-            async with self._round_cv:
-                await self._round_cv.wait_for(lambda: self._open_rounds() < 2)
-            mastered = set(await self.s.memory.mastered_goals.remote(cur.mastered_threshold, max(2, self.G)))
-            proposal = await self._call("curriculum", lambda: self.s.curriculum.propose.remote(
-                self.state, self.recent[-16:], mastered, cur.tasks_per_proposal, rnd))
-            tasks = [t.model_copy(update={"id": f"r{rnd:04d}.{i}.{t.id}"[:200]}) for i, t in enumerate(proposal.tasks)]
-            self.state = proposal.state
-            self.run.record_tasks(rnd, tasks, proposal.sources)
-            self.run.save_curriculum(self.state)
-            if proposal.notes:
-                self.run.record_event(event="curriculum", round=rnd, notes=proposal.notes[:10],
-                                      sources=proposal.sources)
-            self._round_sizes[rnd] = len(tasks)
-            self.expected += len(tasks) * self.G
-            for slot, task in enumerate(tasks):
-                await self.action_q.put(WorkItem(rnd, slot, task, set(range(self.G))))
+            async with self._cv:
+                await self._cv.wait_for(
+                    lambda: self._open_rounds() < self.cfg.run.lookahead_rounds or self._stop.is_set())
+            if self._stop.is_set():
+                return
+            try:
+                await self._propose_round(rnd, cur.tasks_per_proposal)
+            except StageError as e:
+                self.skipped_rounds.append(rnd)
+                self._event("round_skipped", round=rnd, error=str(e)[:500])
+            except OSError as e:
+                self.stop(f"cannot record round {rnd} in {self.run.tasks_path}: {e}")
+                return
+            except Exception as e:  # never let the proposer die: record and go on
+                log.exception("round %d could not be proposed", rnd)
+                self.skipped_rounds.append(rnd)
+                self._event("round_skipped", round=rnd, error=f"{type(e).__name__}: {e}"[:500])
+
+    async def _propose_round(self, rnd: int, n: int) -> None:
+        cur = self.cfg.agents.curriculum
+        mastered: set[str] = set()
+        if self.cfg.memory.enabled:
+            try:
+                mastered = await self._call(
+                    "memory", lambda: self.s.mastered_goals(cur.mastered_threshold, max(2, self.G)), memory=True)
+            except StageError as e:
+                self._event("mastered_goals_failed", round=rnd, error=str(e)[:300])
+        before = self.state
+        proposal = await self._call("curriculum", lambda: self.s.propose(
+            before, self.recent[-16:], mastered, n, rnd))
+        tasks = []
+        for i, t in enumerate(proposal.tasks):
+            t = t.model_copy(update={"id": f"r{rnd:04d}.{i}.{t.id}"[:200]})
+            try:
+                t = await self._call("world", lambda t=t: self.s.prepare(t, f"{self.run.artifacts}/reference"))
+            except StageError as e:
+                self._event("prepare_failed", task=t.id, error=str(e)[:300])
+            tasks.append(t)
+        self.run.record_round(rnd, tasks, list(proposal.sources))
+        # The curriculum only counts proposals and fallbacks; phase and outcomes are the
+        # driver's (commits may have changed them while the proposal was being made).
+        self.state = self.state.model_copy(update={
+            "proposed": self.state.proposed + proposal.state.proposed - before.proposed,
+            "fallbacks": self.state.fallbacks + proposal.state.fallbacks - before.fallbacks,
+        })
+        self._save_curriculum()
+        if proposal.notes:
+            self._event("curriculum", round=rnd, notes=proposal.notes[:10], sources=list(proposal.sources))
+        self._round_sizes[rnd] = len(tasks)
+        for slot, task in enumerate(tasks):
+            await self.queues["action"].put(WorkItem(rnd, slot, task, {i: 1 for i in range(self.G)}))
 
     def _open_rounds(self) -> int:
         return sum(1 for r, n in self._round_sizes.items() if self._rounds_done[r] < n)
 
     async def _drain(self) -> None:
-        async with self._round_cv:
-            await self._round_cv.wait_for(lambda: self._open_rounds() == 0 or self._stop.is_set())
-        if self._stop.is_set():
-            raise Interrupted()
+        async with self._cv:
+            await self._cv.wait_for(lambda: self._open_rounds() == 0 or self._stop.is_set())
 
     # ================================================================== stages
-    async def _worker(self, stage: str, q: asyncio.Queue, fn: Callable[[WorkItem], Awaitable[None]],
-                      out: asyncio.Queue | None) -> None:
+    def _stage_fn(self, stage: str) -> Callable[[WorkItem], Awaitable[None]]:
+        return {"action": self._act, "world": self._render, "critic": self._score}[stage]
+
+    async def _worker(self, stage: str, fn: Callable[[WorkItem], Awaitable[None]]) -> None:
+        q = self.queues[stage]
+        nxt = {"action": "world", "world": "critic", "critic": None}[stage]
         while True:
             item = await q.get()
             try:
-                await self._process(stage, item, fn, out)
-            except Interrupted:
-                self._stop.set()
-                async with self._round_cv:
-                    self._round_cv.notify_all()
-                return
+                await self._process(stage, item, fn, nxt)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # the boundary: nothing leaves a worker
+                log.exception("driver error on group %s at %s", item.task.id, stage)
+                self._event("driver_error", stage=stage, task=item.task.id, error=f"{type(e).__name__}: {e}"[:500])
+                await self._finish(item)
             finally:
                 q.task_done()
 
     async def _process(self, stage: str, item: WorkItem, fn: Callable[[WorkItem], Awaitable[None]],
-                       out: asyncio.Queue | None) -> None:
+                       nxt: str | None) -> None:
         t0 = time.time()
         if item.failure is None:
             try:
                 await fn(item)
-            except (Interrupted, asyncio.CancelledError):
-                raise
-            except Exception as e:  # the item fails, the run goes on
-                item.failure = f"{stage}: {type(e).__name__}: {e}"[:500]
-                log.warning("episode group %s failed at %s: %s", item.task.id, stage, e)
-        if self.metrics:
-            self.metrics.stage(stage, time.time() - t0, self._depths())
-        if out is not None:
-            await out.put(item)
-        elif item.failure is not None:
+            except asyncio.CancelledError as e:
+                if _being_cancelled():
+                    raise
+                item.failure = f"{stage}: cancelled by the callee: {e}"[:500]
+            except Exception as e:  # the group fails, the run goes on
+                item.failure = (str(e) if isinstance(e, StageError) else f"{stage}: {type(e).__name__}: {e}")[:500]
+                log.warning("episode group %s failed at %s: %s", item.task.id, stage, item.failure)
+        self._guarded("metrics", lambda: self.metrics and self.metrics.stage(stage, time.time() - t0, self._depths()))
+        if nxt is not None and not self._stop.is_set():
+            await self.queues[nxt].put(item)
+        elif nxt is None:
             await self._commit(item)
+        else:
+            await self._finish(item)  # stopping: abandon (redone on resume)
 
     async def _act(self, item: WorkItem) -> None:
         a = self.cfg.agents.action
         if a.use_memory and a.memory_top_k > 0 and self.cfg.memory.enabled:
-            item.hits = await self.s.memory.retrieve.remote(item.task.goal, a.memory_top_k)
-        vocab = self.s.vocabulary(item.task) if self.s.vocabulary else None
-        req = ActionRequest(task=item.task, memory=item.hits, vocabulary=vocab,
-                            seed=_seed(self.cfg.run.seed, self.run.run_id, item.task.id))
-        [samples] = await self._call("action", lambda: self.s.action.act.remote([req]))
+            try:
+                item.hits = await self._call("memory", lambda: self.s.recall(item.task.goal, a.memory_top_k),
+                                             memory=True)
+            except StageError as e:  # plans without memory beat no plans
+                self._event("recall_failed", task=item.task.id, error=str(e)[:300])
+        req = ActionRequest(task=item.task, memory=item.hits, vocabulary=self.s.vocabulary(item.task),
+                            seed=_seed(self.cfg.run.seed, self.run.run_id, item.task.id, _attempt_of(item)))
+        samples = await self._call("action", lambda: self.s.act(req))
         if len(samples) != self.G:
             raise StageError(f"action returned {len(samples)} samples, expected {self.G}")
         item.samples = samples
-        if samples and samples[0].completion.weights_version:
-            item.policy_version = samples[0].completion.weights_version
+        item.policy_version = min((s.completion.weights_version for s in samples), default=0)
 
     async def _render(self, item: WorkItem) -> None:
-        plans = [s.plan for s in item.samples]
+        assert item.samples is not None
         seeds = [_seed(self.cfg.run.seed, episode_id(self.run.run_id, item.task.id, i)) for i in range(self.G)]
-        out_dir = f"{self.run.videos}/{item.task.id}"
-        item.rollouts = await self._call("world", lambda: self.s.world.render.remote(
-            item.task, plans, out_dir, item.task.reference_image, seeds))
+        item.rollouts = await self._call("world", lambda: self.s.render(
+            item.task, [s.plan for s in item.samples], f"{self.run.videos}/{item.task.id}", seeds))
+        if len(item.rollouts) != self.G:
+            raise StageError(f"world returned {len(item.rollouts)} rollouts, expected {self.G}")
 
-    async def _score_and_commit(self, item: WorkItem) -> None:
-        triples = [(item.task, s.plan, r) for s, r in zip(item.samples, item.rollouts)]
-        item.verdicts = await self._call("critic", lambda: self.s.critic.score.remote(triples))
-        await self._commit(item)
+    async def _score(self, item: WorkItem) -> None:
+        assert item.samples is not None and item.rollouts is not None
+        items = [(item.task, s.plan, r) for s, r in zip(item.samples, item.rollouts)]
+        item.verdicts = await self._call("critic", lambda: self.s.score(items))
+        if len(item.verdicts) != self.G:
+            raise StageError(f"critic returned {len(item.verdicts)} verdicts, expected {self.G}")
 
     # ================================================================== commit
     def _episodes(self, item: WorkItem) -> list[Episode]:
         eps = []
         now = time.time()
-        for i in sorted(item.missing):
-            kw: dict[str, Any] = {"created_at": now, "policy_version": item.policy_version}
+        for i in sorted(item.attempts):
+            kw: dict[str, Any] = {"created_at": now, "policy_version": item.policy_version, "round": item.round,
+                                  "attempt": item.attempts[i]}
             if item.failure is not None:
                 kw.update(status="failed", failure_reason=item.failure)
             if item.samples is not None:
                 s = item.samples[i]
-                kw.update(plan=s.plan, raw_output=s.completion.text[:4000], prompt=s.prompt,
+                kw.update(plan=s.plan, plan_error=s.error, raw_output=s.completion.text[:4000], prompt=s.prompt,
                           prompt_token_ids=s.completion.prompt_token_ids,
                           completion_token_ids=s.completion.token_ids,
                           completion_logprobs=s.completion.logprobs, retrieved_ids=s.retrieved_ids)
@@ -279,122 +431,204 @@ class EvolveDriver:
         return eps
 
     async def _commit(self, item: WorkItem) -> None:
-        eps = self._episodes(item)
+        """memory -> ledger -> curriculum, once per item; the round finishes whatever happens."""
         try:
-            # Memory first: it is the source of truth that resume reads.
-            await self._call("memory", lambda: self.s.memory.upsert.remote(eps))
-        except StageError as e:
-            # Keep the episodes in the ledger so none is lost; resume redoes them.
-            self.run.record_event(event="memory_write_failed", error=str(e),
-                                  episodes=[x.model_dump(mode="json") for x in eps])
-            await self._finish_round(item)
-            return
-        rows = [_episode_row(e, self.run, item) for e in eps]
-        async with self._commit_lock:
-            self.run.record_episodes(rows)
-            self.committed += len(eps)
-            self.failed += sum(e.status == "failed" for e in eps)
-            outcomes = [Outcome(phase=e.task.phase, success=e.success, goal=e.task.goal, reward=e.reward,
-                                caption=e.verdict.state_caption if e.verdict else "") for e in eps if e.status == "ok"]
-            self.recent.extend(outcomes)
-            self.recent = self.recent[-256:]
-            before = self.state.phase
-            self.state = update_phase(self.cfg.agents.curriculum, self.state, outcomes)
-            if self.state.phase != before:
-                self.run.record_event(event="phase", **self.state.promotions[-1])
-            self.run.save_curriculum(self.state)
-            if self.metrics:
-                self.metrics.episodes(eps, self.state.phase)
-            if self.progress:
-                self.progress(self.committed, max(self.expected, self.planned))
-        if self.s.buffer is not None and item.failure is None and item.samples is not None:
-            try:
-                await self.s.buffer.feed(item.task, item.samples, item.verdicts, item.policy_version,
-                                         [e.id for e in eps])
-            except Exception as e:  # learning is best effort; the episodes are already safe
-                self.run.record_event(event="buffer_feed_failed", task=item.task.id, error=str(e)[:300])
-        await self._finish_round(item)
-        if self.stop_after is not None and self.committed >= self.stop_after:
-            raise Interrupted()
+            if item.committed:
+                return
+            eps = self._episodes(item)
+            if self.cfg.memory.enabled:
+                try:
+                    await self._call("memory", lambda: self.s.remember(eps), memory=True)
+                except StageError as e:
+                    self.uncommitted += len(eps)
+                    self._event("memory_write_failed", task=item.task.id, episodes=[e_.id for e_ in eps],
+                                error=str(e)[:500])
+                    return
+                item.committed = True  # in memory: never committed again, whatever follows
+            rows = [EpisodeRow(**e.summary().model_dump(), t=time.time(), latency_s=time.time() - item.t_start,
+                               memory_hits=len(item.hits)) for e in eps]
+            async with self._commit_lock:
+                try:
+                    self.run.record_episodes(rows)
+                except OSError as e:
+                    self.stop(f"cannot write the ledger {self.run.metrics_path}: {e}")
+                    return
+                item.committed = True
+                self.status.update({e.id: e.status for e in eps})
+                outcomes = [Outcome(phase=e.task.phase, success=e.success, goal=e.task.goal, reward=e.reward,
+                                    caption=e.verdict.state_caption if e.verdict else "")
+                            for e in eps if e.status == "ok"]
+                self.recent = (self.recent + outcomes)[-256:]
+                before = self.state.phase
+                self.state = update_phase(self.cfg.agents.curriculum, self.state, outcomes)
+                if self.state.phase != before:
+                    self._event("phase", **self.state.promotions[-1])
+                self._save_curriculum()
+            self._guarded("metrics", lambda: self.metrics and self.metrics.episodes(eps, self.state.phase))
+            self._guarded("progress", lambda: self.progress and self.progress(self.snapshot()))
+            await self._feed(item, eps)
+        finally:
+            await self._finish(item)
 
-    async def _finish_round(self, item: WorkItem) -> None:
-        async with self._round_cv:
+    async def _feed(self, item: WorkItem, eps: list[Episode]) -> None:
+        if not self.feeding or item.failure is not None or item.samples is None or item.verdicts is None:
+            return
+        assert self.learner is not None
+        try:
+            reason = await self._call("learner", self.learner.healthy, memory=True, retries=0)
+            if reason is not None:
+                self.feeding = False
+                self.stop(f"the learner stopped: {reason}")
+                return
+            group = scored_group(item.task, f"{self.run.run_id}:{item.task.id}", item.samples, item.verdicts,
+                                 item.policy_version, [e.id for e in eps])
+            if group is not None and await self._call("learner", lambda: self.learner.feed(group), memory=True):
+                self.fed += 1
+        except Exception as e:  # learning is best effort per group; the episodes are already safe
+            self._event("learner_feed_failed", task=item.task.id, error=f"{type(e).__name__}: {e}"[:300])
+
+    async def _finish(self, item: WorkItem) -> None:
+        if item.finished:
+            return
+        item.finished = True
+        async with self._cv:
             self._rounds_done[item.round] += 1
-            self._round_cv.notify_all()
+            self._cv.notify_all()
+
+    def _save_curriculum(self) -> None:
+        try:
+            self.run.save_curriculum(self.state)
+        except OSError as e:
+            self.stop(f"cannot save the curriculum state in {self.run.local}: {e}")
 
     # ================================================================== helpers
-    async def _call(self, stage: str, make: Callable[[], Awaitable[Any]]) -> Any:
-        """Await a remote call with a timeout; retry with backoff; raise StageError at the end."""
-        last: Exception | None = None
-        for attempt in range(self.cfg.run.max_retries + 1):
+    async def _call(self, what: str, make: Callable[[], Awaitable[T]], *, memory: bool = False,
+                    retries: int | None = None) -> T:
+        """Await ``make()`` with a timeout; retry with exponential backoff; then StageError."""
+        r = self.cfg.run
+        timeout = r.memory_timeout_s if memory else r.stage_timeout_s
+        retries = r.max_retries if retries is None else retries
+        last: BaseException | None = None
+        for attempt in range(retries + 1):
             try:
-                return await asyncio.wait_for(_as_awaitable(make()), self.cfg.run.stage_timeout_s)
-            except asyncio.CancelledError:
-                raise
+                result = await asyncio.wait_for(make(), timeout)
+                self._last_progress = time.monotonic()
+                return result
+            except asyncio.CancelledError as e:
+                if _being_cancelled():
+                    raise
+                last = e  # the callee cancelled its own work (e.g. a request cancelled remotely)
+                self._last_progress = time.monotonic()
+                log.warning("%s call was cancelled by the callee (attempt %d/%d)", what, attempt + 1, retries + 1)
+                if attempt < retries:
+                    await asyncio.sleep(min(r.retry_backoff_s * 2 ** attempt, 30.0))
+                continue
             except Exception as e:
                 last = e
-                log.warning("%s call failed (attempt %d): %s", stage, attempt + 1, e)
-                if self.metrics:
-                    self.metrics.retry(stage)
-                await asyncio.sleep(min(2.0 ** attempt, 10.0))
-        raise StageError(f"{stage} failed after {self.cfg.run.max_retries + 1} attempts: "
-                         f"{type(last).__name__}: {str(last)[:300]}")
+                self._last_progress = time.monotonic()  # an answer (even an error) is progress
+                why = f"timed out after {timeout:g}s" if isinstance(e, asyncio.TimeoutError) else f"{type(e).__name__}: {e}"
+                log.warning("%s call failed (attempt %d/%d): %s", what, attempt + 1, retries + 1, why)
+                self._guarded("metrics", lambda: self.metrics and self.metrics.retry(what))
+                if attempt < retries:
+                    await asyncio.sleep(min(r.retry_backoff_s * 2 ** attempt, 30.0))
+        why = f"timed out after {timeout:g}s" if isinstance(last, asyncio.TimeoutError) else \
+            f"{type(last).__name__}: {str(last)[:300]}"
+        raise StageError(f"{what} failed after {retries + 1} attempt(s): {why}")
+
+    async def _watchdog(self) -> None:
+        limit = self.cfg.run.watchdog_timeouts * max(self.cfg.run.stage_timeout_s, self.cfg.run.memory_timeout_s)
+        while not self._stop.is_set():
+            await asyncio.sleep(min(5.0, limit / 10))
+            idle = time.monotonic() - self._last_progress
+            if idle > limit and self._open_rounds() > 0:
+                self.stop(f"no stage finished a call for {idle:.0f}s ({self.cfg.run.watchdog_timeouts} timeouts); "
+                          f"queues {self._depths()}")
+                async with self._cv:
+                    self._cv.notify_all()
+
+    def _event(self, event: str, **fields: Any) -> None:
+        self._guarded("ledger event", lambda: self.run.record_event(event, **fields))
+
+    @staticmethod
+    def _guarded(what: str, fn: Callable[[], Any]) -> None:
+        """Run a side effect that must never end the run (metrics, progress, events)."""
+        try:
+            fn()
+        except Exception as e:
+            log.warning("%s failed: %s: %s", what, type(e).__name__, e)
+
+    @property
+    def committed(self) -> int:
+        """Distinct episodes committed (a retried episode counts once)."""
+        return len(self.status)
+
+    @property
+    def failed(self) -> int:
+        """Committed episodes whose latest attempt failed."""
+        return sum(1 for v in self.status.values() if v == "failed")
 
     def _depths(self) -> dict[str, int]:
-        return {"action": self.action_q.qsize(), "world": self.world_q.qsize(), "critic": self.critic_q.qsize()}
+        return {k: q.qsize() for k, q in self.queues.items()}
+
+    def snapshot(self) -> dict[str, Any]:
+        """Progress so far: committed/planned episodes, rate, phase, recent success."""
+        elapsed = time.time() - self.started
+        recent = [o for o in self.recent[-32:] if o.phase == self.state.phase]
+        return {
+            "committed": self.committed, "planned": self.planned, "failed": self.failed,
+            "elapsed_s": elapsed, "episodes_per_s": self.committed / elapsed if elapsed > 0 else 0.0,
+            "phase": self.state.phase,
+            "success_rate": sum(o.success for o in recent) / len(recent) if recent else None,
+            "fed_groups": self.fed if self.learner is not None else None,
+        }
 
     def summary(self) -> dict[str, Any]:
-        return summarize(self.run.episode_rows(), time.time() - self.started, self.state)
+        out = summarize(self.run.episode_rows(), time.time() - self.started, self.state)
+        out.update(uncommitted=self.uncommitted, skipped_rounds=list(self.skipped_rounds), error=self.error)
+        if self.learner is not None:
+            out["fed_groups"] = self.fed
+        return out
 
 
 # ====================================================================== free functions
 
 
-async def _as_awaitable(x: Any) -> Any:
-    """Serve handles return DeploymentResponse, actors ObjectRef: both are awaitable."""
-    return await x
+def _being_cancelled() -> bool:
+    """True when the current task itself is being cancelled (not a CancelledError raised by a callee)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _seed(*parts: Any) -> int:
     return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
 
 
-def _episode_row(e: Episode, run: RunFolder, item: WorkItem) -> dict[str, Any]:
-    v = e.verdict
-    r = e.rollout
-    return {
-        "kind": "episode", "t": time.time(), "id": e.id, "task_id": e.task.id, "sample": e.sample_index,
-        "round": item.round, "goal": e.task.goal, "phase": e.task.phase, "status": e.status,
-        "failure": e.failure_reason, "success": e.success, "reward": round(e.reward, 4),
-        "scores": v.scores.as_dict() if v else None, "caption": v.state_caption if v else "",
-        "notes": (v.notes if v else [])[:5], "plan": e.plan.actions if e.plan else None,
-        "plan_error": item.samples[e.sample_index].error if item.samples else None,
-        "gif": r.gif_uri if r else None, "video": r.video_uri if r else None,
-        "policy_version": e.policy_version, "latency_s": round(time.time() - item.t_start, 3),
-        "memory_hits": len(item.hits),
-    }
+def _attempt_of(item: WorkItem) -> int:
+    """The attempt number that seeds a group's sampling (a retry draws new samples)."""
+    return max(item.attempts.values(), default=1)
 
 
-def summarize(rows: list[dict[str, Any]], elapsed_s: float, state: CurriculumState | None = None) -> dict[str, Any]:
+def summarize(rows: Sequence[EpisodeRow], elapsed_s: float, state: CurriculumState | None = None) -> dict[str, Any]:
+    """Per-phase counts from the ledger; the last row of an id wins (a retried episode counts once)."""
+    seen: dict[str, EpisodeRow] = {}
+    for r in rows:
+        seen[r.id] = r
     by_phase: dict[int, dict[str, Any]] = {}
-    seen: dict[str, dict[str, Any]] = {}
-    for r in rows:  # the last row for an id wins (a resumed run may rewrite none, but be safe)
-        seen[r["id"]] = r
     for r in seen.values():
-        p = by_phase.setdefault(r["phase"], {"episodes": 0, "ok": 0, "failed": 0, "success": 0, "reward": 0.0})
+        p = by_phase.setdefault(r.phase, {"episodes": 0, "ok": 0, "failed": 0, "success": 0, "reward": 0.0})
         p["episodes"] += 1
-        if r["status"] == "failed":
+        if r.status == "failed":
             p["failed"] += 1
             continue
         p["ok"] += 1
-        p["success"] += int(r["success"])
-        p["reward"] += r["reward"]
+        p["success"] += int(r.success)
+        p["reward"] += r.reward
     for p in by_phase.values():
         p["success_rate"] = p["success"] / p["ok"] if p["ok"] else 0.0
         p["mean_reward"] = p["reward"] / p["ok"] if p["ok"] else 0.0
     n = len(seen)
     return {
-        "episodes": n, "unique_ids": len(seen), "rows": len(rows),
+        "episodes": n, "rows": len(rows),
         "failed": sum(p["failed"] for p in by_phase.values()),
         "by_phase": dict(sorted(by_phase.items())), "elapsed_s": elapsed_s,
         "episodes_per_s": n / elapsed_s if elapsed_s > 0 else 0.0,

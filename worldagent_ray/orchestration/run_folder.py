@@ -1,6 +1,16 @@
-"""The run folder: config snapshot, task ledger, episode ledger (metrics.jsonl), curriculum
-state, videos, memory and the report. Ledgers are append-only JSON lines; every line is
-flushed and fsynced, so a crash loses at most the line being written."""
+"""The run folder: config snapshot, task ledger, episode ledger (``metrics.jsonl``), curriculum
+state, videos, memory and the report.
+
+Ledgers are append-only JSON lines, each row flushed and fsynced. A crash can tear only the
+line being written; every ledger is **repaired when it is opened**: a torn last line (no
+newline at the end) is moved to ``<ledger>.torn`` (kept, never silently dropped) and the file
+is truncated back to its last complete row, so the next append never glues onto a fragment.
+Readers skip (and count) any line that is not a complete JSON row.
+
+``tasks.jsonl`` holds one :class:`~worldagent_ray.schemas.RoundRow` per curriculum round: a
+round is written in one line before any of its tasks is dispatched, so it is recorded entirely
+or not at all (a torn round is proposed again on resume).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +20,97 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..config import Config, dump_config, validate_tree
-from ..schemas import CurriculumState, Task
-
 import yaml
+from pydantic import ValidationError
+
+from ..config import Config, dump_config, validate_tree
+from ..schemas import CurriculumState, EpisodeRow, EventRow, RoundRow, Task
 
 
-def _is_uri(p: str) -> bool:
+def is_uri(p: str) -> bool:
+    """True for object-store style URIs (``s3://...``); plain paths and ``file://`` are local."""
     return "://" in p and not p.startswith("file://")
+
+
+class Ledger:
+    """One append-only JSON-lines file, repaired on open (see the module docstring)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.skipped = 0  # unreadable lines met by the last read
+        self._repaired = False
+
+    def repair(self) -> int:
+        """Move a torn last line to ``<path>.torn``; return its size in bytes (0: nothing torn)."""
+        self._repaired = True
+        if not self.path.exists():
+            return 0
+        with open(self.path, "rb+") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            if size == 0:
+                return 0
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return 0
+            # find the start of the torn line: after the last newline
+            block = 1 << 16
+            pos = size
+            start = 0
+            while pos > 0:
+                step = min(block, pos)
+                pos -= step
+                f.seek(pos)
+                chunk = f.read(step)
+                nl = chunk.rfind(b"\n")
+                if nl >= 0:
+                    start = pos + nl + 1
+                    break
+            f.seek(start)
+            torn = f.read()
+            with open(self.path.with_name(self.path.name + ".torn"), "ab") as q:
+                q.write(torn + b"\n")
+                q.flush()
+                os.fsync(q.fileno())
+            f.truncate(start)
+            f.flush()
+            os.fsync(f.fileno())
+            return len(torn)
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        """Append rows (one line each) and fsync. Raises ``OSError`` (e.g. a full disk)."""
+        if not rows:
+            return
+        if not self._repaired:
+            self.repair()
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+        with open(self.path, "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """Every complete row, in order (lines that are not a JSON object are counted in ``skipped``)."""
+        self.skipped = 0
+        if not self.path.exists():
+            return
+        with open(self.path, "rb") as f:
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    self.skipped += 1  # torn tail not repaired yet (a reader never writes)
+                    continue
+                line = raw.strip()
+                if not line:
+                    continue
+                try:
+                    row = json.loads(line.decode("utf-8"))
+                except (UnicodeDecodeError, ValueError, RecursionError):
+                    self.skipped += 1
+                    continue
+                if isinstance(row, dict):
+                    yield row
+                else:
+                    self.skipped += 1
 
 
 class RunFolder:
@@ -28,15 +121,17 @@ class RunFolder:
         self.local.mkdir(parents=True, exist_ok=True)
         self.artifacts = artifacts or str(self.local.resolve())
         self.run_id = self.local.name
+        self.tasks_ledger = Ledger(self.local / "tasks.jsonl")
+        self.metrics_ledger = Ledger(self.local / "metrics.jsonl")
 
     @classmethod
     def create(cls, cfg: Config, name: str | None = None) -> "RunFolder":
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_name = name or f"{cfg.run.name}-{stamp}"
-        if _is_uri(cfg.run.root):
+        if is_uri(cfg.run.root):
             folder = cls(Path("runs") / run_name, artifacts=f"{cfg.run.root.rstrip('/')}/{run_name}")
         else:
-            folder = cls(Path(cfg.run.root) / run_name)
+            folder = cls(Path(cfg.run.root.removeprefix("file://")) / run_name)
         if (folder.local / "config.yaml").exists():
             raise FileExistsError(f"run folder {folder.local} already exists; use --resume {folder.local}")
         folder.save_config(cfg)
@@ -48,7 +143,10 @@ class RunFolder:
         if not (p / "config.yaml").exists():
             raise FileNotFoundError(f"{p} is not a run folder (no config.yaml); cannot resume it")
         meta = json.loads((p / "run.json").read_text()) if (p / "run.json").exists() else {}
-        return cls(p, artifacts=meta.get("artifacts"))
+        folder = cls(p, artifacts=meta.get("artifacts"))
+        folder.tasks_ledger.repair()
+        folder.metrics_ledger.repair()
+        return folder
 
     # ------------------------------------------------------------------ paths
     @property
@@ -57,11 +155,11 @@ class RunFolder:
 
     @property
     def metrics_path(self) -> Path:
-        return self.local / "metrics.jsonl"
+        return self.metrics_ledger.path
 
     @property
     def tasks_path(self) -> Path:
-        return self.local / "tasks.jsonl"
+        return self.tasks_ledger.path
 
     # ------------------------------------------------------------------ config
     def save_config(self, cfg: Config) -> None:
@@ -73,49 +171,52 @@ class RunFolder:
         return validate_tree(tree, source=str(self.local / "config.yaml"))
 
     # ------------------------------------------------------------------ ledgers
-    def _append(self, path: Path, rows: list[dict[str, Any]]) -> None:
-        with open(path, "a", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+    def record_round(self, round_index: int, tasks: list[Task], sources: list[str]) -> None:
+        row = RoundRow(round=round_index, tasks=tasks, sources=sources, t=time.time())
+        self.tasks_ledger.append([row.model_dump(mode="json")])
 
-    @staticmethod
-    def _read(path: Path) -> Iterator[dict[str, Any]]:
-        if not path.exists():
-            return
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line from a crash; its episode is redone on resume
+    def rounds(self) -> list[RoundRow]:
+        """Every completely recorded round, the last record of a round winning."""
+        out: dict[int, RoundRow] = {}
+        for r in self.tasks_ledger.rows():
+            try:
+                row = RoundRow.model_validate(r)
+            except ValidationError:
+                self.tasks_ledger.skipped += 1
+                continue
+            out[row.round] = row
+        return [out[k] for k in sorted(out)]
 
-    def record_tasks(self, round_index: int, tasks: list[Task], sources: list[str]) -> None:
-        self._append(self.tasks_path, [
-            {"round": round_index, "slot": i, "source": s, "task": t.model_dump(mode="json")}
-            for i, (t, s) in enumerate(zip(tasks, sources))
-        ])
+    def record_episodes(self, rows: list[EpisodeRow]) -> None:
+        self.metrics_ledger.append([r.model_dump(mode="json") for r in rows])
 
-    def tasks(self) -> list[tuple[int, int, Task]]:
-        return [(r["round"], r["slot"], Task.model_validate(r["task"])) for r in self._read(self.tasks_path)]
+    def episode_rows(self) -> list[EpisodeRow]:
+        """Every episode row, in the order written (several rows per id when retried)."""
+        out = []
+        for r in self.metrics_ledger.rows():
+            if r.get("kind") != "episode":
+                continue
+            try:
+                out.append(EpisodeRow.model_validate(r))
+            except ValidationError:
+                self.metrics_ledger.skipped += 1
+        return out
 
-    def record_episodes(self, rows: list[dict[str, Any]]) -> None:
-        self._append(self.metrics_path, rows)
+    def record_event(self, event: str, **fields: Any) -> None:
+        row = EventRow(t=time.time(), event=event, **fields)
+        self.metrics_ledger.append([row.model_dump(mode="json")])
 
-    def episode_rows(self) -> list[dict[str, Any]]:
-        return [r for r in self._read(self.metrics_path) if r.get("kind") == "episode"]
-
-    def record_event(self, **row: Any) -> None:
-        self._append(self.metrics_path, [{"kind": "event", "t": time.time(), **row}])
+    def events(self, event: str | None = None) -> list[dict[str, Any]]:
+        return [r for r in self.metrics_ledger.rows()
+                if r.get("kind") == "event" and (event is None or r.get("event") == event)]
 
     # ------------------------------------------------------------------ curriculum
     def save_curriculum(self, state: CurriculumState) -> None:
         tmp = self.local / "curriculum.json.tmp"
-        tmp.write_text(state.model_dump_json())
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(state.model_dump_json())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.local / "curriculum.json")
 
     def load_curriculum(self) -> CurriculumState | None:

@@ -1,0 +1,29 @@
+"""GRPO groups from one task's samples and verdicts (pure; the driver builds them, the buffer
+keeps them, the learner trains on them)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..schemas import PlanSample, ScoredGroup, Task, Verdict
+
+
+def scored_group(task: Task, group_id: str, samples: Sequence[PlanSample], verdicts: Sequence[Verdict],
+                 policy_version: int, episode_ids: Sequence[str]) -> ScoredGroup | None:
+    """A GRPO group from one task's samples, or None when a sample carries no tokens or no
+    log-probs (an engine error): such a group cannot be scored token by token."""
+    if len(samples) != len(verdicts) or len(samples) != len(episode_ids):
+        raise ValueError(
+            f"group {group_id!r}: {len(samples)} samples, {len(verdicts)} verdicts, {len(episode_ids)} episode ids"
+        )
+    if any(not s.completion.token_ids or len(s.completion.logprobs) != len(s.completion.token_ids)
+           for s in samples):
+        return None
+    return ScoredGroup(
+        group_id=group_id, task_id=task.id, policy_version=policy_version,
+        prompt_token_ids=[list(s.completion.prompt_token_ids) for s in samples],
+        completion_token_ids=[list(s.completion.token_ids) for s in samples],
+        rollout_logprobs=[list(s.completion.logprobs) for s in samples],
+        rewards=[float(v.reward) for v in verdicts],
+        episode_ids=list(episode_ids),
+    )
