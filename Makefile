@@ -10,12 +10,8 @@ PROFILE  ?= local-cpu
 ARGS     ?=
 PYTEST_ARGS ?=
 
-export HF_HUB_OFFLINE ?= 1
-export TRANSFORMERS_OFFLINE ?= 1
-export HF_HUB_DISABLE_TELEMETRY ?= 1
-export RUST_LOG ?= error
-export RAY_USAGE_STATS_ENABLED ?= 0
-export TOKENIZERS_PARALLELISM ?= false
+# Environment defaults (offline hub, quiet logs) are applied by the code itself, in one place:
+# worldagent_ray/env.py (the jobs and the CLI call it; so does tests/conftest.py).
 
 .PHONY: setup run test test-fast test-slow bench lint clean clean-cache
 

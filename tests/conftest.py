@@ -1,17 +1,13 @@
-"""Shared pytest fixtures. Keep this small; component fixtures live in their test files."""
+"""Shared pytest fixtures. Keep this small; component fixtures live in their test files.
+Shared plain helpers (test data factories) live in ``tests/factories.py``."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-# Offline always: models come from packages or are built from configs.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("RUST_LOG", "error")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from worldagent_ray.env import apply_env_defaults
+
+apply_env_defaults(offline=True)  # tests never reach a model hub
 
 
 @pytest.fixture(scope="session")

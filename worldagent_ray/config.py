@@ -370,6 +370,15 @@ class ResourcesConfig(_Section):
     ray_address: str | None = Field(default=None, description="None: join RAY_ADDRESS or start a local Ray.")
     ray_num_cpus: int | None = Field(default=None, ge=1, description="For a locally started Ray only.")
 
+    @model_validator(mode="after")
+    def _actors_do_not_scale(self) -> "ResourcesConfig":
+        for part, hint in (("memory", "one memory actor owns the table"),
+                           ("learner", "set learner.num_workers for data-parallel workers")):
+            res = getattr(self, part)
+            if res.autoscaling is not None or res.replicas != 1:
+                raise ValueError(f"resources.{part} takes no replicas or autoscaling ({hint})")
+        return self
+
 
 # --------------------------------------------------------------------------- run
 

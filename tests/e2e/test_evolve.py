@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 FAST = [
     "--set", "engines.policy.model=tiny-random-llama", "--set", "engines.policy.backend=transformers",
     "--set", "engines.policy.max_json_retries=0", "--set", "agents.curriculum.use_llm=false",
     "--set", "agents.critic.scorers=[verifiable]", "--set", "agents.action.group_size=2",
     "--set", "agents.action.max_tokens=48", "--set", "agents.curriculum.tasks_per_proposal=2",
-    "--set", "run.iterations=2", "--set", "run.max_retries=2",
+    "--set", "run.iterations=2", "--set", "run.max_retries=2", "--no-dashboard",
 ]
 EXPECTED = 2 * 2 * 2  # iterations x tasks x G
 
@@ -69,13 +69,15 @@ def _check_complete(run_dir: Path, expected: int) -> list[dict]:
     mem = _memory_ids(run_dir)
     assert len(mem) == len(set(mem)), "memory holds a duplicate episode"
     assert set(mem) == set(ids) and len(ids) == expected, (len(ids), len(mem), expected)
-    tasks = [json.loads(l) for l in (run_dir / "tasks.jsonl").read_text().splitlines()]
-    assert len(tasks) * 2 == expected
+    rounds = [json.loads(l) for l in (run_dir / "tasks.jsonl").read_text().splitlines()]
+    G = len({r["sample"] for r in eps})
+    assert sum(len(r["tasks"]) for r in rounds) * G == expected
     return eps
 
 
 def test_plain_python_runs_loop_and_writes_report(tmp_path):
-    p = _evolve(["--run-name", "plain", "--set", f"run.root={tmp_path}", *FAST], _env())
+    args = [a for a in FAST if a != "--no-dashboard"]
+    p = _evolve(["--run-name", "plain", "--set", f"run.root={tmp_path}", *args], _env())
     run = tmp_path / "plain"
     eps = _check_complete(run, EXPECTED)
     assert all(r["status"] in ("ok", "failed") for r in eps)
@@ -84,17 +86,34 @@ def test_plain_python_runs_loop_and_writes_report(tmp_path):
     assert "Reward and success over time" in report and "<svg" in report
     assert report.count('class="group"') == EXPECTED // 2
     assert "episodes/s" in p.stdout and str(run / "report.html") in p.stdout
+    assert "dashboard: http://127.0.0.1:" in p.stdout and "serve applications: engine-policy, world" in p.stdout
     assert (run / "config.yaml").exists() and json.loads((run / "curriculum.json").read_text())["proposed"] == 4
 
 
-def test_stop_then_resume_has_every_episode_once(tmp_path):
+def test_ctrl_c_then_resume_has_every_episode_once(tmp_path):
     env = _env()
-    _evolve(["--run-name", "r", "--set", f"run.root={tmp_path}", "--stop-after-episodes", "3", *FAST], env)
     run = tmp_path / "r"
+    args = ["--run-name", "r", "--set", f"run.root={tmp_path}", *FAST, "--set", "run.iterations=4"]
+    proc = subprocess.Popen([PY, "jobs/evolve.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None:
+            if (run / "metrics.jsonl").exists() and len(_episodes(run)) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "run ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C does
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-3000:]
+    assert f"--resume {run}" in out
     first = {r["id"] for r in _episodes(run)}
-    assert 2 <= len(first) < EXPECTED, "the first part must stop early"
+    assert 2 <= len(first) < 2 * EXPECTED, "the first part must stop early"
     _evolve(["--resume", str(run)], env)
-    eps = _check_complete(run, EXPECTED)
+    eps = _check_complete(run, 2 * EXPECTED)
     assert first <= {r["id"] for r in eps}, "resume must keep what the first part wrote"
 
 
@@ -166,7 +185,7 @@ KILL_WORLD_REPLICA = """
 import ray
 from ray.util.state import list_actors
 ray.init(address="auto", namespace="worldagent-test", log_to_driver=False)
-alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "WorldService" in (a.class_name or "")]
+alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "WorldDeployment" in (a.class_name or "")]
 assert alive, "no world replica found"
 ray.kill(ray.get_actor(alive[0].name, namespace="serve"), no_restart=False)
 print("KILLED", alive[0].name)

@@ -1,38 +1,19 @@
-"""Set up Ray, deploy the parts, run the driver, print the summary and write the report."""
+"""Run one evolve job: connect to Ray, start (or attach to) the services, run the driver, print
+the summary and write the report. All Ray work goes through ``runtime/``."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 import time
 from typing import Any, Callable
 
 from ..config import Config
-from .evolve import EvolveDriver, Services
+from .evolve import EvolveDriver
 from .run_folder import RunFolder
 
 log = logging.getLogger("worldagent_ray")
-
-NAMESPACE = "worldagent"
-
-
-def init_ray(cfg: Config) -> None:
-    """Join the cluster named by RAY_ADDRESS / config (``ray job submit`` sets it), else start
-    a local Ray with ``resources.ray_num_cpus`` logical CPUs, bound to localhost."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {k: v for k, v in os.environ.items()
-                        if k.startswith(("HF_", "TRANSFORMERS_", "VLLM_", "WORLDAGENT", "RUST_LOG", "TOKENIZERS"))}}
-    if address:
-        ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=False)
-    else:
-        ray.init(num_cpus=cfg.resources.ray_num_cpus, namespace=NAMESPACE, include_dashboard=False,
-                 runtime_env=env, log_to_driver=False, _node_ip_address="127.0.0.1")
 
 
 def _vocabulary_fn(cfg: Config) -> Callable | None:
@@ -57,9 +38,10 @@ class _Progress:
             self.task = self.bar.add_task("episodes", total=1)
             self.bar.start()
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, snap: dict[str, Any]) -> None:
+        done, total = snap["committed"], max(snap["planned"], snap["committed"])
         if self.bar is not None:
-            self.bar.update(self.task, completed=done, total=max(total, done))
+            self.bar.update(self.task, completed=done, total=total)
         elif time.time() - self.last > 10 or done >= total:
             self.last = time.time()
             print(f"[evolve] {done}/{total} episodes committed", flush=True)
@@ -69,35 +51,36 @@ class _Progress:
             self.bar.stop()
 
 
-def run_evolve(cfg: Config, run: RunFolder, *, learn: bool = False, stop_after_episodes: int | None = None,
+def run_evolve(cfg: Config, run: RunFolder, *, learn: bool = False, attach: bool = False, dashboard: bool = True,
                interactive: bool | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
-    import ray
-
-    from ..runtime.apps import deploy, teardown
+    """Run the loop of ``run`` to the end (or until Ctrl-C / a resumable stop); the summary."""
+    from ..runtime import apps, cluster
     from ..runtime.memory_actor import create_memory_actor
     from ..runtime.metrics import LoopMetrics
-    from .report import write_report
+    from ..runtime.services import RayLearner, RayServices
 
-    init_ray(cfg)
-    say(f"run folder: {run.local}  (ray: {ray.get_runtime_context().gcs_address})")
-    memory = create_memory_actor(cfg, run.artifacts, name=run.run_id, namespace=NAMESPACE)
-    learner = None
+    info = cluster.connect(cfg, dashboard=dashboard)
+    say(f"run folder: {run.local}" + (f" (artifacts: {run.artifacts})" if run.artifacts != str(run.local.resolve()) else ""))
+    say(f"ray: {info.address}" + (f"  dashboard: {info.dashboard_url}" if info.dashboard_url else ""))
+    memory = create_memory_actor(cfg, run.artifacts, name=run.run_id, namespace=cluster.NAMESPACE) \
+        if cfg.memory.enabled else None
+    session = None
+    handles = None
     try:
-        publisher = None
         if learn:
             from ..runtime.learning import start_learning
 
-            learner = start_learning(cfg, run, namespace=NAMESPACE, say=say)
-            publisher = learner.publisher_name
-        handles = deploy(cfg, publisher=publisher, namespace=NAMESPACE, progress=lambda m: say(f"  {m}"))
-        services = Services(
-            action=handles.action, world=handles.world, critic=handles.critic, curriculum=handles.curriculum,
-            memory=memory, vocabulary=_vocabulary_fn(cfg),
-            buffer=learner.feeder if learner else None,
-        )
+            session = start_learning(cfg, run, namespace=cluster.NAMESPACE, say=say)
+        if attach:
+            handles = apps.attach(cfg, progress=lambda m: say(f"  {m}"))
+        else:
+            handles = apps.deploy(cfg, publisher=session.publisher_name if session else None,
+                                  namespace=cluster.NAMESPACE, progress=lambda m: say(f"  {m}"))
+        say(f"serve applications: {', '.join(handles.app_names)}")
+        services = RayServices(handles, memory, _vocabulary_fn(cfg))
         progress = _Progress(sys.stdout.isatty() if interactive is None else interactive)
-        driver = EvolveDriver(cfg, run, services, metrics=LoopMetrics(run.run_id), progress=progress,
-                              stop_after_episodes=stop_after_episodes)
+        driver = EvolveDriver(cfg, run, services, learner=RayLearner(session) if session else None,
+                              metrics=LoopMetrics(run.run_id), progress=progress)
         try:
             summary = asyncio.run(driver.run_loop())
         except KeyboardInterrupt:  # Ctrl-C: keep what finished, report it, say how to resume
@@ -105,14 +88,17 @@ def run_evolve(cfg: Config, run: RunFolder, *, learn: bool = False, stop_after_e
             summary["interrupted"] = True
         finally:
             progress.close()
-        if learner is not None:
-            summary["learner"] = learner.finish()
-        ray.get(memory.optimize.remote())
+        if session is not None:
+            summary["learner"] = session.finish()
+        if memory is not None:
+            services.optimize_memory(timeout_s=cfg.run.memory_timeout_s * 5)
         if cfg.run.report:
+            from .report import write_report
+
             summary["report"] = str(write_report(run, summary))
         return summary
     finally:
-        teardown()  # the learner's actors end with the job
+        apps.teardown(handles)  # attached applications stay up
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -129,7 +115,13 @@ def print_summary(summary: dict[str, Any]) -> None:
     console.print(t)
     for ev in summary.get("promotions") or []:
         console.print(f"curriculum: phase {ev['from']} -> {ev['to']} at success {ev['success_rate']:.0%}")
+    if summary.get("skipped_rounds"):
+        console.print(f"rounds skipped (proposed again on --resume): {summary['skipped_rounds']}")
+    if summary.get("uncommitted"):
+        console.print(f"episodes not written to memory (redone on --resume): {summary['uncommitted']}")
     if summary.get("learner"):
         console.print(f"learner: {summary['learner']}")
     if summary.get("report"):
         console.print(f"report: {summary['report']}")
+    if summary.get("error"):
+        console.print(f"[red]stopped early:[/red] {summary['error']}")

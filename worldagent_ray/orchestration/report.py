@@ -136,8 +136,8 @@ th:first-child,td:first-child{text-align:left}
 
 
 def write_report(run: RunFolder, summary: dict[str, Any], max_groups: int = 120) -> Path:
-    rows = run.episode_rows()
-    events = [r for r in RunFolder._read(run.metrics_path) if r.get("kind") == "event"]
+    rows = [r.model_dump() for r in {r.id: r for r in run.episode_rows()}.values()]  # latest attempt per id
+    events = run.events()
     out = run.local / "report.html"
     e = html.escape
     groups: "OrderedDict[str, list[dict[str, Any]]]" = OrderedDict()

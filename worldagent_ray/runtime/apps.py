@@ -1,8 +1,10 @@
-"""Deploy the whole service: engines, world, critic, curriculum and action applications.
+"""Deploy (or attach to) the whole service: engines, world, critic, curriculum and action.
 
 Every part is its own Serve application, so each scales on its own (``serve status`` and the
-dashboard show one row per part). :func:`deploy` is what the driver calls; the ``*_builder``
-functions are the import paths used by ``serve deploy deployments/<profile>.yaml``.
+dashboard show one row per part). :func:`deploy` is what the driver calls: it deploys every
+application, or with ``attach=True`` uses the ones already running (started once with
+``serve deploy deployments/<profile>.yaml``) without redeploying them. :func:`build_app` is
+the one import path ``serve deploy`` uses for every application.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ray import serve
 
@@ -21,6 +23,8 @@ from .world_deployment import world_app
 
 log = logging.getLogger(__name__)
 
+PART_APPS = ("world", "critic", "curriculum", "action")
+"""Application names of the parts (engines are ``engine-<name>``)."""
 
 
 @dataclass
@@ -30,6 +34,15 @@ class Handles:
     critic: Any
     curriculum: Any
     engines: dict[str, Any]
+    attached: bool = False
+
+    @property
+    def app_names(self) -> list[str]:
+        return [engine_app_name(e) for e in self.engines] + list(PART_APPS)
+
+
+class AttachError(RuntimeError):
+    """``--attach`` found an application missing or not running."""
 
 
 def used_engines(cfg: Config) -> list[str]:
@@ -42,13 +55,21 @@ def used_engines(cfg: Config) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def app_names(cfg: Config) -> list[str]:
+    return [engine_app_name(e) for e in used_engines(cfg)] + list(PART_APPS)
+
+
 def start_serve() -> None:
     """Start Serve bound to localhost (a cluster exposes it deliberately, not by default)."""
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
 
 
+def _parts(cfg: Config) -> dict[str, Callable[[Config], Any]]:
+    return {"world": world_app, "critic": critic_app, "curriculum": curriculum_app, "action": action_app}
+
+
 def deploy(cfg: Config, publisher: str | None = None, namespace: str | None = None,
-           progress=print) -> Handles:
+           progress: Callable[[str], None] = print) -> Handles:
     """Deploy every part (engines first: agents look their engine up by name)."""
     start_serve()
     engines = {}
@@ -58,46 +79,67 @@ def deploy(cfg: Config, publisher: str | None = None, namespace: str | None = No
         engines[name] = serve.run(engine_app(cfg, name, pub, namespace), name=engine_app_name(name),
                                   route_prefix=None)
         progress(f"engine {name!r} ({cfg.engines[name].model}) ready in {time.time() - t0:.1f}s")
-    parts = {"world": world_app, "critic": critic_app, "curriculum": curriculum_app, "action": action_app}
     handles = {}
-    for name, build in parts.items():
+    for name, build in _parts(cfg).items():
         t0 = time.time()
         handles[name] = serve.run(build(cfg), name=name, route_prefix=None)
         progress(f"{name} ready in {time.time() - t0:.1f}s")
     return Handles(engines=engines, **handles)
 
 
-def teardown() -> None:
-    """Shut Serve down; replicas' ``__del__`` shuts their engines down (frees vLLM's /dev/shm)."""
+def attach(cfg: Config, progress: Callable[[str], None] = print) -> Handles:
+    """Handles of applications that are already running; nothing is deployed.
+
+    Raises:
+        AttachError: an application the config needs is missing or not RUNNING (names it and
+            says how to start it).
+    """
+    status = serve.status().applications
+    needed = app_names(cfg)
+    bad = {n: (str(status[n].status.value) if n in status else "missing") for n in needed
+           if n not in status or status[n].status != "RUNNING"}
+    if bad:
+        raise AttachError(
+            f"--attach needs these Serve applications running: {bad}; start them with "
+            f"`serve deploy deployments/{cfg.profile}.yaml` (running: {sorted(status)})")
+    handles = {n: serve.get_app_handle(n) for n in PART_APPS}
+    engines = {e: serve.get_app_handle(engine_app_name(e)) for e in used_engines(cfg)}
+    progress(f"attached to {len(needed)} running applications: {', '.join(needed)}")
+    return Handles(engines=engines, attached=True, **handles)
+
+
+def teardown(handles: Handles | None) -> None:
+    """Delete the applications this driver deployed (agents first, then the world, then the
+    engines); attached applications are left running. Engines shut down in their replicas'
+    destructors (which frees vLLM's shared memory)."""
+    if handles is None or handles.attached:
+        return
+    for name in ("action", "curriculum", "critic", "world", *(engine_app_name(e) for e in handles.engines)):
+        try:
+            serve.delete(name, _blocking=True)
+        except Exception as e:  # already gone
+            log.debug("serve.delete(%s): %s", name, e)
     try:
         serve.shutdown()
-    except Exception as e:  # Ray already gone
+    except Exception as e:
         log.debug("serve.shutdown: %s", e)
 
 
-# ----------------------------------------------------------------- serve deploy builders
+# ----------------------------------------------------------------- serve deploy
 
 
-def _cfg(args: dict[str, Any]) -> Config:
-    return load_config(args.get("profile", "local-cpu"), overrides=args.get("overrides", []))
+def build_app(args: dict[str, Any]):
+    """The import path of every application in ``deployments/<profile>.yaml``.
 
-
-def engine_builder(args: dict[str, Any]):
-    cfg = _cfg(args)
-    return engine_app(cfg, args["engine"], args.get("publisher"), args.get("namespace"))
-
-
-def world_builder(args: dict[str, Any]):
-    return world_app(_cfg(args))
-
-
-def critic_builder(args: dict[str, Any]):
-    return critic_app(_cfg(args))
-
-
-def curriculum_builder(args: dict[str, Any]):
-    return curriculum_app(_cfg(args))
-
-
-def action_builder(args: dict[str, Any]):
-    return action_app(_cfg(args))
+    ``args``: ``profile`` (name or YAML path), ``app`` (``world``, ``critic``, ``curriculum``,
+    ``action`` or ``engine-<name>``), optional ``overrides`` (``section.field=value`` strings),
+    and for the policy engine optional ``publisher``/``namespace`` of a weight publisher.
+    """
+    cfg = load_config(args.get("profile", "local-cpu"), overrides=args.get("overrides", []))
+    app = args.get("app")
+    if isinstance(app, str) and app.startswith("engine-"):
+        return engine_app(cfg, app[len("engine-"):], args.get("publisher"), args.get("namespace"))
+    parts = _parts(cfg)
+    if app not in parts:
+        raise ValueError(f"args.app must be one of {sorted(parts)} or 'engine-<name>', got {app!r}")
+    return parts[app](cfg)

@@ -23,7 +23,9 @@ def deployment_options(res: PartResources) -> dict[str, Any]:
         "max_ongoing_requests": res.max_ongoing_requests,
     }
     if res.autoscaling is not None:
-        opts["autoscaling_config"] = res.autoscaling.model_dump()
+        a = res.autoscaling
+        opts["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                                      "target_ongoing_requests": a.target_ongoing_requests}
     else:
         opts["num_replicas"] = res.replicas
     return opts

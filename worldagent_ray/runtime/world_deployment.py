@@ -138,6 +138,15 @@ class WorldDeployment:
                 for i in range(len(req.plans))
             ]
 
+    async def prepare(self, task: Task | dict[str, Any], out_dir: str) -> Task:
+        """World-specific set-up of a proposed task (a backend's optional ``prepare_task``; the
+        sandbox renders the starting scene as the task's reference image); else the task as is."""
+        task = _as_task(task)
+        prepare_task = getattr(self.world, "prepare_task", None)
+        if prepare_task is None:
+            return task
+        return await asyncio.to_thread(prepare_task, task, self._as_out_dir(out_dir))
+
     async def admissible_actions(self, task: Task | dict[str, Any]) -> list[str] | None:
         return self.world.admissible_actions(_as_task(task))
 

@@ -1,0 +1,60 @@
+"""Process environment defaults, in one place (the Makefile, the jobs, the CLI and the tests
+all call :func:`apply_env_defaults`).
+
+``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` are set only when nothing needs the hub: every model
+the config names is a builtin or a local folder (the embedded default), so a laptop never
+waits on network timeouts, while a cluster profile that names hub ids keeps hub access.
+A variable the user has already set is never changed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, MutableMapping
+
+QUIET_DEFAULTS = {
+    "RUST_LOG": "error",  # LanceDB logs a warning per query otherwise
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
+OFFLINE_DEFAULTS = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def config_models(cfg: Any) -> list[str]:
+    """Every model name a config refers to (engines, the diffusers world, the embedder)."""
+    names = [e.model for e in cfg.engines.values()]
+    if cfg.world.backend == "diffusers":
+        names.append(cfg.world.diffusers.model)
+    if cfg.memory.enabled:
+        names.append(cfg.memory.embedder)
+    return names
+
+
+def needs_hub(models: Iterable[str]) -> bool:
+    """True if some name is neither a builtin nor an existing local folder (a hub id)."""
+    from .models import is_builtin
+    from .world.tiny_wan import is_builtin as is_builtin_video
+
+    return any(not (is_builtin(m) or is_builtin_video(m) or os.path.isdir(m)) for m in models)
+
+
+def apply_env_defaults(offline: bool | None = None, cfg: Any = None,
+                       environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Set the defaults the user has not set; return what was set.
+
+    ``offline``: True/False forces the hub defaults on/off; None decides from ``cfg`` (offline
+    when no model needs the hub; with no config, offline).
+    """
+    env = os.environ if environ is None else environ
+    wanted = dict(QUIET_DEFAULTS)
+    if offline is None:
+        offline = cfg is None or not needs_hub(config_models(cfg))
+    if offline:
+        wanted.update(OFFLINE_DEFAULTS)
+    applied = {}
+    for k, v in wanted.items():
+        if k not in env:
+            env[k] = v
+            applied[k] = v
+    return applied
