@@ -24,14 +24,12 @@ import math
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("RUST_LOG", "error")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from worldagent_ray.env import apply_env_defaults
+
+apply_env_defaults(offline=True)
 
 
 def bench_sandbox(tasks: int, group: int, out_dir: str):
