@@ -1,204 +1,186 @@
-"""Asynchronous driver vs a lock-step driver on the same backends.
+"""The asynchronous driver vs a lock-step loop on identical parts, and world-replica scaling.
 
-Both drivers use the same real parts: the curriculum core (sandbox task generator), the
-Action agent on a real engine (tiny-random-llama on vLLM when available, constrained to the
-world's vocabulary), the sandbox world, the verifiable critic and LanceDB memory. The world
-and the critic are each given the same injected latency per call and serve one call at a time,
-as one GPU-pinned replica would, so that the comparison is about scheduling, not compute:
+Parts (in one process, ``orchestration/local.py``): the curriculum's task generator, the Action
+agent on a real engine (tiny-random-llama, vocabulary-constrained JSON), the sandbox world,
+the verifiable critic and LanceDB memory. Only the world is given a latency, because in
+production it is the slow stage, a video model on a GPU:
 
-- lock-step: for each task, act -> render -> score -> write, one after the other;
-- async:    ``EvolveDriver`` (bounded queues, every stage busy at once).
+    per-video latency = 16 s / scale   (default scale 8 -> 2.0 s per video)
 
-Measured: episodes/s of each, their ratio, and the world stage's utilisation in the async run
-(time with a render in flight / wall time between the first and the last render).
+16 s is FastVideo's published end-to-end time for a 5-second 720P clip from FastWan2.2-TI2V-5B
+on one H200 (Hao AI Lab, "FastWan" blog). A world replica renders one video at a time, so a
+call for G plans takes G x that (minus the sandbox's own real render time, which is part of
+it). The critic is the real verifiable scorer, measured, nothing injected.
 
-    python jobs/bench_pipeline.py [--latency 3.0] [--rounds 4] [--tasks-per-round 3]
+Method: a warm-up episode group first; then async and lock-step alternate over ``--repeats``
+(order swapped each repeat) and the median is reported; only successful (``ok``) episodes
+count; world utilisation is busy replica-time / (replicas x whole wall time), fill and drain
+included. Scaling: the async driver with 1, 2 and 4 world replicas at the same per-video
+latency; efficiency = eps_k / (k x eps_1).
 
-The per-stage call times are printed for both runs: the world is meant to be the slowest
-stage (as a video model is); if the action stage is slower on a loaded machine, the world
-cannot be kept busy and the printout shows why.
+    python jobs/bench_pipeline.py [--scale 8] [--groups 8] [--repeats 2] [--replicas 1,2,4]
 
-Last line: ``RESULT async_eps=… lockstep_eps=… ratio=… world_util=…``
+Last line: ``RESULT async_eps=... lockstep_eps=... ratio=... world_util=... eff_2=... eff_4=...``
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
-import sys
+import statistics
 import tempfile
-import threading
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RUST_LOG", "error")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from worldagent_ray.env import apply_env_defaults
+
+apply_env_defaults(offline=True)
+
+FASTWAN22_5B_H200_S = 16.0  # FastVideo: 5 s 720P clip, FastWan2.2-TI2V-5B, one H200, end to end
 
 
-class Served:
-    """Exposes ``obj.method`` as ``.method.remote(...)`` returning an awaitable, like a Ray handle.
+class ReplicaPool:
+    """``k`` world replicas: a call takes a free replica, renders for real, and holds the
+    replica until ``per_video_s x len(plans)`` has passed (one video at a time per GPU)."""
 
-    ``latency`` (s) is injected per call (a test double for a slow GPU stage); ``serial`` makes
-    calls queue one at a time like a single replica. Busy intervals are recorded."""
+    def __init__(self, world, replicas: int, per_video_s: float):
+        self.world, self.per_video_s = world, per_video_s
+        self.free: asyncio.Queue[int] | None = None
+        self.replicas = replicas
+        self.busy_s = 0.0
+        self.calls = 0
 
-    def __init__(self, obj, latency: float = 0.0, serial: bool = False):
-        self._obj, self._latency, self._serial = obj, latency, serial
-        self._lock = threading.Lock()
-        self.busy: list[tuple[float, float]] = []
-        self.by_method: dict[str, list[float]] = {}
-
-    def _run(self, name, args, kwargs):
-        def call():
-            t0 = time.time()
-            out = getattr(self._obj, name)(*args, **kwargs)
-            rest = self._latency - (time.time() - t0)
+    async def render(self, task, plans, out_dir, seeds):
+        if self.free is None:
+            self.free = asyncio.Queue()
+            for i in range(self.replicas):
+                self.free.put_nowait(i)
+        slot = await self.free.get()
+        t0 = time.perf_counter()
+        try:
+            out = await asyncio.to_thread(self.world.render, task, plans, out_dir, None, seeds)
+            rest = self.per_video_s * len(plans) - (time.perf_counter() - t0)
             if rest > 0:
-                time.sleep(rest)
-            self.busy.append((t0, time.time()))
-            self.by_method.setdefault(name, []).append(time.time() - t0)
+                await asyncio.sleep(rest)
             return out
-
-        if self._serial:
-            with self._lock:
-                return call()
-        return call()
-
-    def __getattr__(self, name):
-        outer = self
-
-        class _M:
-            def remote(self, *args, **kwargs):
-                return asyncio.to_thread(outer._run, name, args, kwargs)
-
-        return _M()
+        finally:
+            self.busy_s += time.perf_counter() - t0
+            self.calls += 1
+            self.free.put_nowait(slot)
 
 
-def utilisation(busy: list[tuple[float, float]]) -> float:
-    if not busy:
-        return 0.0
-    busy = sorted(busy)
-    total, (cs, ce) = 0.0, busy[0]
-    for s, e in busy[1:]:
-        if s > ce:
-            total += ce - cs
-            cs, ce = s, e
-        else:
-            ce = max(ce, e)
-    total += ce - cs
-    return total / (busy[-1][1] - busy[0][0])
-
-
-def build(cfg, root: str, latency: float, engine):
-    from worldagent_ray.agents.action import ActionAgent
-    from worldagent_ray.agents.curriculum import CurriculumAgent
-    from worldagent_ray.critic import Critic
+def make_services(cfg, engine, root: str, replicas: int, per_video_s: float):
     from worldagent_ray.memory import Embedder, EpisodeMemory
-    from worldagent_ray.orchestration.evolve import Services
-    from worldagent_ray.world.sandbox import SandboxWorld
-    from worldagent_ray.world.sandbox.tasks import SandboxTaskGenerator
+    from worldagent_ray.orchestration.local import LocalServices
 
-    world = SandboxWorld(cfg.world.sandbox)
-    mem = EpisodeMemory(f"{root}/memory", embedder=Embedder("minilm"))
-    services = Services(
-        action=Served(ActionAgent(cfg.agents.action, engine), serial=True),
-        world=Served(world, latency=latency, serial=True),
-        critic=Served(Critic(cfg.agents.critic, None), latency=latency, serial=True),
-        curriculum=Served(CurriculumAgent(cfg.agents.curriculum, SandboxTaskGenerator(seed=0), None)),
-        memory=Served(mem),
-        vocabulary=world.admissible_actions,
-    )
-    return services
+    memory = EpisodeMemory(f"{root}/memory", embedder=Embedder("minilm", num_threads=1))
+    services = LocalServices(cfg, {cfg.agents.action.engine: engine}, memory=memory)
+    pool = ReplicaPool(services.world, replicas, per_video_s)
+    services.render = pool.render  # the world is the replica pool
+    return services, pool
 
 
-async def lockstep(cfg, run, s) -> int:
-    """The naive loop: one task at a time, one stage at a time."""
-    from worldagent_ray.schemas import ActionRequest
-    from worldagent_ray.schemas import Episode
-
-    from worldagent_ray.schemas import CurriculumState
+async def lockstep(cfg, run, s) -> None:
+    """The naive loop: one task at a time, one stage after the other."""
+    from worldagent_ray.schemas import ActionRequest, CurriculumState, Episode, EpisodeRow
 
     state = CurriculumState(phase=cfg.agents.curriculum.start_phase)
-    n = 0
     for rnd in range(cfg.run.iterations):
-        prop = await s.curriculum.propose.remote(state, [], set(), cfg.agents.curriculum.tasks_per_proposal, rnd)
+        prop = await s.propose(state, [], set(), cfg.agents.curriculum.tasks_per_proposal, rnd)
         state = prop.state
-        for slot, task in enumerate(prop.tasks):
-            task = task.model_copy(update={"id": f"r{rnd:04d}.{slot}.{task.id}"[:200]})
-            hits = await s.memory.retrieve.remote(task.goal, cfg.agents.action.memory_top_k)
-            [samples] = await s.action.act.remote([ActionRequest(task=task, memory=hits, vocabulary=s.vocabulary(task))])
-            rollouts = await s.world.render.remote(task, [x.plan for x in samples], f"{run.videos}/{task.id}")
-            verdicts = await s.critic.score_batch.remote([(task, x.plan, r) for x, r in zip(samples, rollouts)])
-            eps = [Episode.new(run.run_id, task, i, plan=x.plan, rollout=r, verdict=v)
+        tasks = [t.model_copy(update={"id": f"r{rnd:04d}.{i}.{t.id}"[:200]}) for i, t in enumerate(prop.tasks)]
+        run.record_round(rnd, tasks, list(prop.sources))
+        for task in tasks:
+            hits = await s.recall(task.goal, cfg.agents.action.memory_top_k)
+            samples = await s.act(ActionRequest(task=task, memory=hits, vocabulary=s.vocabulary(task)))
+            rollouts = await s.render(task, [x.plan for x in samples], f"{run.videos}/{task.id}",
+                                      list(range(len(samples))))
+            verdicts = await s.score([(task, x.plan, r) for x, r in zip(samples, rollouts)])
+            eps = [Episode.new(run.run_id, task, i, plan=x.plan, rollout=r, verdict=v, round=rnd)
                    for i, (x, r, v) in enumerate(zip(samples, rollouts, verdicts))]
-            await s.memory.upsert.remote(eps)
-            n += len(eps)
-    return n
+            await s.remember(eps)
+            run.record_episodes([EpisodeRow(**e.summary().model_dump(), t=time.time()) for e in eps])
 
 
-class CriticAsScore:
-    """The critic deployment's method is ``score``; the core's is ``score_batch``."""
+def one_run(mode: str, cfg, engine, root: str, replicas: int, per_video_s: float) -> dict:
+    from worldagent_ray.orchestration.evolve import EvolveDriver
+    from worldagent_ray.orchestration.run_folder import RunFolder
 
-    def __init__(self, served):
-        self.served = served
-
-    def __getattr__(self, name):
-        return getattr(self.served, "score_batch" if name == "score" else name)
+    tag = f"{mode}-{replicas}-{time.monotonic_ns()}"
+    run_cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"root": f"{root}/{tag}"})})
+    run = RunFolder.create(run_cfg, tag)
+    s, pool = make_services(run_cfg, engine, str(run.local), replicas, per_video_s)
+    t0 = time.perf_counter()
+    if mode == "lockstep":
+        asyncio.run(lockstep(run_cfg, run, s))
+    else:
+        asyncio.run(EvolveDriver(run_cfg, run, s).run_loop())
+    wall = time.perf_counter() - t0
+    ok = sum(1 for r in run.episode_rows() if r.status == "ok")
+    return {"mode": mode, "replicas": replicas, "ok": ok, "wall": wall, "eps": ok / wall,
+            "util": pool.busy_s / (replicas * wall), "calls": pool.calls}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--latency", type=float, default=3.0,
-                    help="injected seconds per world and per critic call (default 3: the world, a video model, "
-                         "is the slow stage in production; keep it above the action stage's measured time)")
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--tasks-per-round", type=int, default=3)
+    ap.add_argument("--scale", type=float, default=8.0, help="divide FastVideo's 16 s per video by this (default 8)")
+    ap.add_argument("--groups", type=int, default=8, help="task groups per run at 1 replica (scaled with replicas)")
     ap.add_argument("--group-size", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--replicas", default="1,2,4", help="replica counts of the scaling mode ('' to skip)")
     ap.add_argument("--backend", default="auto", choices=["auto", "vllm", "transformers"])
     args = ap.parse_args(argv)
 
     from worldagent_ray.config import load_config
     from worldagent_ray.engines import build_engine
-    from worldagent_ray.orchestration.evolve import EvolveDriver
-    from worldagent_ray.orchestration.run_folder import RunFolder
 
-    cfg = load_config("local-cpu", overrides=[
-        f"run.iterations={args.rounds}", f"agents.curriculum.tasks_per_proposal={args.tasks_per_round}",
-        f"agents.action.group_size={args.group_size}", "agents.curriculum.use_llm=false",
-        "agents.critic.scorers=[verifiable]", "agents.action.max_tokens=96",
-        "engines.policy.model=tiny-random-llama", f"engines.policy.backend={args.backend}",
-        "run.pipeline={action: {workers: 2, queue: 2}, world: {workers: 4, queue: 4}, critic: {workers: 4, queue: 4}}",
-    ])
+    per_video = FASTWAN22_5B_H200_S / args.scale
+    tasks_per_round = 2
+
+    def cfg_for(groups: int, world_workers: int):
+        rounds = max(1, groups // tasks_per_round)
+        return load_config("local-cpu", overrides=[
+            f"run.iterations={rounds}", f"agents.curriculum.tasks_per_proposal={tasks_per_round}",
+            f"agents.action.group_size={args.group_size}", "agents.curriculum.use_llm=false",
+            "agents.critic.scorers=[verifiable]", "agents.action.max_tokens=96", "run.lookahead_rounds=4",
+            "engines.policy.model=tiny-random-llama", f"engines.policy.backend={args.backend}",
+            f"run.pipeline={{action: {{workers: 2, queue: 2}}, world: {{workers: {world_workers}, queue: "
+            f"{world_workers}}}, critic: {{workers: 2, queue: 2}}}}",
+            "world.sandbox.write_gif=false",
+        ], environ={})
+
+    cfg = cfg_for(args.groups, 1)
     engine = build_engine(cfg.engines["policy"])
-    print(f"engine: {type(engine).__name__} on {cfg.engines['policy'].model}; latency {args.latency}s "
-          f"per world and critic call; {args.rounds}x{args.tasks_per_round} tasks x G={args.group_size}")
+    print(f"engine: {type(engine).__name__} on {cfg.engines['policy'].model}; world: sandbox + "
+          f"{per_video:.2f} s per video (FastWan2.2-5B on one H200, {FASTWAN22_5B_H200_S:g} s / {args.scale:g}); "
+          f"{args.groups} groups x G={args.group_size}")
     root = tempfile.mkdtemp(prefix="bench-pipeline-")
     try:
-        results = {}
-        for mode in ("lockstep", "async"):
-            cfg.run.root = f"{root}/{mode}"
-            run = RunFolder.create(cfg, mode)
-            s = build(cfg, str(run.local), args.latency, engine)
-            s.critic = CriticAsScore(s.critic)
-            t0 = time.time()
-            if mode == "lockstep":
-                n = asyncio.run(lockstep(cfg, run, s))
-            else:
-                summary = asyncio.run(EvolveDriver(cfg, run, s).run_loop())
-                n = summary["episodes"]
-            dt = time.time() - t0
-            results[mode] = (n, dt, utilisation(s.world.busy))
-            print(f"{mode:9s}: {n} episodes in {dt:6.2f}s = {n / dt:5.2f} eps/s; world utilisation "
-                  f"{results[mode][2]:.1%}")
-            stages = {"action": s.action, "world": s.world, "critic": s.critic.served, "memory": s.memory}
-            print(f"  {mode} calls (count x mean s): " + ", ".join(
-                f"{k}.{m} {len(d)}x{sum(d) / len(d):.2f}" for k, v in stages.items() for m, d in v.by_method.items()))
-        a_n, a_t, a_u = results["async"]
-        l_n, l_t, _ = results["lockstep"]
-        ratio = (a_n / a_t) / (l_n / l_t)
-        print(f"RESULT async_eps={a_n / a_t:.3f} lockstep_eps={l_n / l_t:.3f} ratio={ratio:.2f} world_util={a_u:.3f}")
+        one_run("async", cfg_for(2, 1), engine, root, 1, per_video)  # warm-up: engine, memory, sandbox
+        runs: dict[str, list[dict]] = {"async": [], "lockstep": []}
+        for rep in range(args.repeats):
+            order = ("async", "lockstep") if rep % 2 == 0 else ("lockstep", "async")
+            for mode in order:
+                r = one_run(mode, cfg, engine, root, 1, per_video)
+                runs[mode].append(r)
+                print(f"  {mode:9s} repeat {rep}: {r['ok']} ok episodes in {r['wall']:6.1f} s = {r['eps']:.3f} eps/s;"
+                      f" world busy {r['util']:.1%} of the wall time ({r['calls']} render calls)")
+        a = statistics.median(r["eps"] for r in runs["async"])
+        lk = statistics.median(r["eps"] for r in runs["lockstep"])
+        util = statistics.median(r["util"] for r in runs["async"])
+        result = f"async_eps={a:.3f} lockstep_eps={lk:.3f} ratio={a / lk:.2f} world_util={util:.3f}"
+        counts = [int(x) for x in args.replicas.split(",") if x.strip()]
+        if counts:
+            scaling = {}
+            for k in counts:
+                # enough groups that every replica stays busy; the driver's world stage has k workers
+                r = one_run("async", cfg_for(args.groups * k, k), engine, root, k, per_video)
+                scaling[k] = r
+                print(f"  scaling: {k} replica(s): {r['ok']} ok episodes in {r['wall']:6.1f} s = {r['eps']:.3f} eps/s;"
+                      f" utilisation {r['util']:.1%}")
+            base = scaling[counts[0]]["eps"] / counts[0]
+            result += "".join(f" eff_{k}={scaling[k]['eps'] / (k * base):.2f}" for k in counts if k != counts[0])
+        print(f"RESULT {result}")
     finally:
         engine.shutdown()
         shutil.rmtree(root, ignore_errors=True)
@@ -206,4 +188,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
