@@ -316,6 +316,19 @@ class LearnerConfig(_Section):
     use_gpu: bool = Field(default=False, description="Train on GPUs.")
     max_failures: int = Field(default=2, ge=0, description="Worker failures Ray Train recovers from.")
     seed: int = Field(default=0, description="Seed of the learner (initialisation, sampling).")
+    dpo_coef: float = Field(
+        default=0.0, ge=0.0,
+        description="lambda of seed 000's L = L_GRPO + lambda * L_DPO: DPO on each group's best/worst completion "
+        "against the frozen reference (0 disables it).",
+    )
+    dpo_beta: float = Field(default=0.1, gt=0.0, description="DPO temperature beta (TRL's DPOConfig.beta).")
+    dpo_loss_type: Literal["sigmoid", "hinge", "ipo"] = Field(
+        default="sigmoid", description="DPO loss, as TRL's DPOConfig.loss_type names it."
+    )
+    dpo_margin: float = Field(
+        default=0.2, gt=0.0, le=1.0,
+        description="A group gives a DPO pair only when its best and worst rewards differ by at least this.",
+    )
 
 
 # --------------------------------------------------------------------------- resources
