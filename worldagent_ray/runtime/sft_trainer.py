@@ -145,7 +145,7 @@ def _common_args(config: dict[str, Any], trainer_dir: Path) -> dict[str, Any]:
     use_gpu = bool(config.get("use_gpu"))
     return dict(
         output_dir=str(trainer_dir), per_device_train_batch_size=config["batch_size"], learning_rate=config["lr"],
-        max_steps=config["max_steps"], lr_scheduler_type="cosine", warmup_ratio=0.05, logging_steps=5,
+        max_steps=config["max_steps"], lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=5,
         save_steps=config.get("save_steps", 50), save_total_limit=2, report_to=[], seed=config["seed"],
         use_cpu=not use_gpu, bf16=use_gpu, dataloader_num_workers=0, disable_tqdm=True,
     )
