@@ -54,15 +54,15 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="skip finished phases, continue the unfinished one")
     p.add_argument("--memory", help="memory URI whose successful train episodes join the SFT data")
     p.add_argument("--grpo-steps", type=int, default=20, help="phase 2 optimizer steps")
-    p.add_argument("--grpo-minutes", type=float, default=None, help="phase 2 time limit (training time)")
+    p.add_argument("--grpo-minutes", type=float, default=10.0, help="phase 2 time limit (training time)")
     p.add_argument("--checkpoint-every", type=int, default=5, help="phase 2 learner checkpoint every k steps")
     p.add_argument("--phase2-frac", type=float, default=0.75, help="share of phase-2 tasks in phase 2 rounds")
     p.add_argument("--iterations", type=int, default=2, help="curriculum iterations in phase 3")
     p.add_argument("--learn", action="store_true", help="run phase 3 with the online GRPO learner")
     p.add_argument("--stop-after", choices=PHASES, help="stop after this phase (resume later)")
     args = p.parse_args(argv)
-    if args.grpo_steps < 0 or args.checkpoint_every < 1 or args.iterations < 0:
-        p.error("--grpo-steps and --iterations must be >= 0, --checkpoint-every >= 1")
+    if args.grpo_steps < 0 or args.checkpoint_every < 1 or args.iterations < 0 or args.grpo_minutes <= 0:
+        p.error("--grpo-steps and --iterations must be >= 0, --checkpoint-every >= 1, --grpo-minutes > 0")
     return args
 
 
@@ -140,8 +140,8 @@ def phase_grpo(cfg, out: Path, sft_model: str, args: argparse.Namespace) -> dict
             say(f"  resumed phase 2 at step {core.step_count}")
         while trainer.stats.steps < args.grpo_steps:
             target = min(args.grpo_steps, (trainer.stats.steps // args.checkpoint_every + 1) * args.checkpoint_every)
-            left = None if args.grpo_minutes is None else args.grpo_minutes - trainer.stats.trained_s / 60
-            if left is not None and left <= 0:
+            left = args.grpo_minutes - trainer.stats.trained_s / 60
+            if left <= 0:
                 break
             trainer.run(max_steps=target, minutes=left)
             core.save_checkpoint(ckpt, extra={"steps": trainer.stats.steps})

@@ -80,12 +80,14 @@ class Phase2Trainer:
         engine_dtype: dtype the weights are sent to the engine in.
         seed: seeds task sampling and generation.
         say: progress printer.
+        learn: False makes rounds without optimizer steps (``core`` may then be None).
     """
 
     def __init__(self, core: Any, engine: Any, world: Any, critic: Any, generator: Any, action_cfg: ActionConfig,
                  vocabulary: Callable[[Any], list[str]], *, memory: Any = None, use_memory: bool = False,
                  phase2_frac: float = 0.75, groups_per_step: int = 1, engine_dtype: torch.dtype = torch.bfloat16,
-                 seed: int = 0, run_id: str = "phase2", out_dir: str = "/tmp", say: Callable[[str], None] = print):
+                 seed: int = 0, run_id: str = "phase2", out_dir: str = "/tmp", say: Callable[[str], None] = print,
+                 learn: bool = True):
         self.core, self.engine, self.world, self.critic, self.gen = core, engine, world, critic, generator
         self.agent = ActionAgent(action_cfg, engine)
         self.vocabulary, self.memory, self.use_memory = vocabulary, memory, use_memory
@@ -96,6 +98,7 @@ class Phase2Trainer:
         self.stats = Phase2Stats()
         self._pending: list[ScoredGroup] = []
         self.memory_top_k = action_cfg.memory_top_k
+        self.learn = learn  # False: rollouts (and memory writes) only, e.g. to fill memory with the base policy
 
     def push_weights(self) -> None:
         t0 = time.perf_counter()
@@ -140,7 +143,9 @@ class Phase2Trainer:
         group = scored_group_of(task, f"{rid}:{task.id}", samples, rewards, self.version, [e.id for e in eps])
         line = (f"round {st.rounds:3d} p{phase} {task.goal[:40]:40s} rewards {min(rewards):.2f}..{max(rewards):.2f} "
                 f"success {sum(v.success for v in verdicts)}/{len(verdicts)}")
-        if group is None:
+        if not self.learn:
+            pass
+        elif group is None:
             st.groups_without_tokens += 1
         elif max(rewards) - min(rewards) < 1e-9:
             st.constant_groups += 1  # zero advantage everywhere and no DPO pair: no gradient
@@ -159,15 +164,17 @@ class Phase2Trainer:
             line += f" | step {st.steps} loss {m['loss']:+.4f} |g| {m['grad_norm']:.2f} -> v{self.version}"
         return line
 
-    def run(self, *, minutes: float | None = None, max_steps: int | None = None,
+    def run(self, *, minutes: float | None = None, max_steps: int | None = None, max_rounds: int | None = None,
             on_minute: Callable[[float], None] | None = None) -> Phase2Stats:
-        """Rounds until ``minutes`` of training time (evaluations in ``on_minute`` excluded) or
-        ``max_steps`` optimizer steps, whichever comes first."""
-        if minutes is None and max_steps is None:
-            raise ValueError("give minutes or max_steps (or both)")
+        """Rounds until ``minutes`` of training time (time spent in ``on_minute``, e.g.
+        evaluations, excluded), ``max_steps`` optimizer steps or ``max_rounds`` rounds (counted
+        over the trainer's life), whichever comes first."""
+        if minutes is None and max_steps is None and max_rounds is None:
+            raise ValueError("give minutes, max_steps or max_rounds")
         budget = 60.0 * minutes if minutes is not None else float("inf")
         st = self.stats
-        while st.trained_s < budget and (max_steps is None or st.steps < max_steps):
+        while (st.trained_s < budget and (max_steps is None or st.steps < max_steps)
+               and (max_rounds is None or st.rounds < max_rounds)):
             t0 = time.perf_counter()
             line = self.round()
             st.trained_s += time.perf_counter() - t0
