@@ -81,10 +81,17 @@ def test_sft_in_ray_train_writes_a_loadable_policy_and_resumes(ray_local, memory
     finally:
         engine.shutdown()
 
-    # Same folder again: TRL resumes from checkpoint-2 (max_steps 2 reached): no new step.
+    # Same folder again with one more step: TRL resumes from checkpoint-2, so the log history
+    # it saved there (marked here) is carried into checkpoint-3; a fresh start would lose it.
+    state_file = out + ".work/trainer/checkpoint-2/trainer_state.json"
+    state = json.loads(open(state_file).read())
+    state["log_history"].append({"resume_marker": 1.0, "step": 2})
+    open(state_file, "w").write(json.dumps(state))
+    cfg.training.sft.max_steps = 3
     again = run_sft(cfg, out, memory_uri=memory_uri)
-    assert again["metrics"]["steps"] == 2.0
-    assert sorted(os.listdir(out + ".work/trainer")) == ["checkpoint-1", "checkpoint-2"]
+    assert again["metrics"]["steps"] >= 3.0
+    newest = json.loads(open(out + ".work/trainer/checkpoint-3/trainer_state.json").read())
+    assert any(e.get("resume_marker") == 1.0 for e in newest["log_history"])
 
 
 def test_offline_dpo_in_ray_train_from_memory_pairs(ray_local, memory_uri, tmp_path):
