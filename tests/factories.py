@@ -27,3 +27,26 @@ def make_groups(seed: int, n_groups: int = 2, group_size: int = 4, version: int 
             )
         )
     return out
+
+
+# --------------------------------------------------------------------------- action training (SFT / DPO data)
+
+
+def sandbox_episode(task, sample: int, actions, *, success: bool, reward: float, run_id: str = "run-sft",
+                    raw_output: str | None = None, group_id: str | None = None):
+    """An Episode of a sandbox task with a plan and a verdict (as the driver writes them)."""
+    import json
+
+    from worldagent_ray.schemas import Episode, Plan, Scores, Verdict
+
+    scores = Scores(action_following=reward, temporal_consistency=1.0, object_interaction=reward,
+                    goal_achievement=1.0 if success else 0.0, physics=1.0)
+    plan = Plan.from_actions(list(actions))
+    text = raw_output if raw_output is not None else json.dumps(
+        {"steps": [{"step": i + 1, "action": a} for i, a in enumerate(actions)]})
+    return Episode.new(
+        run_id, task, sample, group_id=group_id or f"{run_id}:{task.id}", plan=plan, raw_output=text,
+        verdict=Verdict(state_caption="done" if success else "not done", success=success, scores=scores,
+                        reward=reward, scorer="verifiable"),
+        created_at=1.0 + sample,
+    )

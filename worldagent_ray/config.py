@@ -316,6 +316,11 @@ class LearnerConfig(_Section):
     use_gpu: bool = Field(default=False, description="Train on GPUs.")
     max_failures: int = Field(default=2, ge=0, description="Worker failures Ray Train recovers from.")
     seed: int = Field(default=0, description="Seed of the learner (initialisation, sampling).")
+    dpo_coef: float = Field(default=0.0, ge=0.0, description="lambda of seed 000's L = L_GRPO + lambda * L_DPO: "
+                            "DPO on each group's best/worst completion vs the frozen reference (0: off).")
+    dpo_beta: float = Field(default=0.1, gt=0.0, description="DPO temperature beta (TRL's DPOConfig.beta).")
+    dpo_loss_type: Literal["sigmoid", "hinge", "ipo"] = Field(default="sigmoid", description="TRL's DPO loss type.")
+    dpo_margin: float = Field(default=0.2, gt=0.0, le=1.0, description="Best-worst reward gap a DPO pair needs.")
 
 
 # --------------------------------------------------------------------------- resources
@@ -425,6 +430,49 @@ class RunConfig(_Section):
     report: bool = Field(default=True, description="Write report.html at the end.")
 
 
+# --------------------------------------------------------------------------- action training (SFT, offline DPO)
+
+
+class SFTConfig(_Section):
+    """Phase 1 of seed 000: SFT of the Action policy with TRL's SFTTrainer on Ray Train (jobs/train_sft.py)."""
+
+    phases: list[Literal[1, 2, 3]] = Field(default_factory=lambda: [1, 2, 3], description="Phases whose train tasks go in.")
+    tasks_per_composition: int = Field(default=1, ge=0, le=16, description="Generator examples per train composition.")
+    from_memory: bool = Field(default=True, description="Add successful train-split memory episodes (RFT).")
+    memory_min_reward: float = Field(default=0.99, ge=0.0, le=1.0, description="Reward a memory episode needs.")
+    reasoning: bool = Field(default=False, description="Write a reasoning line before the JSON plan (off: the "
+                            "Action agent decodes schema-constrained JSON only, so the target is the JSON alone).")
+    epochs: float = Field(default=2.0, gt=0.0, description="Passes over the data (max_steps wins when set).")
+    max_steps: int = Field(default=-1, ge=-1, description="Optimizer steps; -1 runs `epochs`.")
+    batch_size: int = Field(default=8, ge=1, description="Examples per device per step.")
+    lr: float = Field(default=1e-4, gt=0.0, description="Peak learning rate (cosine decay, 5% warmup).")
+    max_length: int = Field(default=1024, ge=64, description="Prompt + completion tokens kept per example.")
+    lora: bool = Field(default=False, description="Train LoRA adapters (merged on save) instead of all weights.")
+    lora_rank: int = Field(default=16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(default=32, ge=1, description="LoRA alpha.")
+    save_steps: int = Field(default=50, ge=1, description="Trainer checkpoint every k steps (resumable).")
+    num_workers: int = Field(default=1, ge=1, description="Ray Train workers (data parallel).")
+    seed: int = Field(default=0, description="Seed of data sampling and training.")
+
+
+class OfflineDPOConfig(_Section):
+    """TRL's DPOTrainer on (chosen, rejected) pairs exported from memory (jobs/train_dpo.py)."""
+
+    beta: float = Field(default=0.1, gt=0.0, description="DPO beta (TRL's DPOConfig.beta).")
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = Field(default="sigmoid", description="TRL's DPO loss type.")
+    margin: float = Field(default=0.2, gt=0.0, le=1.0, description="Best-worst reward gap a pair needs.")
+    lr: float = Field(default=5e-6, gt=0.0, description="Learning rate.")
+    max_steps: int = Field(default=-1, ge=-1, description="Optimizer steps; -1 runs one epoch.")
+    batch_size: int = Field(default=4, ge=1, description="Pairs per step.")
+
+
+class TrainingConfig(_Section):
+    """Offline training of the Action policy (besides the online GRPO learner)."""
+
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Phase 1: SFT.")
+    dpo: OfflineDPOConfig = Field(default_factory=OfflineDPOConfig, description="Offline DPO from memory pairs.")
+
+
 class Config(_Section):
     """The root of the config tree."""
 
@@ -437,6 +485,7 @@ class Config(_Section):
     world: WorldConfig = Field(default_factory=WorldConfig, description="The world model.")
     memory: MemoryConfig = Field(default_factory=MemoryConfig, description="World memory.")
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="The GRPO learner.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Offline SFT / DPO of the Action policy.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Placement of every part.")
     run: RunConfig = Field(default_factory=RunConfig, description="The run.")
 

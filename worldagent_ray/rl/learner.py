@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ..config import LearnerConfig
+from .dpo import dpo_term
 from .grpo import group_advantages, grpo_loss, importance_weights, off_policy_mask, token_logprobs
 from .weight_sync import LORA_SCALING_KEY
 
@@ -240,7 +241,7 @@ class LearnerCore:
         if pad_token_id is None:
             pad_token_id = getattr(self.module.config, "pad_token_id", None)
         self.pad_token_id = int(pad_token_id) if pad_token_id is not None else 0
-        self.ref_module = self._make_reference() if cfg.beta > 0 else None
+        self.ref_module = self._make_reference() if (cfg.beta > 0 or cfg.dpo_coef > 0) else None
         self.model = wrap_model(self.module) if wrap_model is not None else self.module
         self.trainable = [p for p in self.module.parameters() if p.requires_grad]
         if not self.trainable:
@@ -337,7 +338,10 @@ class LearnerCore:
             Metrics: ``loss``, ``reward_mean``, ``reward_std``, ``staleness_mean``,
             ``staleness_max``, ``stale_frac``, ``zero_variance_frac``, ``grad_norm``, ``lr``,
             ``policy_version`` (after the step), ``step``, ``num_sequences`` and the loss
-            metrics of :func:`~worldagent_ray.rl.grpo.grpo_loss`.
+            metrics of :func:`~worldagent_ray.rl.grpo.grpo_loss`; with ``cfg.dpo_coef > 0`` the
+            loss includes ``dpo_coef`` times the DPO term of :func:`~worldagent_ray.rl.dpo.dpo_term`
+            (against the frozen reference: a copy of the initial weights, or the base model
+            under LoRA; token log-probs at the learner's ``temperature``) and the ``dpo_*`` metrics.
         """
         if stale_flags is not None and len(stale_flags) != len(groups):
             raise ValueError(f"stale_flags has {len(stale_flags)} entries for {len(groups)} groups")
@@ -359,7 +363,7 @@ class LearnerCore:
         keep = None
         if cfg.off_policy_delta is not None:
             keep = off_policy_mask(advantages, current, rollout, mask, cfg.off_policy_delta)
-        ref_logps = self._reference_logps(batch) if cfg.beta > 0 else None
+        ref_logps = self._reference_logps(batch) if (cfg.beta > 0 or cfg.dpo_coef > 0) else None
         loss, loss_metrics = grpo_loss(
             logps,
             old_logps,
@@ -368,13 +372,18 @@ class LearnerCore:
             loss_type=cfg.loss_type,
             epsilon_low=cfg.epsilon_low,
             epsilon_high=cfg.epsilon_high,
-            ref_logps=ref_logps,
+            ref_logps=ref_logps if cfg.beta > 0 else None,
             beta=cfg.beta,
             is_weights=is_weights,
             max_completion_length=batch.completion_len,
             num_items_in_batch=self._dapo_normaliser(mask),
             keep_mask=keep,
         )
+        if cfg.dpo_coef > 0:  # seed 000's L = L_GRPO + lambda * L_DPO on each group's best/worst pair
+            dpo, dpo_metrics = dpo_term(logps, ref_logps, mask, batch.rewards.to(self.device), batch.group_index,
+                                        beta=cfg.dpo_beta, loss_type=cfg.dpo_loss_type, margin=cfg.dpo_margin)
+            loss = loss + cfg.dpo_coef * dpo
+            loss_metrics = {**loss_metrics, **dpo_metrics}
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)

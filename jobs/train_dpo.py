@@ -1,0 +1,61 @@
+"""Offline DPO of the Action policy with TRL's DPOTrainer (on Ray Train) on pairs from memory.
+
+    python jobs/train_dpo.py --memory runs/evolve-.../artifacts/memory --model runs/sft/model --out runs/dpo/model
+
+Pairs: in each group of train-split episodes in memory, the best-rewarded completion (chosen)
+and the worst (rejected), when their rewards differ by ``training.dpo.margin``; the completions
+are what the model wrote. The reference model is ``--model`` itself. Prints ``RESULT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default="local-cpu", help="profile name or YAML path")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. training.dpo.beta=0.2 (repeatable)")
+    p.add_argument("--memory", required=True, help="LanceDB memory URI of a run")
+    p.add_argument("--model", help="policy to start from, also the reference (default: the policy engine's model)")
+    p.add_argument("--out", help="output model folder (default: <run.root>/dpo-<time>/model)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from worldagent_ray.config import ConfigError, load_config
+    from worldagent_ray.orchestration.main import init_ray
+    from worldagent_ray.runtime.sft_trainer import run_dpo
+
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.profile, overrides=args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join(cfg.run.root, f"dpo-{time.strftime('%Y%m%d-%H%M%S')}", "model")
+    init_ray(cfg)
+    t0 = time.perf_counter()
+    try:
+        info = run_dpo(cfg, out, memory_uri=args.memory, model=args.model or cfg.engines[cfg.agents.action.engine].model)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2, default=str))
+    print(f"RESULT model={info['model']} pairs={info['pairs']} steps={info['metrics'].get('steps')} "
+          f"minutes={(time.perf_counter() - t0) / 60:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Phase 1 of seed 000: supervised fine-tuning of the Action policy (TRL SFTTrainer on Ray Train).
+
+    python jobs/train_sft.py --profile local-cpu --out runs/sft/model
+    python jobs/train_sft.py --memory runs/evolve-20261122-101500/artifacts/memory --set training.sft.lora=true
+    ray job submit --working-dir . -- python jobs/train_sft.py --profile gpu-cluster --out s3://bucket/sft/model
+
+Data (Ray Data): every train-split composition of ``training.sft.phases`` with its reference
+plan, in the Action agent's exact prompt format, plus (``--memory``) successful train-split
+episodes of a run's memory. The output folder is a complete Hugging Face model: use it as the
+policy with ``python jobs/evolve.py --set engines.policy.model=<out>``. Running the same command
+again resumes from TRL's checkpoints in ``<out>.work``. Prints ``RESULT`` with the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default="local-cpu", help="profile name or YAML path")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. training.sft.max_steps=100 (repeatable)")
+    p.add_argument("--out", help="output model folder (default: <run.root>/sft-<time>/model)")
+    p.add_argument("--memory", help="LanceDB memory URI of a run to add successful episodes from")
+    p.add_argument("--model", help="base model (default: engines.<action engine>.model)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from worldagent_ray.config import ConfigError, load_config
+    from worldagent_ray.orchestration.main import init_ray
+    from worldagent_ray.runtime.sft_trainer import run_sft
+
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.profile, overrides=args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join(cfg.run.root, f"sft-{time.strftime('%Y%m%d-%H%M%S')}", "model")
+    init_ray(cfg)
+    t0 = time.perf_counter()
+    info = run_sft(cfg, out, memory_uri=args.memory, model=args.model)
+    print(json.dumps(info, indent=2, default=str))
+    print(f"RESULT model={info['model']} examples={info['examples']} steps={info['metrics'].get('steps')} "
+          f"loss={info['metrics'].get('train_loss')} minutes={(time.perf_counter() - t0) / 60:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data sets for training the Action agent (pure formatting: no Ray, no TRL)."""
