@@ -1,0 +1,54 @@
+"""The `ray start --head` fixture of the end-to-end tests (helpers are in helpers.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.helpers import PY, ROOT, free_port, job_env_vars
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A `ray start --head` cluster in its own process group, torn down without `ray stop`
+    (which would kill every Ray on the machine)."""
+    gcs, dash = free_port(), free_port()
+    tmp = tmp_path_factory.mktemp("rayhead")
+    env = job_env_vars(RAY_AUTH_MODE="token")  # the head and every client share ~/.ray/auth_token
+    proc = subprocess.Popen(
+        [str(Path(PY).parent / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={tmp}",
+         # every port free, so that another Ray on the machine never collides with this one
+         *(f"--{flag}={free_port()}" for flag in (
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port"))],
+        cwd=ROOT, env=env, stdout=open(tmp / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{dash}"
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+    for _ in range(120):
+        try:
+            opener.open(f"{url}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:
+            break  # it answers (401 when token auth is on): the head is up
+        except Exception:
+            time.sleep(1)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+        pytest.fail(f"ray head did not start: {(tmp / 'head.log').read_text()[-2000:]}")
+    yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": url}
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,107 @@
+"""Long-lived services (issue 10.7): `serve deploy` starts the applications once; drivers run with
+``--attach``, use them without redeploying, and leave them running; two drivers one after the
+other share the same world replicas; scaling the world app while a driver runs loses nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from tests.e2e.helpers import FAST, FAST_OVERRIDES, PY, ROOT, check_complete, job_env_vars, ledger_episodes
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+WORLD_STATE = """
+import json, ray
+from ray.util.state import list_actors
+ray.init(address="auto", log_to_driver=False)
+alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "WorldDeployment" in (a.class_name or "")]
+print("WORLD", json.dumps(sorted(a.actor_id for a in alive)))
+"""
+
+
+def serve_config(path, world_replicas: int) -> None:
+    """The shipped local-cpu Serve config with the fast test settings; the world app's replica
+    count is set on the world app alone (the other apps' config stays identical)."""
+    cfg = yaml.safe_load((ROOT / "deployments" / "local-cpu.yaml").read_text())
+    cfg["applications"] = [a for a in cfg["applications"] if a["name"] != "engine-judge"]  # no judge in FAST
+    for a in cfg["applications"]:
+        extra = [f"resources.world.replicas={world_replicas}"] if a["name"] == "world" else []
+        a["args"]["overrides"] = [*FAST_OVERRIDES, *extra]
+    path.write_text(yaml.safe_dump(cfg))
+
+
+def wait_running(serve_bin, address, env, n_apps: int) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        st = subprocess.run([serve_bin, "status", "--address", address], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=60).stdout
+        apps = (yaml.safe_load(st) or {}).get("applications") or {}
+        if len(apps) >= n_apps and all(a.get("status") == "RUNNING" for a in apps.values()):
+            return
+        time.sleep(2)
+    pytest.fail(f"serve applications did not reach RUNNING:\n{st}")
+
+
+def world_replicas(env) -> list[str]:
+    p = subprocess.run([PY, "-c", WORLD_STATE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("WORLD ")]
+    assert line, p.stdout[-1000:] + p.stderr[-2000:]
+    return json.loads(line[0][6:])
+
+
+def test_drivers_attach_share_replicas_and_survive_scaling(ray_head, tmp_path):
+    from pathlib import Path
+
+    env = job_env_vars(RAY_ADDRESS=ray_head["gcs"], RAY_AUTH_MODE="token")
+    serve_bin = str(Path(PY).parent / "serve")
+    conf = tmp_path / "serve.yaml"
+    serve_config(conf, world_replicas=1)
+    p = subprocess.run([serve_bin, "deploy", str(conf), "--address", ray_head["dashboard"]], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    wait_running(serve_bin, ray_head["dashboard"], env, 5)
+    replicas_before = world_replicas(env)
+    assert len(replicas_before) == 1
+
+    # driver 1 attaches, runs, and leaves the applications running
+    args = ["--attach", "--set", f"run.root={tmp_path}", *FAST]
+    d1 = subprocess.run([PY, "jobs/evolve.py", "--run-name", "one", *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+    assert d1.returncode == 0, d1.stdout[-3000:] + d1.stderr[-3000:]
+    assert "attached to 5 running applications" in d1.stdout
+    check_complete(tmp_path / "one", 8)
+    assert world_replicas(env) == replicas_before  # not redeployed, still running after driver 1
+
+    # driver 2 attaches to the same replicas; the world app is scaled to 2 replicas mid-run
+    d2 = subprocess.Popen([PY, "jobs/evolve.py", "--run-name", "two", *args, "--set", "run.iterations=4"],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        run2 = tmp_path / "two"
+        deadline = time.time() + 300
+        while time.time() < deadline and d2.poll() is None:
+            if (run2 / "metrics.jsonl").exists() and len(ledger_episodes(run2)) >= 2:
+                break
+            time.sleep(0.3)
+        assert d2.poll() is None, "driver 2 ended before the world app could be scaled"
+        serve_config(conf, world_replicas=2)
+        p = subprocess.run([serve_bin, "deploy", str(conf), "--address", ray_head["dashboard"]], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        out, _ = d2.communicate(timeout=600)
+        assert d2.returncode == 0, out[-4000:]
+    finally:
+        if d2.poll() is None:
+            d2.kill()
+    check_complete(run2, 16)  # nothing lost across the scale-up
+    after = world_replicas(env)
+    assert set(replicas_before) <= set(after)  # driver 2 used the replica driver 1 used
+    deadline = time.time() + 120
+    while len(after) < 2 and time.time() < deadline:
+        time.sleep(2)
+        after = world_replicas(env)
+    assert len(after) == 2
