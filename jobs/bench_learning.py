@@ -233,7 +233,6 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     b = Bench(args, seed, work)
     res: dict[str, Any] = {"minutes": {"sft": sft_min}}
     try:
-        base_state = load_folder(resolve_model(args.model))
         res["baseline"] = b.evaluate("baseline", use_memory=False)
         say(f"seed {seed}: filling memory with the base policy on {args.memory_rounds} train tasks")
         tr, _ = b.phase2(resolve_model(args.model), 0.0, "memory", learn=False)

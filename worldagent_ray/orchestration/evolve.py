@@ -430,8 +430,8 @@ class EvolveDriver:
                 self.feeding = False
                 self.stop(f"the learner stopped: {reason}")
                 return
-            group = scored_group(item.task, f"{self.run.run_id}:{item.task.id}", item.samples, item.verdicts,
-                                 item.policy_version, [e.id for e in eps])
+            group = scored_group(item.task, f"{self.run.run_id}:{item.task.id}", item.samples,
+                                 [v.reward for v in item.verdicts], item.policy_version, [e.id for e in eps])
             if group is not None and await self._call("learner", lambda: self.learner.feed(group), memory=True):
                 self.fed += 1
         except Exception as e:  # learning is best effort per group; the episodes are already safe

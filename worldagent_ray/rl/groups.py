@@ -5,16 +5,16 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..schemas import PlanSample, ScoredGroup, Task, Verdict
+from ..schemas import PlanSample, ScoredGroup, Task
 
 
-def scored_group(task: Task, group_id: str, samples: Sequence[PlanSample], verdicts: Sequence[Verdict],
+def scored_group(task: Task, group_id: str, samples: Sequence[PlanSample], rewards: Sequence[float],
                  policy_version: int, episode_ids: Sequence[str]) -> ScoredGroup | None:
     """A GRPO group from one task's samples, or None when a sample carries no tokens or no
     log-probs (an engine error): such a group cannot be scored token by token."""
-    if len(samples) != len(verdicts) or len(samples) != len(episode_ids):
+    if len(samples) != len(rewards) or len(samples) != len(episode_ids):
         raise ValueError(
-            f"group {group_id!r}: {len(samples)} samples, {len(verdicts)} verdicts, {len(episode_ids)} episode ids"
+            f"group {group_id!r}: {len(samples)} samples, {len(rewards)} rewards, {len(episode_ids)} episode ids"
         )
     if any(not s.completion.token_ids or len(s.completion.logprobs) != len(s.completion.token_ids)
            for s in samples):
@@ -24,6 +24,6 @@ def scored_group(task: Task, group_id: str, samples: Sequence[PlanSample], verdi
         prompt_token_ids=[list(s.completion.prompt_token_ids) for s in samples],
         completion_token_ids=[list(s.completion.token_ids) for s in samples],
         rollout_logprobs=[list(s.completion.logprobs) for s in samples],
-        rewards=[float(v.reward) for v in verdicts],
+        rewards=[float(r) for r in rewards],
         episode_ids=list(episode_ids),
     )

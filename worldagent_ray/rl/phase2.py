@@ -20,29 +20,16 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
 from ..agents.action import ActionAgent
 from ..config import ActionConfig
 from ..schemas import ActionRequest, Episode, ScoredGroup
+from .groups import scored_group
 
-__all__ = ["Phase2Stats", "Phase2Trainer", "save_policy_model", "scored_group_of"]
-
-
-def scored_group_of(task: Any, group_id: str, samples: Sequence[Any], rewards: Sequence[float],
-                    policy_version: int, episode_ids: Sequence[str]) -> ScoredGroup | None:
-    """A GRPO group from one task's samples, or None when a sample carries no tokens."""
-    if any(not s.completion.token_ids or len(s.completion.logprobs) != len(s.completion.token_ids) for s in samples):
-        return None
-    return ScoredGroup(
-        group_id=group_id, task_id=task.id, policy_version=policy_version,
-        prompt_token_ids=[list(s.completion.prompt_token_ids) for s in samples],
-        completion_token_ids=[list(s.completion.token_ids) for s in samples],
-        rollout_logprobs=[list(s.completion.logprobs) for s in samples],
-        rewards=[float(r) for r in rewards], episode_ids=list(episode_ids),
-    )
+__all__ = ["Phase2Stats", "Phase2Trainer", "save_policy_model"]
 
 
 @dataclass
@@ -140,7 +127,7 @@ class Phase2Trainer:
         st.success += sum(v.success for v in verdicts)
         st.reward_sum += sum(v.reward for v in verdicts)
         rewards = [v.reward for v in verdicts]
-        group = scored_group_of(task, f"{rid}:{task.id}", samples, rewards, self.version, [e.id for e in eps])
+        group = scored_group(task, f"{rid}:{task.id}", samples, rewards, self.version, [e.id for e in eps])
         line = (f"round {st.rounds:3d} p{phase} {task.goal[:40]:40s} rewards {min(rewards):.2f}..{max(rewards):.2f} "
                 f"success {sum(v.success for v in verdicts)}/{len(verdicts)}")
         if not self.learn:
