@@ -106,10 +106,12 @@ class ActionConfig(_Section):
 class CriticConfig(_Section):
     """The Critic: five scores, a caption, success and a reward per rollout."""
 
-    scorers: list[Literal["verifiable", "text_judge", "vlm_judge"]] = Field(
+    scorers: list[Literal["verifiable", "text_judge", "vlm_judge", "reward_model"]] = Field(
         default_factory=lambda: ["verifiable", "text_judge"],
         description="Scorers combined into each verdict: 'verifiable' (the world's ground truth), "
-        "'text_judge' (an LLM captions the scene), 'vlm_judge' (a VLM scores sampled frames).",
+        "'text_judge' (an LLM captions, or with text_judge_mode=verdict also scores, the scene), "
+        "'vlm_judge' (a VLM scores sampled frames), 'reward_model' (a frozen learned reward model, "
+        "see reward_model).",
     )
     engine: str = Field(default="judge", description="Engine of the judge scorers.")
     reward_weights: dict[str, float] = Field(
@@ -128,9 +130,48 @@ class CriticConfig(_Section):
     success_min_reward: float = Field(default=0.0, ge=0.0, le=1.0, description="Success needs a reward at least this.")
     num_frames: int = Field(default=4, ge=1, le=64, description="Frames sampled for a VLM judge.")
     max_tokens: int = Field(default=160, ge=16, description="Most tokens of one judge answer.")
+    text_judge_mode: Literal["caption", "verdict"] = Field(
+        default="caption",
+        description="'caption': the text judge only writes the state caption; 'verdict': it also rates the "
+        "five dimensions and success from the goal, the plan and the scene description (the format the "
+        "critic SFT of jobs/train_critic.py trains).",
+    )
+    caption_max_chars: int = Field(
+        default=400, ge=40, le=2000,
+        description="Judge captions are cut to this many characters; a caption that loops or leaks prompt "
+        "text is replaced by the world's own description.",
+    )
+    reward_model: str | None = Field(
+        default=None,
+        description="The frozen learned reward model for the 'reward_model' scorer: a folder written by "
+        "`jobs/train_critic.py --stage rm` (a sequence-classification model) or a hub id. It is never "
+        "given weight updates.",
+    )
+    reward_model_max_length: int = Field(
+        default=1024, ge=64, le=32_768,
+        description="Tokens of one reward-model input at most (longer inputs keep their end).",
+    )
+    reward_model_success_threshold: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="With the 'reward_model' scorer, success also needs its calibrated reward at least this.",
+    )
+    scorer_weights: dict[Literal["scores", "reward_model"], float] = Field(
+        default_factory=lambda: {"scores": 1.0, "reward_model": 1.0},
+        description="Weights of the two reward sources when both are on: 'scores' (the reward_weights mean "
+        "of the five scores from verifiable/text/VLM judges) and 'reward_model'. The reward is their "
+        "weighted mean over the sources that scored the rollout.",
+    )
 
     @model_validator(mode="after")
     def _weights(self) -> "CriticConfig":
+        if "reward_model" in self.scorers and not self.reward_model:
+            raise ValueError("scorers include 'reward_model' but reward_model (a folder or hub id) is not set")
+        if any(w < 0 for w in self.scorer_weights.values()):
+            raise ValueError(f"scorer_weights must be >= 0, got {self.scorer_weights}")
+        used = (["scores"] if set(self.scorers) & {"verifiable", "text_judge", "vlm_judge"} else []) + (
+            ["reward_model"] if "reward_model" in self.scorers else [])
+        if used and sum(self.scorer_weights.get(k, 0.0) for k in used) <= 0:
+            raise ValueError(f"scorer_weights of the scorers in use {used} must sum to a positive number")
         bad = set(self.reward_weights) - set(SCORE_DIMENSIONS)
         if bad:
             raise ValueError(
