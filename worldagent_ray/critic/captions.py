@@ -44,7 +44,7 @@ LEAK_MARKERS: tuple[str, ...] = (
 )
 """Lower-case substrings that only appear in a caption copied from the prompt or the schema."""
 
-_WORD = re.compile(r"[a-z0-9']+")
+_WORD = re.compile(r"[a-z0-9_']+")
 
 
 def sanitize_text(text: Any) -> str:

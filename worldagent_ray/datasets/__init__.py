@@ -1,0 +1,1 @@
+"""Training data formatting (pure cores: no Ray); Ray Data shells live in ``runtime/``."""
