@@ -240,6 +240,10 @@ def launch_critic_trainer(cfg: Config, stage: str, train: ray.data.Dataset, stor
     ct = cfg.critic_training
     if stage not in ("sft", "rm"):
         raise ValueError(f"stage must be 'sft' or 'rm', got {stage!r}")
+    if ct.modality != "text":
+        raise NotImplementedError(
+            "critic_training.modality='vlm': the export writes frame-based SFT examples, but training a VLM "
+            "judge (processor + image inputs in TRL) is not implemented yet; use modality='text'")
     res = cfg.resources.learner
     return TorchTrainer(
         train_loop_per_worker,
