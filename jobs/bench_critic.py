@@ -10,6 +10,10 @@ rendered once; the same episodes and prompts for every judge, side by side in on
 * ``rm``: the reward model of ``--stage rm`` (calibrated reward; success = reward >= 0.5);
 * ``verifiable``: the scorer on the world's ground truth (the ceiling).
 
+Columns besides the measures: ``fallback`` (captions that are the world's own description
+because the judge wrote none usable, or wrote none at all: the verifiable scorer and the reward
+model), ``malformed`` (judge answers that did not parse: zero scores), seconds per episode.
+
 Measures per judge, against the ground truth: success accuracy (Wilson 95 % CI), AUROC of the
 reward for success, pairwise accuracy over same-task pairs whose ground-truth rewards differ by
 at least 0.05 (ties count one half; Wilson CI), Spearman of reward vs ground-truth reward, and
@@ -115,7 +119,7 @@ def pair_accuracy(rows: Sequence[dict], rewards: Sequence[float], margin: float 
 
 
 def measure(name: str, rows: Sequence[dict], verdicts: Sequence[Any]) -> dict[str, Any]:
-    from worldagent_ray.critic.captions import caption_faithfulness
+    from worldagent_ray.critic.captions import cap_length, caption_faithfulness, sanitize_text
 
     truth = [bool(r["success"]) for r in rows]
     rewards = [float(v.reward) for v in verdicts]
@@ -130,8 +134,9 @@ def measure(name: str, rows: Sequence[dict], verdicts: Sequence[Any]) -> dict[st
         "pairs": npairs, "spearman": spearman(rewards, [r["reward"] for r in rows]),
         "faithfulness": sum(faith_n) / len(faith_n) if faith_n else float("nan"),
         "captions_with_facts": len(faith_n) / len(rows),
-        "fallback_captions": sum(any("degenerate" in n or "caption is the world" in n for n in v.notes)
-                                 for v in verdicts) / len(rows),
+        "fallback_captions": sum(v.state_caption == cap_length(sanitize_text(r["state_description"]), len(v.state_caption))
+                                 and v.state_caption.startswith(r["state_description"][:40]) for r, v in zip(rows, verdicts)) / len(rows),
+        "malformed": sum(any("malformed" in n for n in v.notes) for v in verdicts) / len(rows),
     }
 
 
@@ -324,13 +329,13 @@ def main(argv=None) -> int:
         results.append(m)
     say("")
     say(f"{'judge':11s} {'success acc (95% CI)':>24s} {'AUROC':>6s} {'pair acc (95% CI)':>24s} {'Spearman':>8s} "
-        f"{'faithful':>8s} {'fallback':>8s} {'s/ep':>6s}")
+        f"{'faithful':>8s} {'fallback':>8s} {'malformed':>9s} {'s/ep':>6s}")
     for m in results:
         ci = m["acc_ci"]
         pci = m["pair_ci"] or (float("nan"), float("nan"))
         say(f"{m['judge']:11s} {m['acc']:8.3f} [{ci[0]:.3f}, {ci[1]:.3f}]   {m['auroc']:6.3f} "
             f"{m['pair_acc']:8.3f} [{pci[0]:.3f}, {pci[1]:.3f}]   {m['spearman']:8.3f} {m['faithfulness']:8.3f} "
-            f"{m['fallback_captions']:8.2f} {m['seconds'] / max(1, m['n']):6.3f}")
+            f"{m['fallback_captions']:8.2f} {m['malformed']:9.2f} {m['seconds'] / max(1, m['n']):6.3f}")
     say(f"(pairs: {results[0]['pairs']} same-task pairs with a ground-truth reward gap >= 0.05; "
         f"training of the SFT judge and the reward model: {train_min:.1f} min)")
     by = {m["judge"]: m for m in results}
