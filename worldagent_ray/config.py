@@ -106,10 +106,12 @@ class ActionConfig(_Section):
 class CriticConfig(_Section):
     """The Critic: five scores, a caption, success and a reward per rollout."""
 
-    scorers: list[Literal["verifiable", "text_judge", "vlm_judge"]] = Field(
+    scorers: list[Literal["verifiable", "text_judge", "vlm_judge", "reward_model"]] = Field(
         default_factory=lambda: ["verifiable", "text_judge"],
         description="Scorers combined into each verdict: 'verifiable' (the world's ground truth), "
-        "'text_judge' (an LLM captions the scene), 'vlm_judge' (a VLM scores sampled frames).",
+        "'text_judge' (an LLM captions, or with text_judge_mode=verdict also scores, the scene), "
+        "'vlm_judge' (a VLM scores sampled frames), 'reward_model' (a frozen learned reward model, "
+        "see reward_model).",
     )
     engine: str = Field(default="judge", description="Engine of the judge scorers.")
     reward_weights: dict[str, float] = Field(
@@ -128,9 +130,26 @@ class CriticConfig(_Section):
     success_min_reward: float = Field(default=0.0, ge=0.0, le=1.0, description="Success needs a reward at least this.")
     num_frames: int = Field(default=4, ge=1, le=64, description="Frames sampled for a VLM judge.")
     max_tokens: int = Field(default=160, ge=16, description="Most tokens of one judge answer.")
+    text_judge_mode: Literal["caption", "verdict"] = Field(
+        default="caption", description="'caption': the text judge writes the caption only; 'verdict': it also "
+        "rates the five dimensions and success from the scene text (the format jobs/train_critic.py trains).")
+    caption_max_chars: int = Field(default=400, ge=40, le=2000, description="Judge captions are cut to this length.")
+    reward_model: str | None = Field(default=None, description="Frozen reward model of the 'reward_model' scorer: a "
+                                     "folder from `jobs/train_critic.py --stage rm` or a hub id; never updated.")
+    reward_model_max_length: int = Field(default=1024, ge=64, le=32_768, description="Reward-model input tokens at most.")
+    reward_model_success_threshold: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="Success also needs the reward model's calibrated reward >= this.")
+    scorer_weights: dict[Literal["scores", "reward_model"], float] = Field(
+        default_factory=lambda: {"scores": 1.0, "reward_model": 1.0},
+        description="Weights of the reward sources: 'scores' (reward_weights mean of the five scores) and "
+        "'reward_model'; the reward is their weighted mean over the sources that scored a rollout.")
 
     @model_validator(mode="after")
     def _weights(self) -> "CriticConfig":
+        if "reward_model" in self.scorers and not self.reward_model:
+            raise ValueError("scorers include 'reward_model' but reward_model (a folder or hub id) is not set")
+        if any(w < 0 for w in self.scorer_weights.values()):
+            raise ValueError(f"scorer_weights must be >= 0, got {self.scorer_weights}")
         bad = set(self.reward_weights) - set(SCORE_DIMENSIONS)
         if bad:
             raise ValueError(
@@ -141,6 +160,35 @@ class CriticConfig(_Section):
         if sum(self.reward_weights.values()) <= 0:
             raise ValueError("reward_weights must sum to a positive number")
         return self
+
+
+class CriticTrainingConfig(_Section):
+    """Critic training (``jobs/train_critic.py``): ground-truth data, then judge SFT (TRL ``SFTTrainer``) or a
+    pairwise reward model (TRL ``RewardTrainer``) in Ray Train."""
+
+    base_model: str = Field(default="smollm2-135m-instruct", description="Judge backbone: builtin, folder or hub id.")
+    modality: Literal["text", "vlm"] = Field(default="text", description="Judge input: scene text, or sampled frames (a VLM).")
+    tasks_per_phase: int = Field(default=48, ge=1, le=10_000, description="Train tasks per phase rendered for data.")
+    heldout_tasks_per_phase: int = Field(default=16, ge=0, le=10_000, description="Held-out tasks per phase (eval rows).")
+    plan_kinds: list[Literal["reference", "padded", "shuffled", "truncated", "dropped", "corrupted", "random"]] = Field(
+        default_factory=lambda: ["reference", "padded", "shuffled", "truncated", "dropped", "corrupted", "random"],
+        description="Plan variants rendered per task (see worldagent_ray.datasets.critic.variant_plans).")
+    memory_uri: str | None = Field(default=None, description="Also export ground-truth episodes from this LanceDB.")
+    pair_margin: float = Field(default=0.05, ge=0.0, le=1.0, description="Pairs need rewards this far apart.")
+    max_pairs_per_task: int = Field(default=16, ge=1, description="Preference pairs per task at most.")
+    lora: bool = Field(default=False, description="Train LoRA adapters (merged on save) instead of all weights.")
+    lora_rank: int = Field(default=16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(default=32, ge=1, description="LoRA alpha.")
+    sft_lr: float = Field(default=1e-4, gt=0.0, description="Learning rate of the SFT stage.")
+    rm_lr: float = Field(default=5e-5, gt=0.0, description="Learning rate of the reward-model stage.")
+    epochs: float = Field(default=1.0, gt=0.0, description="Passes over the training rows.")
+    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps at most (overrides epochs).")
+    batch_size: int = Field(default=8, ge=1, description="Examples (SFT) or pairs (RM) per device per step.")
+    max_length: int = Field(default=768, ge=64, description="Tokens per example at most (longer ones are dropped).")
+    num_workers: int = Field(default=1, ge=1, description="Ray Train workers (data parallel).")
+    use_gpu: bool = Field(default=False, description="Train on GPUs (one per worker).")
+    seed: int = Field(default=0, description="Seed of the data export and of training.")
+    output_dir: str = Field(default="critic", description="Output under <run.root>/<output_dir>/<stage>.")
 
 
 class CurriculumConfig(_Section):
@@ -488,6 +536,7 @@ class Config(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Offline SFT / DPO of the Action policy.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Placement of every part.")
     run: RunConfig = Field(default_factory=RunConfig, description="The run.")
+    critic_training: CriticTrainingConfig = Field(default_factory=CriticTrainingConfig, description="Critic training.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":

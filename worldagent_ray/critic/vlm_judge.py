@@ -1,18 +1,23 @@
 """A vision-language judge: sampled frames + goal + plan -> the five scores and a caption.
 
 The engine is constrained to :meth:`~worldagent_ray.schemas.Verdict.decoding_schema`; its
-output is data (parsed, never run). Malformed output gives zero scores and a note.
+output is data (parsed by the total :func:`~worldagent_ray.critic.parsing.parse_judgement`,
+never run). Malformed output gives zero scores and a note; a degenerate caption (a loop,
+leaked prompt text) is dropped with a note (the critic then uses the world's description).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any, Sequence
 
 from ..config import CriticConfig
 from ..engines.base import InferenceEngine
-from ..schemas import SCORE_DIMENSIONS, Plan, Rollout, SamplingParams, Scores, Task, Verdict
+from ..schemas import Plan, Rollout, SamplingParams, Scores, Task, Verdict
 from ..world.media import sample_indices
+from .captions import ground_caption
+from .parsing import JudgeParseError, parse_judgement
+
+__all__ = ["SYSTEM", "VLMJudge", "judge_messages", "parse_judgement"]
 
 SYSTEM = (
     "You are a strict judge of robot videos. Given frames of a video, the goal and the plan, "
@@ -28,25 +33,6 @@ def judge_messages(task: Task, plan: Plan | None, frames: Sequence[str]) -> list
     steps = plan.as_text() if plan is not None else "(no plan)"
     parts.append({"type": "text", "text": f"Goal: {task.goal}\nPlan:\n{steps}\nJudge the video."})
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": parts}]
-
-
-def parse_judgement(text: str) -> tuple[Scores, str]:
-    """Scores and caption from judge JSON; ValueError naming the problem otherwise."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("scores"), dict):
-        raise ValueError("no 'scores' object")
-    raw = data["scores"]
-    vals = {}
-    for k in SCORE_DIMENSIONS:
-        v = raw.get(k)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
-            raise ValueError(f"scores.{k} must be a number in [0, 1], got {v!r}")
-        vals[k] = float(v)
-    cap = data.get("state_caption")
-    return Scores(**vals), (cap.strip()[:2000] if isinstance(cap, str) else "")
 
 
 class VLMJudge:
@@ -89,11 +75,12 @@ class VLMJudge:
         for (k, _), g in zip(todo, list(gens) + [[]] * (len(todo) - len(gens))):
             try:
                 if not g:
-                    raise ValueError("no completion returned")
+                    raise JudgeParseError("no completion returned")
                 if g[0].finish_reason == "error":
-                    raise ValueError("engine could not produce valid JSON")
-                scores, cap = parse_judgement(g[0].text)
-                out[k] = (scores, cap, [])
-            except ValueError as e:
+                    raise JudgeParseError("engine could not produce valid JSON")
+                scores, cap = parse_judgement(g[0].text, self.cfg.caption_max_chars)
+                cap, notes = ground_caption(cap, "", self.cfg.caption_max_chars, source="vlm_judge") if cap else ("", [])
+                out[k] = (scores, cap, notes)
+            except JudgeParseError as e:
                 out[k] = (Scores.zeros(), "", [f"vlm_judge: malformed output ({e}); scores 0"])
         return out

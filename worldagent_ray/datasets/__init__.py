@@ -1,1 +1,3 @@
-"""Data sets for training the Action agent (pure formatting: no Ray, no TRL)."""
+"""Datasets that move between training phases (pure: no Ray; the Ray Data shells are in
+``runtime/``): Action SFT examples and DPO pairs (``action_sft``), Critic SFT examples and
+preference pairs from ground truth (``critic``)."""

@@ -50,10 +50,22 @@ class CriticDeployment:
         c = self.cfg.agents.critic
         needs_engine = any(s in ("text_judge", "vlm_judge") for s in c.scorers)
         engines = {c.engine: _remote(self.cfg, c.engine)} if needs_engine else None
-        self.critic = Critic(c, engines)
+        self.critic = Critic(c, engines, _reward_model(self.cfg) if "reward_model" in c.scorers else None)
 
     async def score(self, items: Sequence[tuple[Task, Plan | None, Rollout]]) -> list[Verdict]:
         return await asyncio.to_thread(self.critic.score_batch, list(items))
+
+
+def _reward_model(cfg: Config):
+    """The served reward model when its application is deployed, else None (the Critic then
+    loads ``agents.critic.reward_model`` in this replica)."""
+    from .reward_model_deployment import REWARD_MODEL_APP, RemoteRewardModel
+
+    try:
+        handle = serve.get_app_handle(REWARD_MODEL_APP)
+    except Exception:  # not deployed: load it in process
+        return None
+    return RemoteRewardModel(handle, timeout_s=cfg.run.stage_timeout_s)
 
 
 class CurriculumDeployment:

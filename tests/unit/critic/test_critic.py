@@ -229,3 +229,88 @@ def test_vlm_judge_with_tiny_random_qwen2_vl(tmp_path):
         assert notes == [] or "vlm_judge" in notes[0]
     finally:
         engine.shutdown()
+
+
+# --------------------------------------------------------------------------- never raises, reward model, verdict mode
+
+
+def test_surrogate_and_looping_captions_never_break_score_batch(tmp_path):
+    """Issue 9 item 3: a caption with a lone surrogate broke Verdict inside score_batch."""
+    task = build_task("turn_on_stove", {})
+    plan, r = _rollout(task, ["turn on the stove"], tmp_path)
+    for text in ['{"state_caption": "stove \\ud83c on"}', '{"state_caption": "' + "The kitchen is now equipped "
+                 "with a kitchen robot, " * 20 + '"}', '{"state_caption": "Goal conditions met: none, '
+                 'goal_state_description:"}', "\ud83c", '{"state_caption": "' + "x" * 5000 + '"}']:
+        [v] = Critic(CriticConfig(), {"judge": ScriptedEngine([text])}).score_batch([(task, plan, r)])
+        v.model_dump_json().encode("utf-8")
+        assert v.success and len(v.state_caption) <= CriticConfig().caption_max_chars
+        assert "kitchen robot, The kitchen" not in v.state_caption and "goal_state_description" not in v.state_caption
+    vs = Critic(VERIFIABLE).score_batch([(task, plan, r), ("not an item",), (task, plan, r)])
+    assert len(vs) == 3 and not vs[1].success and "cannot judge" in vs[1].notes[0] and vs[2].success
+
+
+class FixedRewardModel:
+    """Test double (fault injection): fixed rewards, or a failure."""
+
+    weights_version = 0
+
+    def __init__(self, rewards=None, error=None):
+        self.rewards, self.error, self.seen = rewards or [], error, []
+
+    def score(self, conversations):
+        self.seen.append(list(conversations))
+        if self.error:
+            raise self.error
+        return [self.rewards[i % len(self.rewards)] for i in range(len(conversations))]
+
+
+def test_reward_model_scorer_combines_by_weights_and_sets_success(tmp_path):
+    task = build_task("turn_on_stove", {})
+    plan, r = _rollout(task, ["turn on the stove"], tmp_path)
+    rm_only = CriticConfig(scorers=["reward_model"], reward_model="x")
+    v = Critic(rm_only, reward_model=FixedRewardModel([0.8])).score(task, plan, r)
+    assert v.reward == pytest.approx(0.8) and v.success and v.scorer == "reward_model"
+    assert v.scores == Scores.zeros() and any("reward only" in n for n in v.notes)
+    assert not Critic(rm_only, reward_model=FixedRewardModel([0.3])).score(task, plan, r).success
+    both = CriticConfig(scorers=["verifiable", "reward_model"], reward_model="x",
+                        scorer_weights={"scores": 3.0, "reward_model": 1.0})
+    fixed = FixedRewardModel([0.2])
+    v = Critic(both, reward_model=fixed).score(task, plan, r)
+    assert v.reward == pytest.approx((3 * 1.0 + 0.2) / 4) and not v.success  # the RM vetoes success
+    conv = fixed.seen[0][0]
+    assert conv[1]["content"].startswith(f"Goal: {task.goal}") and "Step outcomes: 1 done" in conv[1]["content"]
+    v = Critic(both, reward_model=FixedRewardModel(error=RuntimeError("rm died"))).score(task, plan, r)
+    assert v.success and v.reward == 1.0 and any("rm died" in n for n in v.notes)  # scores still count
+    for bad in (float("nan"), 1.5):
+        v = Critic(rm_only, reward_model=FixedRewardModel([bad])).score(task, plan, r)
+        assert v.reward == 0.0 and not v.success and any("not a number in [0, 1]" in n for n in v.notes)
+    with pytest.raises(ValueError, match="reward_model"):
+        CriticConfig(scorers=["reward_model"])
+
+
+def test_text_judge_verdict_mode_scores_from_the_observation(tmp_path):
+    task = build_task("turn_on_stove", {})
+    plan, r = _rollout(task, ["turn on the stove"], tmp_path)
+    good = ('{"state_caption": "The stove is on.", "success": true, "scores": {"action_following": 1, '
+            '"temporal_consistency": 1, "object_interaction": 1, "goal_achievement": 1, "physics": 0.5}}')
+    eng = ScriptedEngine([good])
+    v = Critic(CriticConfig(scorers=["text_judge"], text_judge_mode="verdict"), {"judge": eng}).score(task, plan, r)
+    assert v.scorer == "text_judge" and v.scores.physics == 0.5 and v.success and v.state_caption == "The stove is on."
+    user = eng.calls[0][0][0][1]["content"]
+    assert "Goal conditions met" not in user and "Step outcomes: 1 done" in user
+    assert eng.calls[0][2] == __import__("worldagent_ray.schemas", fromlist=["Verdict"]).Verdict.decoding_schema()
+    v = Critic(CriticConfig(scorers=["text_judge"], text_judge_mode="verdict"),
+               {"judge": ScriptedEngine(['{"scores": {"physics": 10e400}}'])}).score(task, plan, r)
+    assert v.scores == Scores.zeros() and not v.success and any("malformed" in n for n in v.notes)
+
+
+def test_calibration_fit_and_rm_scoring(tmp_path):
+    from worldagent_ray.critic.reward_model import Calibration, fit_calibration
+
+    cal = fit_calibration([-2.0, -1.0, 1.0, 3.0], [False, False, True, True])
+    assert cal.center == 0.0 and cal.reward(3.0) > 0.5 > cal.reward(-1.0)
+    cal.save(tmp_path)
+    assert Calibration.load(tmp_path) == cal and Calibration.load(tmp_path / "none") == Calibration()
+    assert fit_calibration([1.0, 2.0], [True, True]).reward(1.0) > 0.5
+    with pytest.raises(ValueError):
+        fit_calibration([], [])
