@@ -40,7 +40,6 @@ import importlib.util
 import json
 import math
 import os
-import random
 import tempfile
 import time
 from typing import Any, Sequence

@@ -19,6 +19,7 @@ from ray import serve
 from ..config import Config, load_config
 from .agent_deployments import action_app, critic_app, curriculum_app
 from .engine_deployment import engine_app, engine_app_name
+from .reward_model_deployment import REWARD_MODEL_APP, reward_model_app
 from .world_deployment import world_app
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,12 @@ class Handles:
     engines: dict[str, Any]
     attached: bool = False
 
+    reward_model: Any = None
+
     @property
     def app_names(self) -> list[str]:
-        return [engine_app_name(e) for e in self.engines] + list(PART_APPS)
+        rm = [REWARD_MODEL_APP] if self.reward_model is not None else []
+        return [engine_app_name(e) for e in self.engines] + rm + list(PART_APPS)
 
 
 class AttachError(RuntimeError):
@@ -55,8 +59,13 @@ def used_engines(cfg: Config) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def uses_reward_model(cfg: Config) -> bool:
+    return "reward_model" in cfg.agents.critic.scorers
+
+
 def app_names(cfg: Config) -> list[str]:
-    return [engine_app_name(e) for e in used_engines(cfg)] + list(PART_APPS)
+    rm = [REWARD_MODEL_APP] if uses_reward_model(cfg) else []
+    return [engine_app_name(e) for e in used_engines(cfg)] + rm + list(PART_APPS)
 
 
 def start_serve() -> None:
@@ -79,12 +88,17 @@ def deploy(cfg: Config, publisher: str | None = None, namespace: str | None = No
         engines[name] = serve.run(engine_app(cfg, name, pub, namespace), name=engine_app_name(name),
                                   route_prefix=None)
         progress(f"engine {name!r} ({cfg.engines[name].model}) ready in {time.time() - t0:.1f}s")
+    reward_model = None
+    if uses_reward_model(cfg):  # the frozen learned Critic, before the critic that calls it
+        t0 = time.time()
+        reward_model = serve.run(reward_model_app(cfg), name=REWARD_MODEL_APP, route_prefix=None)
+        progress(f"reward model ({cfg.agents.critic.reward_model}) ready in {time.time() - t0:.1f}s")
     handles = {}
     for name, build in _parts(cfg).items():
         t0 = time.time()
         handles[name] = serve.run(build(cfg), name=name, route_prefix=None)
         progress(f"{name} ready in {time.time() - t0:.1f}s")
-    return Handles(engines=engines, **handles)
+    return Handles(engines=engines, reward_model=reward_model, **handles)
 
 
 def attach(cfg: Config, progress: Callable[[str], None] = print) -> Handles:
@@ -104,8 +118,9 @@ def attach(cfg: Config, progress: Callable[[str], None] = print) -> Handles:
             f"`serve deploy deployments/{cfg.profile}.yaml` (running: {sorted(status)})")
     handles = {n: serve.get_app_handle(n) for n in PART_APPS}
     engines = {e: serve.get_app_handle(engine_app_name(e)) for e in used_engines(cfg)}
+    reward_model = serve.get_app_handle(REWARD_MODEL_APP) if uses_reward_model(cfg) else None
     progress(f"attached to {len(needed)} running applications: {', '.join(needed)}")
-    return Handles(engines=engines, attached=True, **handles)
+    return Handles(engines=engines, attached=True, reward_model=reward_model, **handles)
 
 
 def teardown(handles: Handles | None) -> None:
@@ -114,7 +129,8 @@ def teardown(handles: Handles | None) -> None:
     destructors (which frees vLLM's shared memory)."""
     if handles is None or handles.attached:
         return
-    for name in ("action", "curriculum", "critic", "world", *(engine_app_name(e) for e in handles.engines)):
+    rm = [REWARD_MODEL_APP] if handles.reward_model is not None else []
+    for name in ("action", "curriculum", "critic", *rm, "world", *(engine_app_name(e) for e in handles.engines)):
         try:
             serve.delete(name, _blocking=True)
         except Exception as e:  # already gone
@@ -132,13 +148,15 @@ def build_app(args: dict[str, Any]):
     """The import path of every application in ``deployments/<profile>.yaml``.
 
     ``args``: ``profile`` (name or YAML path), ``app`` (``world``, ``critic``, ``curriculum``,
-    ``action`` or ``engine-<name>``), optional ``overrides`` (``section.field=value`` strings),
+    ``action``, ``reward-model`` or ``engine-<name>``), optional ``overrides`` (``section.field=value`` strings),
     and for the policy engine optional ``publisher``/``namespace`` of a weight publisher.
     """
     cfg = load_config(args.get("profile", "local-cpu"), overrides=args.get("overrides", []))
     app = args.get("app")
     if isinstance(app, str) and app.startswith("engine-"):
         return engine_app(cfg, app[len("engine-"):], args.get("publisher"), args.get("namespace"))
+    if app == REWARD_MODEL_APP:
+        return reward_model_app(cfg)
     parts = _parts(cfg)
     if app not in parts:
         raise ValueError(f"args.app must be one of {sorted(parts)} or 'engine-<name>', got {app!r}")
