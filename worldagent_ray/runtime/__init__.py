@@ -1,4 +1,9 @@
-"""The thin Ray shell: Serve deployments and actors that place and connect the pure cores.
+"""The thin Ray shell: Serve deployments (``XxxDeployment`` classes, ``xxx_app(cfg)`` factories),
+actors (``XxxActor`` classes, ``create_xxx_actor(...)`` factories), the learner's Ray Train loop,
+the Ray adapter of the driver's contract (``services.py``), placement (``placement.py``) and every
+Ray metric (``metrics.py``).
 
-Only this package (and ``jobs/``) imports Ray; everything it wraps is testable without it.
+The pure cores (``schemas config models engines agents world critic memory rl datasets``) never
+import Ray and the driver (``orchestration/``) reaches it only through this package;
+``tests/unit/test_layout.py`` keeps that rule.
 """
