@@ -7,11 +7,11 @@ numbers is rejected with a reason, never with another exception type. Pure core:
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
-from ..schemas import SCORE_DIMENSIONS, Scores
+from ..schemas import SCORE_DIMENSIONS, JsonRejection, Scores
+from ..schemas import load_json as load_model_json
 from .captions import MAX_CAPTION_CHARS, cap_length, sanitize_text
 
 MAX_JUDGE_CHARS = 100_000
@@ -27,19 +27,12 @@ class JudgeParseError(ValueError):
 
 
 def load_json(text: Any, max_chars: int = MAX_JUDGE_CHARS) -> Any:
-    """``json.loads(text)``, with every failure a :class:`JudgeParseError`."""
-    if not isinstance(text, str):
-        raise JudgeParseError(f"judge output must be a str, got {type(text).__name__}")
-    if len(text) > max_chars:
-        raise JudgeParseError(f"judge output has {len(text)} characters, more than {max_chars}")
+    """:func:`worldagent_ray.schemas.load_json` (total, surrogates cleaned), failing with a
+    :class:`JudgeParseError`."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise JudgeParseError(f"not valid JSON ({e.msg})") from None
-    except RecursionError:
-        raise JudgeParseError("JSON nested too deeply") from None
-    except (ValueError, OverflowError, MemoryError) as e:  # e.g. an int over 4300 digits
-        raise JudgeParseError(f"JSON value out of range ({type(e).__name__}: {str(e)[:80]})") from None
+        return load_model_json(text, max_chars=max_chars)
+    except JsonRejection as e:
+        raise JudgeParseError(e.reason) from None
 
 
 def unit_number(v: Any, where: str) -> float:
