@@ -408,12 +408,19 @@ class PlannerConfig(_Section):
     )
     num_candidates: int = Field(default=8, ge=1, le=64, description="N: plans imagined per round.")
     iterations: int = Field(default=3, ge=1, le=32, description="K: CEM rounds (best_of_n draws N*K at once).")
-    elite_fraction: float = Field(default=0.25, gt=0.0, le=1.0, description="Share of a round kept as elites.")
+    elite_fraction: float = Field(
+        default=0.5, gt=0.0, le=1.0, description="Elites: the best ceil(elite_fraction * N) plans imagined so far."
+    )
     smoothing: float = Field(
-        default=0.7, ge=0.0, le=1.0, description="CEM step: new = smoothing * elite fit + (1 - smoothing) * old."
+        default=0.5, ge=0.0, le=1.0, description="CEM step: new = smoothing * elite fit + (1 - smoothing) * old."
     )
     exploration: float = Field(
-        default=0.05, ge=0.0, le=1.0, description="Probability floor mixed in uniformly over the admissible actions."
+        default=0.1, ge=0.0, le=1.0, description="Probability floor mixed in uniformly over the admissible actions."
+    )
+    backoff: float = Field(
+        default=0.3, ge=0.0, le=1.0,
+        description="Weight of the elites' position-free action frequencies mixed into every state of the chain "
+        "when drawing (interpolated smoothing), so actions from different elites recombine.",
     )
     policy_fraction: float = Field(
         default=0.25, ge=0.0, le=1.0,
