@@ -9,8 +9,8 @@ Precedence, lowest to highest:
 Every section forbids unknown fields, and ``Literal`` fields list their allowed values,
 so a typo fails with an error that names the field and what it accepts::
 
-    ConfigError: configs/x.yaml: world.backend: Input should be 'sandbox' or 'diffusers'
-    (got 'sandbx')
+    ConfigError: configs/x.yaml: world.backend: Input should be 'sandbox', 'diffusers' or
+    'stepwise' (got 'sandbx')
 """
 
 from __future__ import annotations
@@ -280,14 +280,90 @@ class DiffusersConfig(_Section):
         return self
 
 
+def _is_4k1(n: int) -> bool:
+    return n >= 1 and (n - 1) % 4 == 0
+
+
+class StepwiseConfig(_Section):
+    """A video model that renders a plan step by step, each step conditioned on the video so far."""
+
+    method: Literal["skyreels_df", "wan_i2v_chain"] = Field(
+        default="skyreels_df",
+        description="'skyreels_df': SkyReels-V2 diffusion forcing, each later step extends the video "
+        "(video-to-video on the last `overlap_history` frames); 'wan_i2v_chain': Wan image-to-video "
+        "from the last frame of the previous step.",
+    )
+    model: str | None = Field(
+        default=None,
+        description="Builtin tiny pipeline, folder or hub id; default 'tiny-skyreels-df' (skyreels_df) or "
+        "'tiny-wan-ti2v' (wan_i2v_chain). E.g. Skywork/SkyReels-V2-DF-1.3B-540P-Diffusers.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Pipeline dtype.")
+    height: int = Field(default=64, ge=16, description="Video height (divisible by 16).")
+    width: int = Field(default=64, ge=16, description="Video width (divisible by 16).")
+    clip_frames: int = Field(
+        default=9, ge=1, description="Frames each pipeline call generates (4k+1); the first step keeps all of them."
+    )
+    overlap_history: int = Field(
+        default=5, ge=1,
+        description="skyreels_df: frames of history a later step is conditioned on (4k+1, below clip_frames); "
+        "each later step adds clip_frames - overlap_history frames (wan_i2v_chain: clip_frames - 1).",
+    )
+    base_num_frames: int = Field(
+        default=97, ge=1, description="skyreels_df: the model's base window in frames (97 for 540P, 121 for 720P)."
+    )
+    ar_step: int = Field(default=0, ge=0, description="skyreels_df: asynchronous (causal) schedule step; 0 is synchronous.")
+    causal_block_size: int | None = Field(
+        default=None, ge=1, description="skyreels_df: latent frames per causal block (default: the model's)."
+    )
+    addnoise_condition: float = Field(
+        default=0.0, ge=0.0, le=60.0, description="skyreels_df: noise added to the conditioning history (20 is typical)."
+    )
+    num_inference_steps: int = Field(default=4, ge=1, le=200, description="Denoising steps per step's clip.")
+    guidance_scale: float = Field(default=1.0, ge=0.0, description="Classifier-free guidance (1 disables it).")
+    fps: int = Field(default=8, ge=1, le=60, description="Frames per second of the written video.")
+    prompt_template: str = Field(
+        default="A first-person video of a robot in a kitchen. Goal: {goal}. Step {step}: {action}.",
+        description="Prompt of one step; fields {goal}, {step} (1-based) and {action}.",
+    )
+    lora: str | None = Field(
+        default=None,
+        description="A LoRA for few-step generation, e.g. CausVid's (its original key format converts): "
+        "'tiny-causvid-lora' (builtin, for the tiny Wan models) or a .safetensors file.",
+    )
+    lora_scale: float = Field(default=1.0, ge=0.0, le=4.0, description="Strength of `lora`.")
+    sample_frames: int = Field(default=4, ge=1, le=64, description="PNG frames written per video for the critic.")
+    max_reference_pixels: int = Field(
+        default=4096 * 4096, ge=1, description="Reference images above this many pixels are rejected."
+    )
+
+    @model_validator(mode="after")
+    def _shape(self) -> "StepwiseConfig":
+        if self.height % 16 or self.width % 16:
+            raise ValueError(f"height and width must be divisible by 16, got {self.height}x{self.width}")
+        for name in ("clip_frames", "overlap_history"):
+            if not _is_4k1(getattr(self, name)):
+                raise ValueError(f"{name} must be 4k+1 (e.g. 5, 9, 17), got {getattr(self, name)}")
+        if self.clip_frames < 5:
+            raise ValueError(f"clip_frames must be at least 5, got {self.clip_frames}")
+        if self.method == "skyreels_df" and self.overlap_history >= self.clip_frames:
+            raise ValueError(
+                f"overlap_history ({self.overlap_history}) must be below clip_frames ({self.clip_frames})"
+            )
+        return self
+
+
 class WorldConfig(_Section):
     """The world model that turns plans into videos."""
 
-    backend: Literal["sandbox", "diffusers"] = Field(
-        default="sandbox", description="'sandbox' (embedded kitchen) or 'diffusers' (a video model)."
+    backend: Literal["sandbox", "diffusers", "stepwise"] = Field(
+        default="sandbox",
+        description="'sandbox' (embedded kitchen), 'diffusers' (a video model, one clip per plan) or "
+        "'stepwise' (a video model extended step by step).",
     )
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="The sandbox backend.")
     diffusers: DiffusersConfig = Field(default_factory=DiffusersConfig, description="The diffusers backend.")
+    stepwise: StepwiseConfig = Field(default_factory=StepwiseConfig, description="The step-wise backend.")
     max_batch_size: int = Field(default=8, ge=1, description="Render requests a replica gathers into one batch.")
     batch_wait_timeout_s: float = Field(
         default=0.05, ge=0.0, description="How long a replica waits to fill a batch."
@@ -371,6 +447,72 @@ class LearnerConfig(_Section):
     dpo_margin: float = Field(default=0.2, gt=0.0, le=1.0, description="Best-worst reward gap a DPO pair needs.")
 
 
+# --------------------------------------------------------------------------- planner / export
+
+
+class PlannerConfig(_Section):
+    """Planning by imagination: sample plans from the policy, imagine them in the world model, judge
+    them with the frozen critic, and (CEM) refit the sampling distribution to the elites."""
+
+    method: Literal["single", "best_of_n", "cem"] = Field(
+        default="cem",
+        description="'single': one policy sample; 'best_of_n': num_candidates x iterations policy samples "
+        "in one round; 'cem': `iterations` rounds of num_candidates (equal world calls to best_of_n).",
+    )
+    num_candidates: int = Field(default=8, ge=1, le=64, description="N: plans imagined per round.")
+    iterations: int = Field(default=3, ge=1, le=32, description="K: CEM rounds (best_of_n draws N*K at once).")
+    elite_fraction: float = Field(
+        default=0.5, gt=0.0, le=1.0, description="Elites: the best ceil(elite_fraction * N) plans imagined so far."
+    )
+    smoothing: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="CEM step: new = smoothing * elite fit + (1 - smoothing) * old."
+    )
+    exploration: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="Probability floor mixed in uniformly over the admissible actions."
+    )
+    backoff: float = Field(
+        default=0.3, ge=0.0, le=1.0,
+        description="Weight of the elites' position-free action frequencies mixed into every state of the chain "
+        "when drawing (interpolated smoothing), so actions from different elites recombine.",
+    )
+    policy_fraction: float = Field(
+        default=0.25, ge=0.0, le=1.0,
+        description="Share of each CEM refit round drawn from the policy with the elites as in-context exemplars "
+        "(the rest comes from the refit Markov chain).",
+    )
+    exemplars: int = Field(default=3, ge=0, le=16, description="Elite plans shown to the policy per CEM round.")
+    stop_on_success: bool = Field(default=True, description="End the search at the first plan the critic calls a success.")
+    time_budget_s: float = Field(default=300.0, gt=0.0, description="No new round starts after this many seconds.")
+    seed: int = Field(default=0, description="Seed of a request that gives none.")
+    artifacts: str | None = Field(
+        default=None, description="Folder or URI for imagined videos; default <run.root>/planner."
+    )
+    http_host: str = Field(default="127.0.0.1", description="Host the HTTP route binds to (localhost by default).")
+    http_port: int = Field(default=8000, ge=1, le=65535, description="Port of the HTTP route.")
+    route_prefix: str = Field(default="/plan", pattern=r"^/[A-Za-z0-9_\-/]*$", description="HTTP route of the planner.")
+    max_image_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, description="Largest base64-decoded reference image a request may send."
+    )
+
+
+class ExportConfig(_Section):
+    """The video-action dataset export (jobs/export_dataset.py)."""
+
+    out: str | None = Field(default=None, description="Output folder or URI; default <run.root>/datasets/video_action.")
+    phases: list[int] = Field(default_factory=lambda: [1, 2, 3], description="Curriculum phases to keep.")
+    success: bool | None = Field(default=None, description="Keep only successes (true), failures (false), or both.")
+    min_reward: float = Field(default=0.0, ge=0.0, le=1.0, description="Keep episodes with reward >= this.")
+    rows_per_file: int = Field(default=1000, ge=1, description="Parquet rows per file (shard).")
+    video_shards: int = Field(default=16, ge=1, le=4096, description="Sub-folders the mp4 files are spread over.")
+
+    @model_validator(mode="after")
+    def _phases(self) -> "ExportConfig":
+        bad = [p for p in self.phases if p not in (1, 2, 3)]
+        if bad or not self.phases:
+            raise ValueError(f"phases must be a non-empty list of 1, 2, 3, got {self.phases}")
+        return self
+
+
 # --------------------------------------------------------------------------- resources
 
 
@@ -420,6 +562,7 @@ class ResourcesConfig(_Section):
     critic: PartResources = Field(default_factory=_part(0.25), description="Critic replicas.")
     memory: PartResources = Field(default_factory=_part(0.25), description="The memory actor.")
     learner: PartResources = Field(default_factory=_part(1.0), description="Each learner worker.")
+    planner: PartResources = Field(default_factory=_part(0.1), description="The planner deployment (light: it waits on the others).")
     ray_address: str | None = Field(default=None, description="None: join RAY_ADDRESS or start a local Ray.")
     ray_num_cpus: int | None = Field(default=None, ge=1, description="For a locally started Ray only.")
 
@@ -534,6 +677,8 @@ class Config(_Section):
     memory: MemoryConfig = Field(default_factory=MemoryConfig, description="World memory.")
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="The GRPO learner.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Offline SFT / DPO of the Action policy.")
+    planner: PlannerConfig = Field(default_factory=PlannerConfig, description="Planning by imagination.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="The video-action dataset export.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Placement of every part.")
     run: RunConfig = Field(default_factory=RunConfig, description="The run.")
     critic_training: CriticTrainingConfig = Field(default_factory=CriticTrainingConfig, description="Critic training.")

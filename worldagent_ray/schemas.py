@@ -343,6 +343,9 @@ class Rollout(_Message):
     seed: int | None = None
     latency_s: float = Field(default=0.0, ge=0.0)
     error: str | None = Field(default=None, description="Set when the world could not render this plan.")
+    step_frames: list["StepFrames"] = Field(
+        default_factory=list, description="Frame range of each rendered plan step (worlds that render per step)."
+    )
 
 
 # --------------------------------------------------------------------------- critic
@@ -714,3 +717,93 @@ class ScoredGroup(_Message):
 
 ActionRequest.model_rebuild()
 Proposal.model_rebuild()
+
+
+
+# --------------------------------------------------------------------------- imagination
+# Planning by imagination (agents/planner.py), step-wise worlds (world/stepwise.py), datasets/video_action.py.
+Method = Literal["single", "best_of_n", "cem"]
+
+
+class StepFrames(_Message):
+    """Frames ``[start, stop)`` of a rollout's video showing plan step ``step`` (``frame_uri``: its last frame)."""
+
+    step: int = Field(ge=1)
+    action: str = Field(max_length=MAX_ACTION_CHARS)
+    start: int = Field(ge=0)
+    stop: int = Field(ge=0)
+    frame_uri: str | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "StepFrames":
+        if self.stop < self.start:
+            raise ValueError(f"stop ({self.stop}) must be >= start ({self.start})")
+        return self
+
+
+class PlanRequest(_Message):
+    """A goal (or a full task) to plan for; an optional reference image as a URI or base64 bytes.
+    ``num_candidates`` / ``iterations`` may lower, never raise, the configured budgets."""
+
+    goal: str | None = Field(default=None, max_length=MAX_GOAL_CHARS)
+    task: Task | None = None
+    phase: int = Field(default=1, ge=1, le=3)
+    reference_image: str | None = None
+    reference_image_b64: str | None = None
+    method: Method | None = None
+    num_candidates: int | None = Field(default=None, ge=1)
+    iterations: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _one_each(self) -> "PlanRequest":
+        if (self.goal is None or not self.goal.strip()) == (self.task is None):
+            raise ValueError("give exactly one of 'goal' (non-empty text) or 'task'")
+        if self.reference_image is not None and self.reference_image_b64 is not None:
+            raise ValueError("give at most one of 'reference_image' and 'reference_image_b64'")
+        return self
+
+
+class PlanCandidate(_Message):
+    """One imagined plan and the frozen critic's judgement (``cached``: a repeat, no world call)."""
+
+    plan: Plan
+    source: Literal["policy", "cem"]
+    iteration: int = Field(ge=0)
+    reward: float = Field(default=0.0, ge=0.0, le=1.0)
+    success: bool = False
+    scores: Scores | None = None
+    video_uri: str | None = None
+    error: str | None = None
+    cached: bool = False
+
+
+class SearchIteration(_Message):
+    """One search round: candidates, world calls and policy samples spent, elite threshold, refit entropy."""
+
+    iteration: int = Field(ge=0)
+    candidates: list[PlanCandidate] = Field(default_factory=list)
+    world_calls: int = Field(default=0, ge=0)
+    policy_samples: int = Field(default=0, ge=0)
+    invalid: int = Field(default=0, ge=0)
+    elite_threshold: float | None = None
+    entropy: float | None = None
+    elapsed_s: float = Field(default=0.0, ge=0.0)
+
+
+class PlanResult(_Message):
+    """The planner's answer: best plan, its imagined rollout and verdict, and the search trace."""
+
+    task: Task
+    method: Method
+    best: PlanCandidate | None = None
+    rollout: Rollout | None = None
+    verdict: Verdict | None = None
+    trace: list[SearchIteration] = Field(default_factory=list)
+    world_calls: int = Field(default=0, ge=0)
+    policy_samples: int = Field(default=0, ge=0)
+    elapsed_s: float = Field(default=0.0, ge=0.0)
+    stopped: Literal["budget", "time", "success", "converged", "no_plan"] = "budget"
+
+
+Rollout.model_rebuild()

@@ -35,7 +35,7 @@ def test_dump_round_trips(tmp_path):
 @pytest.mark.parametrize(
     "yaml_text,needles",
     [
-        ("world: {backend: sandbx}", ["world.backend", "'sandbox' or 'diffusers'", "sandbx"]),
+        ("world: {backend: sandbx}", ["world.backend", "'sandbox', 'diffusers' or 'stepwise'", "sandbx"]),
         ("engines: {policy: {backend: tgi}}", ["engines.policy.backend", "'vllm'", "tgi"]),
         ("agents: {action: {group_size: 0}}", ["agents.action.group_size", "greater than or equal to 1"]),
         ("wrld: {}", ["wrld", "unknown field"]),

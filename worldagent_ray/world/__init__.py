@@ -1,4 +1,4 @@
-"""World models: the sandbox (embedded default) and diffusers video generation.
+"""World models: the sandbox (embedded default), diffusers video generation, and step-wise rendering.
 
 :func:`build_world` turns ``WorldConfig`` into a ``WorldModel``; backends are imported
 lazily, so the sandbox never pays for torch/diffusers and vice versa.
@@ -21,7 +21,9 @@ def build_world(world_cfg: "WorldConfig") -> WorldModel:
         world_cfg (`WorldConfig`):
             ``backend="sandbox"`` builds ``SandboxWorld(world_cfg.sandbox)``;
             ``backend="diffusers"`` builds ``DiffusersWorld(world_cfg.diffusers)`` (loads the
-            pipeline, building a builtin tiny one on first use).
+            pipeline, building a builtin tiny one on first use); ``backend="stepwise"`` builds
+            ``StepwiseWorld(world_cfg.stepwise)`` (SkyReels-V2 diffusion forcing or chained Wan
+            image-to-video, one pipeline call per plan step).
 
     Raises:
         ValueError: an unknown backend.
@@ -34,7 +36,11 @@ def build_world(world_cfg: "WorldConfig") -> WorldModel:
         from .diffusers_world import DiffusersWorld
 
         return DiffusersWorld(world_cfg.diffusers)
-    raise ValueError(f"world.backend must be 'sandbox' or 'diffusers', got {world_cfg.backend!r}")
+    if world_cfg.backend == "stepwise":
+        from .stepwise import StepwiseWorld
+
+        return StepwiseWorld(world_cfg.stepwise)
+    raise ValueError(f"world.backend must be 'sandbox', 'diffusers' or 'stepwise', got {world_cfg.backend!r}")
 
 
 __all__ = ["WorldModel", "build_world"]

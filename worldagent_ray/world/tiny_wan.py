@@ -17,6 +17,15 @@ Builtins:
 - ``tiny-wan-ti2v``: :class:`~diffusers.WanPipeline` with ``expand_timesteps=True``, the
   layout of Wan 2.2 TI2V-5B: text-to-video as saved, image-to-video when the same
   components are loaded into :class:`~diffusers.WanImageToVideoPipeline`.
+- ``tiny-skyreels-df``: :class:`~diffusers.SkyReelsV2DiffusionForcingPipeline` (the layout of
+  ``Skywork/SkyReels-V2-DF-1.3B-540P-Diffusers``); its image-to-video and video-to-video
+  siblings load the same components with ``from_pipe``.
+
+And one builtin LoRA file, ``tiny-causvid-lora`` (:func:`ensure_tiny_causvid_lora`): random
+weights for the tiny Wan transformers in the *original* key format of the CausVid LoRA for Wan
+(``diffusion_model.blocks.N.self_attn.q.lora_down.weight`` / ``lora_up`` / ``diff_b``, norm
+``diff`` keys, ``time_projection`` and ``head``), which diffusers' LoRA converter turns into its own
+names inside ``WanPipeline.load_lora_weights``.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ BUILTIN_VIDEO_MODELS: dict[str, str] = {
     "tiny-wan-t2v": "t2v",
     "tiny-wan-i2v": "i2v",
     "tiny-wan-ti2v": "ti2v",
+    "tiny-skyreels-df": "skyreels_df",
 }
 """Builtin tiny pipeline names and their kind."""
 
@@ -173,10 +183,11 @@ def _vae():
     ).eval()
 
 
-def _transformer(in_channels: int):
-    from diffusers import WanTransformer3DModel
+def _transformer(in_channels: int, skyreels: bool = False):
+    from diffusers import SkyReelsV2Transformer3DModel, WanTransformer3DModel
 
-    return WanTransformer3DModel(
+    cls = SkyReelsV2Transformer3DModel if skyreels else WanTransformer3DModel
+    return cls(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,
@@ -202,17 +213,19 @@ def build_tiny_wan_pipeline(kind: str, seed: int = 0):
     """Build a tiny Wan pipeline with random weights (deterministic in ``seed``).
 
     Args:
-        kind (`str`): ``"t2v"``, ``"i2v"`` (Wan 2.2 A14B style) or ``"ti2v"`` (Wan 2.2 TI2V-5B style).
+        kind (`str`): ``"t2v"``, ``"i2v"`` (Wan 2.2 A14B style), ``"ti2v"`` (Wan 2.2 TI2V-5B style) or
+            ``"skyreels_df"`` (SkyReels-V2 diffusion forcing).
         seed (`int`): seeds the weight initialisation.
 
     Returns:
-        `diffusers.WanPipeline` or `diffusers.WanImageToVideoPipeline` on CPU in float32.
+        `diffusers.WanPipeline`, `diffusers.WanImageToVideoPipeline` or
+        `diffusers.SkyReelsV2DiffusionForcingPipeline` on CPU in float32.
     """
     import torch
     from diffusers import WanImageToVideoPipeline, WanPipeline
 
-    if kind not in ("t2v", "i2v", "ti2v"):
-        raise ValueError(f"kind must be 't2v', 'i2v' or 'ti2v', got {kind!r}")
+    if kind not in ("t2v", "i2v", "ti2v", "skyreels_df"):
+        raise ValueError(f"kind must be 't2v', 'i2v', 'ti2v' or 'skyreels_df', got {kind!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = build_tiny_tokenizer()
@@ -226,6 +239,10 @@ def build_tiny_wan_pipeline(kind: str, seed: int = 0):
             return WanPipeline(transformer=_transformer(16), **common)
         if kind == "ti2v":
             return WanPipeline(transformer=_transformer(16), expand_timesteps=True, **common)
+        if kind == "skyreels_df":
+            from diffusers import SkyReelsV2DiffusionForcingPipeline
+
+            return SkyReelsV2DiffusionForcingPipeline(transformer=_transformer(16, skyreels=True), **common)
         return WanImageToVideoPipeline(
             transformer=_transformer(36),
             transformer_2=_transformer(36),
@@ -234,3 +251,71 @@ def build_tiny_wan_pipeline(kind: str, seed: int = 0):
             boundary_ratio=0.875,
             **common,
         )
+
+
+# --------------------------------------------------------------------------- a CausVid-format LoRA
+
+TINY_CAUSVID_LORA = "tiny-causvid-lora"
+_LORA_RANK = 4
+_INNER = 24  # num_attention_heads (2) * attention_head_dim (12) of the tiny transformers
+_FFN = 32
+_FREQ = 256
+_OUT = 16 * 4  # out_channels * patch (1 * 2 * 2)
+
+
+def tiny_causvid_lora_state_dict(num_layers: int = 2, rank: int = _LORA_RANK, seed: int = 0) -> dict:
+    """Random LoRA weights for the tiny Wan transformers, in CausVid's original key format.
+
+    Per block: ``self_attn`` and ``cross_attn`` ``q/k/v/o`` and ``ffn.0``/``ffn.2`` with
+    ``lora_down.weight`` (rank x in), ``lora_up.weight`` (out x rank) and ``diff_b`` (out);
+    ``norm3.diff``/``diff_b`` (which diffusers drops: CausVid's norm diffs are zeros); plus
+    ``time_projection.1`` and ``head.head``. All keys start with ``diffusion_model.``.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+
+    def pair(prefix: str, d_in: int, d_out: int) -> dict:
+        return {
+            f"{prefix}.lora_down.weight": torch.randn(rank, d_in, generator=g) * 0.5,
+            f"{prefix}.lora_up.weight": torch.randn(d_out, rank, generator=g) * 0.5,
+            f"{prefix}.diff_b": torch.randn(d_out, generator=g) * 0.05,
+        }
+
+    sd: dict = {}
+    for i in range(num_layers):
+        b = f"diffusion_model.blocks.{i}"
+        for attn in ("self_attn", "cross_attn"):
+            for o in ("q", "k", "v", "o"):
+                sd.update(pair(f"{b}.{attn}.{o}", _INNER, _INNER))
+        sd.update(pair(f"{b}.ffn.0", _INNER, _FFN))
+        sd.update(pair(f"{b}.ffn.2", _FFN, _INNER))
+        sd[f"{b}.norm3.diff"] = torch.zeros(_INNER)
+        sd[f"{b}.norm3.diff_b"] = torch.zeros(_INNER)
+    sd.update(pair("diffusion_model.time_projection.1", _INNER, _INNER * 6))
+    sd.update(pair("diffusion_model.head.head", _INNER, _OUT))
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def ensure_tiny_causvid_lora(root: str | os.PathLike[str] | None = None) -> Path:
+    """Write :func:`tiny_causvid_lora_state_dict` as safetensors under ``root`` (default
+    :func:`cache_dir`) once, atomically and under a file lock; return the file."""
+    from filelock import FileLock
+    from safetensors.torch import save_file
+
+    base = Path(root) if root is not None else cache_dir()
+    base.mkdir(parents=True, exist_ok=True)
+    target = base / f"{TINY_CAUSVID_LORA}-v{TINY_WAN_RECIPE_VERSION}.safetensors"
+    with FileLock(str(base / f".{TINY_CAUSVID_LORA}.lock")):
+        if not target.exists():
+            tmp = base / f".{TINY_CAUSVID_LORA}.tmp-{os.getpid()}"
+            save_file(tiny_causvid_lora_state_dict(), str(tmp), metadata={"format": "pt", "origin": "worldagent_ray tiny"})
+            os.replace(tmp, target)
+    return target
+
+
+def resolve_lora(name: str) -> str:
+    """The builtin ``tiny-causvid-lora`` file (built on first use), or ``name`` (a path or URI) unchanged."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"LoRA name must be a non-empty string, got {name!r}")
+    return str(ensure_tiny_causvid_lora()) if name == TINY_CAUSVID_LORA else name

@@ -310,3 +310,16 @@ def test_same_seed_same_frames(world, actions, seed):
     f1, g1 = world.simulate(task, plan, seed)
     f2, g2 = SandboxWorld(SMALL).simulate(task, plan, seed)
     assert np.array_equal(f1, f2) and g1 == g2
+
+
+def test_rollouts_record_each_steps_frame_range(tmp_path):
+    """Work package G: per-step frame ranges (frame 0 is the start state)."""
+    from worldagent_ray.config import SandboxConfig
+    from worldagent_ray.world.sandbox import SandboxTaskGenerator, SandboxWorld, reference_plan
+
+    world = SandboxWorld(SandboxConfig(frames_per_step=3, max_steps=2, write_gif=False, image_size=32))
+    task = SandboxTaskGenerator(seed=1).sample(phase=3, index=0)
+    plan = reference_plan(task)
+    (r,) = world.render(task, [plan], str(tmp_path))
+    assert [(s.step, s.start, s.stop) for s in r.step_frames] == [(1, 1, 4), (2, 4, 7)]
+    assert r.num_frames == 7 and [s.action for s in r.step_frames] == plan.actions[:2]

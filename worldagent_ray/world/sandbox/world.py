@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ...config import SandboxConfig
-from ...schemas import GroundTruth, Plan, Rollout, StepOutcome, StepStatus, Task
+from ...schemas import GroundTruth, Plan, Rollout, StepFrames, StepOutcome, StepStatus, Task
 from .. import media
 from ..reference import validate_reference_image
 from .parser import StepParser
@@ -238,4 +238,12 @@ class SandboxWorld:
             num_frames=int(len(frames)),
             ground_truth=gt,
             latency_s=time.perf_counter() - t0,
+            step_frames=self.step_frames(plan),
         )
+
+    def step_frames(self, plan: Plan) -> list[StepFrames]:
+        """Frames of each rendered step: frame 0 is the start state, then ``frames_per_step`` per
+        step within ``max_steps`` (skipped steps have none)."""
+        k = self.cfg.frames_per_step
+        return [StepFrames(step=s.step, action=s.action, start=1 + i * k, stop=1 + (i + 1) * k)
+                for i, s in enumerate(plan.steps[: self.cfg.max_steps])]

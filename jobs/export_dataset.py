@@ -1,0 +1,75 @@
+"""Export video-action pairs (goal, plan, per-step actions with frame ranges, scores, success,
+policy version, and the mp4s) from world memory, with Ray Data.
+
+    python jobs/export_dataset.py --run runs/evolve-20261122-101500 --phase 2 --phase 3 --success
+    ray job submit --working-dir . -- python jobs/export_dataset.py --profile gpu-cluster \\
+        --run runs/evolve-20261122-101500 --out s3://bucket/datasets/kitchen-v1 --min-reward 0.5
+
+Filters and sharding come from the ``export`` config section (``--set export.rows_per_file=500``);
+the flags below are shortcuts for them. Read the result with
+``worldagent_ray.datasets.video_action.VideoActionDataset(out)``. Last line:
+``RESULT rows=... selected=... out=...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RUST_LOG", "error")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from worldagent_ray.config import ConfigError, load_config  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default="local-cpu", help="profile name or YAML path (default: local-cpu)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. export.video_shards=64 (repeatable)")
+    p.add_argument("--run", dest="runs", action="append", default=[], metavar="RUN_DIR",
+                   help="run folder whose memory is exported (repeatable)")
+    p.add_argument("--memory", dest="memory_uris", action="append", default=[], metavar="URI",
+                   help="a memory table to export too: <memory uri>/<table>.lance (repeatable)")
+    p.add_argument("--out", help="output folder or URI (default: export.out or <run.root>/datasets/video_action)")
+    p.add_argument("--phase", dest="phases", action="append", type=int, help="keep this phase (repeatable)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--success", dest="success", action="store_const", const=True, help="successes only")
+    g.add_argument("--failures", dest="success", action="store_const", const=False, help="failures only")
+    p.add_argument("--min-reward", type=float, help="keep episodes with reward >= this")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.phases:
+        overrides.append(f"export.phases=[{','.join(map(str, args.phases))}]")
+    if args.success is not None:
+        overrides.append(f"export.success={'true' if args.success else 'false'}")
+    if args.min_reward is not None:
+        overrides.append(f"export.min_reward={args.min_reward}")
+    try:
+        cfg = load_config(args.profile, overrides=overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from worldagent_ray.runtime.dataset_export import ensure_ray, export_video_action
+
+    ensure_ray(cfg)
+    try:
+        manifest = export_video_action(cfg, runs=args.runs, memory_uris=args.memory_uris, out=args.out)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {manifest['rows']} video-action pairs ({manifest['skipped']} selected episodes had no video) "
+          f"to {manifest['out']} in {manifest['elapsed_s']:.1f}s")
+    print(f"RESULT rows={manifest['rows']} selected={manifest['episodes_selected']} out={manifest['out']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
