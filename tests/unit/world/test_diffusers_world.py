@@ -67,14 +67,18 @@ def _frames(rollout):
 
 def test_tiny_pipelines_build_offline_and_reload_bit_identical(tmp_path):
     import torch
-    from diffusers import DiffusionPipeline, WanImageToVideoPipeline, WanPipeline
+    from diffusers import (DiffusionPipeline, SkyReelsV2DiffusionForcingPipeline, WanImageToVideoPipeline,
+                           WanPipeline)
 
+    expected = {"t2v": WanPipeline, "ti2v": WanPipeline, "i2v": WanImageToVideoPipeline,
+                "skyreels_df": SkyReelsV2DiffusionForcingPipeline}
+    assert set(BUILTIN_VIDEO_MODELS.values()) == set(expected)
     for name, kind in BUILTIN_VIDEO_MODELS.items():
         folder = ensure_tiny_wan(name, root=tmp_path)
         assert (folder / "model_index.json").exists()
         assert not list(folder.rglob("*.bin")) and list(folder.rglob("*.safetensors"))
         pipe = DiffusionPipeline.from_pretrained(str(folder))
-        assert isinstance(pipe, WanImageToVideoPipeline if kind == "i2v" else WanPipeline)
+        assert isinstance(pipe, expected[kind])
         fresh = build_tiny_wan_pipeline(kind)
         for a, b in zip(fresh.transformer.state_dict().values(), pipe.transformer.state_dict().values()):
             assert torch.equal(a, b)
