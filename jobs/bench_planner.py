@@ -34,12 +34,11 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("RUST_LOG", "error")
+from worldagent_ray.env import apply_env_defaults  # noqa: E402
+
+apply_env_defaults(offline=True)
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 METHODS = ("single", "best_of_n", "cem")
 

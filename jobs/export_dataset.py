@@ -14,15 +14,10 @@ the flags below are shortcuts for them. Read the result with
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("RUST_LOG", "error")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-from worldagent_ray.config import ConfigError, load_config  # noqa: E402
+from worldagent_ray.config import ConfigError, load_config
+from worldagent_ray.env import apply_env_defaults
 
 
 def parse_args(argv=None):
@@ -57,9 +52,11 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from worldagent_ray.runtime.dataset_export import ensure_ray, export_video_action
+    from worldagent_ray.runtime.cluster import connect
+    from worldagent_ray.runtime.dataset_export import export_video_action
 
-    ensure_ray(cfg)
+    apply_env_defaults(cfg=cfg)
+    connect(cfg, dashboard=False)
     try:
         manifest = export_video_action(cfg, runs=args.runs, memory_uris=args.memory_uris, out=args.out)
     except (ValueError, FileNotFoundError) as e:

@@ -13,17 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("RUST_LOG", "error")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-from worldagent_ray.config import ConfigError, load_config  # noqa: E402
+from worldagent_ray.config import ConfigError, load_config
+from worldagent_ray.env import apply_env_defaults
 
 
 def main(argv=None) -> int:
@@ -39,10 +34,11 @@ def main(argv=None) -> int:
         return 2
     from ray import serve
 
-    from worldagent_ray.runtime.dataset_export import ensure_ray
+    from worldagent_ray.runtime.cluster import connect
     from worldagent_ray.runtime.planner_deployment import serve_planner
 
-    ensure_ray(cfg)
+    apply_env_defaults(cfg=cfg)
+    connect(cfg, dashboard=False)
     try:
         handle = serve_planner(cfg)
         url = f"http://{cfg.planner.http_host}:{cfg.planner.http_port}{cfg.planner.route_prefix}"

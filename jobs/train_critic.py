@@ -32,10 +32,9 @@ import os
 import shutil
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from worldagent_ray.env import apply_env_defaults  # noqa: E402
+
+apply_env_defaults(offline=False)  # quiet logs now; offline switches once the config is known
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,6 +70,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.profile, overrides=args.overrides)
+        apply_env_defaults(cfg=cfg)
     except ConfigError as e:
         raise SystemExit(str(e)) from None
     ct = cfg.critic_training

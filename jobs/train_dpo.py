@@ -15,10 +15,9 @@ import os
 import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from worldagent_ray.env import apply_env_defaults  # noqa: E402
+
+apply_env_defaults(offline=False)  # quiet logs now; offline switches once the config is known
 
 
 def parse_args(argv=None):
@@ -40,6 +39,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.profile, overrides=args.overrides)
+        apply_env_defaults(cfg=cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -31,11 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RUST_LOG", "error")
+from worldagent_ray.env import apply_env_defaults  # noqa: E402
+
+apply_env_defaults(offline=False)  # quiet logs now; offline switches once the config is known
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 PHASES = ("sft", "grpo", "curriculum")
@@ -184,6 +182,7 @@ def main(argv=None) -> int:
     try:
         ledger = Ledger(out, args.resume, args)
         cfg = load_config(ledger.state["profile"], overrides=ledger.state["overrides"])
+        apply_env_defaults(cfg=cfg)
     except (ConfigError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

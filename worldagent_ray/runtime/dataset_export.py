@@ -91,18 +91,6 @@ class _ToRows:
         return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
-def ensure_ray(cfg: Config) -> None:
-    """Join RAY_ADDRESS / ``resources.ray_address``, else start a local Ray on 127.0.0.1."""
-    if ray.is_initialized():
-        return
-    address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=cfg.resources.ray_num_cpus, include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1")
-
-
 def export_video_action(cfg: Config, runs: Sequence[str] = (), memory_uris: Sequence[str] = (),
                         out: str | None = None) -> dict[str, Any]:
     """Export the video-action pairs selected by ``cfg.export`` and return the manifest.
