@@ -260,8 +260,8 @@ def build_bench(args: argparse.Namespace, out_dir: str) -> Bench:
     from worldagent_ray.world.sandbox import SandboxTaskGenerator, SandboxWorld
 
     # Frames are drawn (the critic needs none of them here): no video files, one PNG.
-    world = SandboxWorld(SandboxConfig(image_size=64, frames_per_step=1, write_mp4=False, write_gif=False,
-                                       sample_frames=1))
+    world = SandboxWorld(SandboxConfig(image_size=64, frames_per_step=1, write_mp4=False, write_gif=False),
+                         critic_frames=1)
     critic = Critic(CriticConfig(scorers=["verifiable"]), None)
     gen = SandboxTaskGenerator(seed=args.seed)
     heldout = {p: gen.heldout_tasks(p, args.eval_tasks) for p in args.phases}
