@@ -132,3 +132,33 @@ def s3_env(s3_server, monkeypatch):
     for k, v in s3_server.env.items():
         monkeypatch.setenv(k, v)
     return f"s3://{s3_server.create_bucket()}"
+
+
+@pytest.fixture
+def stalled_endpoint():
+    """A TCP server on 127.0.0.1 that accepts connections and never answers (a delay fault)."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    srv.settimeout(0.2)
+    held: list = []
+    stop = threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.getsockname()[1]}"
+    stop.set()
+    t.join(timeout=5)
+    for c in held:
+        c.close()
+    srv.close()

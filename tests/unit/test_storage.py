@@ -4,10 +4,8 @@ the same tests for each, plus credentials, deadlines, retries, LanceDB and pyarr
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -138,33 +136,6 @@ def test_lancedb_storage_options_and_train_storage_for_local_roots(tmp_path):
 
 
 # --------------------------------------------------------------------------- deadlines and retries
-
-
-@pytest.fixture
-def stalled_endpoint():
-    """A TCP server on 127.0.0.1 that accepts connections and never answers (a delay fault)."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(64)
-    srv.settimeout(0.2)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept():
-        while not stop.is_set():
-            try:
-                held.append(srv.accept()[0])
-            except OSError:
-                continue
-
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.getsockname()[1]}"
-    stop.set()
-    t.join(timeout=5)
-    for c in held:
-        c.close()
-    srv.close()
 
 
 def test_a_stalled_s3_endpoint_times_out_naming_the_uri(stalled_endpoint, monkeypatch):

@@ -134,7 +134,8 @@ class VLMJudge:
             gens = self.engine.generate([m for _, m in todo], params, json_schema=Verdict.decoding_schema())
         except Exception as e:
             for k, _ in todo:
-                out[k] = (Scores.zeros(), "", [f"vlm_judge: engine failed ({type(e).__name__}: {str(e)[:200]}); scores 0"])
+                out[k] = (Scores.zeros(), "", read_notes.get(k, []) + [
+                    f"vlm_judge: engine failed ({type(e).__name__}: {str(e)[:200]}); scores 0"])
             return out
         for (k, _), g in zip(todo, list(gens) + [[]] * (len(todo) - len(gens))):
             try:
@@ -145,5 +146,5 @@ class VLMJudge:
                 scores, cap = parse_judgement(g[0].text)
                 out[k] = (scores, cap, read_notes.get(k, []))
             except ValueError as e:
-                out[k] = (Scores.zeros(), "", [f"vlm_judge: malformed output ({e}); scores 0"])
+                out[k] = (Scores.zeros(), "", read_notes.get(k, []) + [f"vlm_judge: malformed output ({e}); scores 0"])
         return out

@@ -95,14 +95,15 @@ def decode_image_capped(data: bytes, max_pixels: int, name: str,
             raise error(f"image {name!r} is corrupt or truncated ({type(e).__name__}: {e})") from None
 
 
-def open_image(source: Any, max_pixels: int, *, timeout_s: float = REMOTE_TIMEOUT_S,
-               retries: int = REMOTE_RETRIES, max_bytes: int = MAX_REFERENCE_BYTES,
+def open_image(source: Any, max_pixels: int, *, timeout_s: float | None = None,
+               retries: int | None = None, max_bytes: int = MAX_REFERENCE_BYTES,
                error: type[ImageLoadError] = ImageLoadError) -> Image.Image:
     """An RGB image from a path or URI (read through the storage layer), bytes, or a PIL image.
 
     Every path is capped: ``max_bytes`` before download, ``max_pixels`` before decode,
-    ``timeout_s`` per attempt of a remote read (``retries`` more on transient errors).
-    An engine that decodes prompt images can call this for each image part.
+    ``timeout_s`` per attempt of a remote read (``retries`` more on transient errors;
+    defaults :data:`REMOTE_TIMEOUT_S` and :data:`REMOTE_RETRIES`). An engine that decodes
+    prompt images can call this for each image part.
 
     Raises:
         ImageLoadError (or ``error``): naming the location and the problem.
@@ -117,7 +118,8 @@ def open_image(source: Any, max_pixels: int, *, timeout_s: float = REMOTE_TIMEOU
     if not isinstance(source, str) or not source.strip():
         raise error(f"an image must be a non-empty path or URI, bytes or a PIL image, got {source!r:.80}")
     try:
-        data = storage.read_bytes(source, timeout_s=timeout_s, retries=retries, max_bytes=max_bytes)
+        data = storage.read_bytes(source, timeout_s=REMOTE_TIMEOUT_S if timeout_s is None else timeout_s,
+                                  retries=REMOTE_RETRIES if retries is None else retries, max_bytes=max_bytes)
     except storage.StorageNotFoundError:
         raise error(f"image {source!r} does not exist") from None
     except storage.StorageTimeoutError as e:
@@ -127,7 +129,7 @@ def open_image(source: Any, max_pixels: int, *, timeout_s: float = REMOTE_TIMEOU
     return decode_image_capped(data, max_pixels, source, error)
 
 
-def load_reference_image(uri: str, max_pixels: int, timeout_s: float = REMOTE_TIMEOUT_S) -> Image.Image:
+def load_reference_image(uri: str, max_pixels: int, timeout_s: float | None = None) -> Image.Image:
     """Open, validate and decode a task's reference image to RGB.
 
     Args:
@@ -135,8 +137,8 @@ def load_reference_image(uri: str, max_pixels: int, timeout_s: float = REMOTE_TI
             Local path or URI (``s3://...``, ``file://...``, ``https://...``).
         max_pixels (`int`):
             Largest accepted ``width * height``; checked from the header, before decoding.
-        timeout_s (`float`):
-            Deadline of one attempt to read a remote URI.
+        timeout_s (`float`, *optional*):
+            Deadline of one attempt to read a remote URI (default :data:`REMOTE_TIMEOUT_S`).
 
     Raises:
         ReferenceImageError: the URI is empty or missing, cannot be read in time, is not an
@@ -148,7 +150,7 @@ def load_reference_image(uri: str, max_pixels: int, timeout_s: float = REMOTE_TI
     return open_image(uri, max_pixels, timeout_s=timeout_s, error=ReferenceImageError)
 
 
-def validate_reference_image(uri: str, max_pixels: int, timeout_s: float = REMOTE_TIMEOUT_S) -> str | None:
+def validate_reference_image(uri: str, max_pixels: int, timeout_s: float | None = None) -> str | None:
     """Return ``None`` if the image is usable, else the error message (never raises)."""
     try:
         load_reference_image(uri, max_pixels, timeout_s)
