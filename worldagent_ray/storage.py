@@ -457,40 +457,67 @@ def lancedb_storage_options(uri: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -
     return opts
 
 
+def _env_s3fs(timeout_s: float) -> Any:
+    """An s3fs for pyarrow: this module's settings from THIS process's environment,
+    botocore timeouts, and s3fs's own retries (pyarrow calls it directly)."""
+    import s3fs
+
+    s = s3_settings()
+    return s3fs.S3FileSystem(
+        key=s.key, secret=s.secret, token=s.token, endpoint_url=s.endpoint_url,
+        client_kwargs={"region_name": s.region},
+        config_kwargs={"connect_timeout": min(timeout_s, 10.0), "read_timeout": timeout_s},
+        use_listings_cache=False, skip_instance_cache=True,
+    )
+
+
+def _env_s3_handler(timeout_s: float) -> Any:
+    import pyarrow.fs as pafs
+
+    class EnvS3Handler(pafs.FSSpecHandler):
+        """pyarrow handler over :func:`_env_s3fs` that pickles WITHOUT credentials: Ray
+        sends the storage filesystem to every train worker, and each rebuilds it from its
+        own node's environment (secrets never travel in task arguments)."""
+
+        def __init__(self, timeout: float):
+            self.timeout_s = timeout
+            super().__init__(_env_s3fs(timeout))
+
+        def __reduce__(self):
+            return (_env_s3_handler, (self.timeout_s,))
+
+        def __eq__(self, other: Any) -> bool:
+            return isinstance(other, pafs.FSSpecHandler) and self.fs == other.fs
+
+    return EnvS3Handler(timeout_s)
+
+
 def pyarrow_filesystem(uri: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Any, str]:
     """A ``pyarrow.fs.FileSystem`` for ``uri`` and the path within it.
 
-    S3 goes through this module's s3fs (``PyFileSystem(FSSpecHandler(...))``), so it has
-    the same credentials, endpoint and timeouts (pyarrow's native S3 client ignores read
-    timeouts on Linux) and s3fs's own retries (5 attempts with backoff: pyarrow calls it
-    directly, not through :func:`read_bytes`). Local locations get ``LocalFileSystem``.
+    S3 goes through s3fs (``PyFileSystem(FSSpecHandler(...))``) with this module's
+    credentials, endpoint and timeouts (pyarrow's native S3 client ignores read timeouts on
+    Linux) and s3fs's own retries (5 attempts with backoff: pyarrow calls it directly, not
+    through :func:`read_bytes`). It pickles without credentials: unpickled in another
+    process (a Ray Train worker), it reads them from that process's environment. Local
+    locations get ``LocalFileSystem``.
     """
     import pyarrow.fs as pafs
 
     uri = normalize(uri)
     if is_local(uri):
         return pafs.LocalFileSystem(), local_path(uri)  # type: ignore[return-value]
-    if not is_s3(uri):
-        fs, path = filesystem(uri, timeout_s=timeout_s)
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
-    import s3fs
-
     _, path = filesystem(uri, timeout_s=timeout_s)  # validates the URI and the credentials
-    s = s3_settings(uri=uri)
-    fs = s3fs.S3FileSystem(
-        key=s.key, secret=s.secret, token=s.token, endpoint_url=s.endpoint_url,
-        client_kwargs={"region_name": s.region},
-        config_kwargs={"connect_timeout": min(timeout_s, 10.0), "read_timeout": timeout_s},
-        use_listings_cache=False, skip_instance_cache=True,
-    )
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    if not is_s3(uri):
+        return pafs.PyFileSystem(pafs.FSSpecHandler(_), path)
+    return pafs.PyFileSystem(_env_s3_handler(timeout_s)), path
 
 
 def train_storage(uri: str) -> tuple[str, Any]:
     """``(storage_path, storage_filesystem)`` for ``ray.train.RunConfig``: a local folder
     is returned as an absolute path with ``None`` (Ray's default); a URI as the path
     within its filesystem plus the :func:`pyarrow_filesystem` (Ray then writes checkpoints
-    through it, with this module's credentials)."""
+    through it; each worker with its own node's credentials from the environment)."""
     if is_local(uri):
         return local_path(uri), None  # type: ignore[return-value]
     fs, path = pyarrow_filesystem(uri)

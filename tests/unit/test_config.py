@@ -61,3 +61,14 @@ def test_unknown_profile_and_bad_override():
         load_config("local-cpu", overrides=["run.iterations"], environ={})
     with pytest.raises(ConfigError, match="run.iterations"):
         load_config("local-cpu", overrides=["run.iterations=-1"], environ={})
+
+
+def test_a_vlm_judge_engine_must_take_the_frames_plus_the_reference_image():
+    base = ["agents.critic.scorers=[vlm_judge]", "agents.critic.num_frames=8"]
+    with pytest.raises(ConfigError, match=r"engines.judge.limit_mm_per_prompt.image \(8\).*num_frames \(8\) \+ 1"):
+        load_config("local-cpu", overrides=[*base, "engines.judge.limit_mm_per_prompt={image: 8}"], environ={})
+    ok = load_config("local-cpu", overrides=[*base, "engines.judge.limit_mm_per_prompt={image: 8}",
+                                             "world.reference_scene=false"], environ={})
+    assert ok.agents.critic.num_frames == 8
+    gpu = load_config("gpu-cluster", environ={})
+    assert gpu.engines["judge"].limit_mm_per_prompt["image"] >= gpu.agents.critic.num_frames + 1
