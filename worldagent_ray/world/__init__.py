@@ -26,17 +26,24 @@ def build_world(world_cfg: "WorldConfig", critic_frames: int | None = None) -> W
             PNG frames per rollout the world writes for the critic: ``agents.critic.num_frames``
             (default: that field's default).
 
+    With ``world_cfg.reference_scene`` on, the backend's ``prepare_task(task, out_dir)``
+    gives each proposed task its starting scene as ``reference_image``
+    (:class:`~worldagent_ray.world.reference.ReferenceScenes`).
+
     Raises:
         ValueError: an unknown backend.
     """
+    from .reference import ReferenceScenes
+
+    scenes = ReferenceScenes(world_cfg) if world_cfg.reference_scene else None
     if world_cfg.backend == "sandbox":
         from .sandbox import SandboxWorld
 
-        return SandboxWorld(world_cfg.sandbox, critic_frames=critic_frames)
+        return SandboxWorld(world_cfg.sandbox, critic_frames=critic_frames, scenes=scenes)
     if world_cfg.backend == "diffusers":
         from .diffusers_world import DiffusersWorld
 
-        return DiffusersWorld(world_cfg.diffusers, critic_frames=critic_frames)
+        return DiffusersWorld(world_cfg.diffusers, critic_frames=critic_frames, scenes=scenes)
     raise ValueError(f"world.backend must be 'sandbox' or 'diffusers', got {world_cfg.backend!r}")
 
 

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 from ..config import DiffusersConfig
 from ..schemas import Plan, Rollout, Task
 from . import media
-from .reference import ReferenceImageError, load_reference_image
+from .reference import ReferenceImageError, ReferenceScenes, load_reference_image
 from .tiny_wan import resolve_video_model
 
 logger = logging.getLogger(__name__)
@@ -120,6 +120,9 @@ class DiffusersWorld:
         critic_frames (`int`, *optional*):
             PNG frames written per video for the critic; pass ``agents.critic.num_frames``
             (the default is that field's default).
+        scenes (`ReferenceScenes`, *optional*):
+            gives proposed tasks their starting scene (letterboxed to the video's shape) as
+            reference image in :meth:`prepare_task`, so image-to-video conditions on it.
 
     Videos and frames are written through :mod:`worldagent_ray.storage` under each
     request's ``out_dir`` (a path or a URI such as ``s3://bucket/run/videos/<task>``), and
@@ -133,11 +136,13 @@ class DiffusersWorld:
 
     name = "diffusers"
 
-    def __init__(self, cfg: DiffusersConfig, device: str | None = None, critic_frames: int | None = None):
+    def __init__(self, cfg: DiffusersConfig, device: str | None = None, critic_frames: int | None = None,
+                 scenes: ReferenceScenes | None = None):
         import torch
 
         self.cfg = cfg
         self.critic_frames = media.critic_frames_or_default(critic_frames)
+        self.scenes = scenes
         try:
             cfg.prompt_template.format(goal="g", steps="s")
         except (KeyError, IndexError, ValueError) as e:
@@ -202,6 +207,11 @@ class DiffusersWorld:
         return self._pipes[mode]
 
     # ------------------------------------------------------------------ protocol
+
+    def prepare_task(self, task: Task, out_dir: str) -> Task:
+        """A proposed task with its starting scene as ``reference_image`` (a PNG under
+        ``out_dir``) when this world has ``scenes``; else unchanged."""
+        return self.scenes.attach(task, out_dir) if self.scenes is not None else task
 
     def admissible_actions(self, task: Task) -> list[str] | None:
         """A video model takes free text."""

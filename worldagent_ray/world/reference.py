@@ -172,10 +172,12 @@ class ReferenceScenes:
             ``sandbox.image_size`` square for the sandbox world, letterboxed to the video's
             ``height x width`` for the diffusers world (the pipeline conditions on it).
 
-    Example (the driver, once per proposed task, before it is recorded)::
+    :func:`~worldagent_ray.world.build_world` hands one to the backend, whose
+    ``prepare_task(task, out_dir)`` calls :meth:`attach`; the driver calls that (through the
+    world deployment's ``prepare``) once per proposed task, before recording it. Directly::
 
         scenes = ReferenceScenes(cfg.world)
-        task = scenes.attach(task, f"{run.artifacts}/references")
+        task = scenes.attach(task, f"{run.artifacts}/reference")
     """
 
     def __init__(self, world_cfg: "WorldConfig"):

@@ -152,3 +152,15 @@ def test_reference_images_flow_into_a_vlm_action_prompt(tmp_path):
     images = [p["image"] for p in msgs[-1]["content"] if p["type"] == "image"]
     assert images == [task.reference_image]
     assert media.decode_image(storage.read_bytes(images[0])).shape == (32, 32, 3)
+
+
+def test_build_world_prepares_tasks_with_their_scene_when_on(tmp_path):
+    from worldagent_ray.world import build_world
+
+    task = build_task("turn_on_stove", {})
+    on = build_world(WorldConfig(sandbox=SANDBOX)).prepare_task(task, str(tmp_path / "ref"))
+    assert on.reference_image == str(tmp_path / "ref" / f"{task.id.replace(':', '_')}.start.png")
+    assert load_reference_image(on.reference_image, 32 * 32).size == (32, 32)
+    off = build_world(WorldConfig(sandbox=SANDBOX, reference_scene=False))
+    assert off.prepare_task(task, str(tmp_path / "off")) is task and not (tmp_path / "off").exists()
+

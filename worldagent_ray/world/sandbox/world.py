@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from .rules import Condition, Rules, load_rules
 from .state import KitchenState
 from .tasks import PORTABLES, SandboxTaskGenerator
 
+if TYPE_CHECKING:
+    from ..reference import ReferenceScenes
+
 _PREP_IN = "in"
 
 
@@ -36,14 +39,18 @@ class SandboxWorld:
         rules (`Rules`, *optional*): kitchen rules (default: the packaged YAML).
         critic_frames (`int`, *optional*): PNG frames written per rollout for the critic;
             pass ``agents.critic.num_frames`` (the default is that field's default).
+        scenes (`ReferenceScenes`, *optional*): gives proposed tasks their starting scene as
+            reference image in :meth:`prepare_task` (``build_world`` passes one when
+            ``world.reference_scene`` is on).
     """
 
     name = "sandbox"
 
     def __init__(self, cfg: SandboxConfig | None = None, rules: Rules | None = None,
-                 critic_frames: int | None = None):
+                 critic_frames: int | None = None, scenes: "ReferenceScenes | None" = None):
         self.cfg = cfg or SandboxConfig()
         self.critic_frames = media.critic_frames_or_default(critic_frames)
+        self.scenes = scenes
         self.rules = rules or load_rules()
         self.parser = StepParser(self.rules)
         self._tasks = SandboxTaskGenerator(0, self.rules)
@@ -64,6 +71,11 @@ class SandboxWorld:
 
     def initial_state(self, task: Task) -> KitchenState:
         return KitchenState.from_spec(self.rules, self.scene_spec(task).get("placement", {}))
+
+    def prepare_task(self, task: Task, out_dir: str) -> Task:
+        """A proposed task, ready to dispatch: with its starting scene as ``reference_image``
+        (a PNG under ``out_dir``) when this world has ``scenes``; else unchanged."""
+        return self.scenes.attach(task, out_dir) if self.scenes is not None else task
 
     def reference_image(self, task: Task, out_uri: str, size: tuple[int, int] | None = None) -> str:
         """Render the task's starting scene (no status bar) and write it as a PNG to
