@@ -61,6 +61,8 @@ class S3Server:
 
     def create_bucket(self, prefix: str = "wa-test") -> str:
         """A new empty bucket; returns its name."""
+        import os
+
         import boto3
 
         self._buckets += 1
