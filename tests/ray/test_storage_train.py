@@ -10,7 +10,7 @@ import pytest
 
 from worldagent_ray import storage
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]  # Ray start + a TorchTrainer: ~25 s
 
 
 def _loop(config):
