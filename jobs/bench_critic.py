@@ -145,7 +145,7 @@ def heldout_rows(cfg, n_tasks: int, out_dir: str) -> list[dict]:
     from worldagent_ray.datasets.critic import rollouts_for_task
     from worldagent_ray.world.sandbox import SandboxTaskGenerator, SandboxWorld
 
-    sandbox = cfg.world.sandbox.model_copy(update={"write_mp4": False, "write_gif": False, "sample_frames": 1})
+    sandbox = cfg.world.sandbox.model_copy(update={"write_mp4": False, "write_gif": False, })
     world = SandboxWorld(sandbox)
     gen = SandboxTaskGenerator(seed=cfg.critic_training.seed + 1000)  # other variations than training
     rows: list[dict] = []
@@ -163,8 +163,7 @@ def items_of(rows: Sequence[dict], out_dir: str) -> list[tuple]:
     from worldagent_ray.world.sandbox import SandboxWorld
     from worldagent_ray.config import SandboxConfig
 
-    world = SandboxWorld(SandboxConfig(image_size=32, frames_per_step=1, write_mp4=False, write_gif=False,
-                                       sample_frames=1))
+    world = SandboxWorld(SandboxConfig(image_size=32, frames_per_step=1, write_mp4=False, write_gif=False), critic_frames=1)
     items = []
     for r in rows:
         task, plan = Task.model_validate_json(r["task_json"]), Plan.from_actions(list(r["plan"]))

@@ -125,8 +125,7 @@ class Bench:
         from worldagent_ray.world.sandbox import SandboxTaskGenerator, SandboxWorld
 
         self.args, self.seed, self.work = args, seed, work
-        self.world = SandboxWorld(SandboxConfig(image_size=64, frames_per_step=1, write_mp4=False, write_gif=False,
-                                                sample_frames=1))
+        self.world = SandboxWorld(SandboxConfig(image_size=64, frames_per_step=1, write_mp4=False, write_gif=False), critic_frames=1)
         self.critic = Critic(CriticConfig(scorers=["verifiable"]), None)
         self.gen = SandboxTaskGenerator(seed=seed)
         n = args.eval_tasks
@@ -197,7 +196,7 @@ def run_sft(args: argparse.Namespace, seed: int, work: str) -> tuple[str, float]
     import ray
 
     from worldagent_ray.config import load_config
-    from worldagent_ray.orchestration.main import init_ray
+    from worldagent_ray.runtime.cluster import connect
     from worldagent_ray.runtime.sft_trainer import run_sft as sft
 
     t0 = time.perf_counter()
@@ -205,7 +204,7 @@ def run_sft(args: argparse.Namespace, seed: int, work: str) -> tuple[str, float]
     s = cfg.training.sft
     s.max_steps, s.batch_size, s.lr, s.seed, s.from_memory, s.max_length = args.sft_steps, args.sft_batch, \
         args.sft_lr, seed, False, 1024
-    init_ray(cfg)
+    connect(cfg, dashboard=False)
     try:
         info = sft(cfg, os.path.join(work, "sft"))
     finally:

@@ -87,8 +87,7 @@ def main(argv=None) -> int:
     per_phase = {p: gen.heldout_tasks(p, args.tasks) for p in phases}
     tasks = [per_phase[phases[i % len(phases)]][i // len(phases)] for i in range(args.tasks)]
     assert all(t.split == "heldout" for t in tasks)
-    world = SandboxWorld(SandboxConfig(image_size=32, frames_per_step=1, write_gif=False, write_mp4=False,
-                                       sample_frames=1))
+    world = SandboxWorld(SandboxConfig(image_size=32, frames_per_step=1, write_gif=False, write_mp4=False), critic_frames=1)
     truth = SandboxWorld(SandboxConfig(image_size=32, frames_per_step=1))  # a fresh world for the outcome
     critic = CriticJudge(Critic(CriticConfig(scorers=["verifiable"])))
     t0 = time.perf_counter()

@@ -33,7 +33,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     from worldagent_ray.config import ConfigError, load_config
-    from worldagent_ray.orchestration.main import init_ray
+    from worldagent_ray.runtime.cluster import connect
     from worldagent_ray.runtime.sft_trainer import run_dpo
 
     args = parse_args(argv)
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = args.out or os.path.join(cfg.run.root, f"dpo-{time.strftime('%Y%m%d-%H%M%S')}", "model")
-    init_ray(cfg)
+    connect(cfg, dashboard=False)
     t0 = time.perf_counter()
     try:
         info = run_dpo(cfg, out, memory_uri=args.memory, model=args.model or cfg.engines[cfg.agents.action.engine].model)

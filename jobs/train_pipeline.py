@@ -96,10 +96,10 @@ class Ledger:
 def phase_sft(cfg, out: Path, memory: str | None) -> dict[str, Any]:
     import ray
 
-    from worldagent_ray.orchestration.main import init_ray
+    from worldagent_ray.runtime.cluster import connect
     from worldagent_ray.runtime.sft_trainer import run_sft
 
-    init_ray(cfg)
+    connect(cfg, dashboard=False)
     try:
         info = run_sft(cfg, str(out / "sft" / "model"), memory_uri=memory)
     finally:

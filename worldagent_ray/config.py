@@ -128,7 +128,11 @@ class CriticConfig(_Section):
         default=1.0, ge=0.0, le=1.0, description="Success needs goal_achievement at least this."
     )
     success_min_reward: float = Field(default=0.0, ge=0.0, le=1.0, description="Success needs a reward at least this.")
-    num_frames: int = Field(default=4, ge=1, le=64, description="Frames sampled for a VLM judge.")
+    num_frames: int = Field(
+        default=4, ge=1, le=64,
+        description="Frames a VLM judge sees per rollout; the world writes exactly this many PNG frames "
+        "for the critic (fewer only when the video is shorter).",
+    )
     max_tokens: int = Field(default=160, ge=16, description="Most tokens of one judge answer.")
     text_judge_mode: Literal["caption", "verdict"] = Field(
         default="caption", description="'caption': the text judge writes the caption only; 'verdict': it also "
@@ -237,7 +241,6 @@ class SandboxConfig(_Section):
     max_steps: int = Field(default=32, ge=1, description="Steps beyond this are recorded as skipped.")
     write_mp4: bool = Field(default=True, description="Write an mp4 per rollout.")
     write_gif: bool = Field(default=True, description="Write a GIF per rollout (for the HTML report).")
-    sample_frames: int = Field(default=4, ge=1, le=64, description="PNG frames written for the critic.")
     max_reference_pixels: int = Field(
         default=4096 * 4096, ge=1, description="Reference images above this many pixels are rejected."
     )
@@ -269,7 +272,6 @@ class DiffusersConfig(_Section):
     max_videos_per_call: int = Field(
         default=8, ge=1, description="Largest number of videos in one pipeline call (bounds GPU memory)."
     )
-    sample_frames: int = Field(default=4, ge=1, le=64, description="PNG frames written per video for the critic.")
 
     @model_validator(mode="after")
     def _shape(self) -> "DiffusersConfig":
@@ -332,7 +334,6 @@ class StepwiseConfig(_Section):
         "'tiny-causvid-lora' (builtin, for the tiny Wan models) or a .safetensors file.",
     )
     lora_scale: float = Field(default=1.0, ge=0.0, le=4.0, description="Strength of `lora`.")
-    sample_frames: int = Field(default=4, ge=1, le=64, description="PNG frames written per video for the critic.")
     max_reference_pixels: int = Field(
         default=4096 * 4096, ge=1, description="Reference images above this many pixels are rejected."
     )
@@ -367,6 +368,12 @@ class WorldConfig(_Section):
     max_batch_size: int = Field(default=8, ge=1, description="Render requests a replica gathers into one batch.")
     batch_wait_timeout_s: float = Field(
         default=0.05, ge=0.0, description="How long a replica waits to fill a batch."
+    )
+    reference_scene: bool = Field(
+        default=True,
+        description="Give every task its starting scene (rendered by the sandbox kitchen, a PNG under the run "
+        "root) as its reference image: a VLM policy sees it, the diffusers world renders image-to-video "
+        "from it, the VLM judge compares the video with it.",
     )
 
 
@@ -705,6 +712,15 @@ class Config(_Section):
                 raise ValueError(
                     f"{part} ({tokens}) must be below engines.{engine}.max_model_len ({limit}), "
                     "leaving room for the prompt"
+                )
+        if "vlm_judge" in a.critic.scorers:
+            limit = self.engines[a.critic.engine].limit_mm_per_prompt.get("image")
+            need = a.critic.num_frames + (1 if self.world.reference_scene else 0)
+            if limit is not None and limit < need:
+                raise ValueError(
+                    f"engines.{a.critic.engine}.limit_mm_per_prompt.image ({limit}) is below the images a VLM "
+                    f"judge sends: agents.critic.num_frames ({a.critic.num_frames})"
+                    + (" + 1 reference image (world.reference_scene)" if self.world.reference_scene else "")
                 )
         if self.learner.sync_method == "collective" and self.learner.backend == "nccl" and not self.learner.use_gpu:
             raise ValueError("learner.sync_method=collective with backend=nccl needs learner.use_gpu=true")

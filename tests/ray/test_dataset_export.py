@@ -40,7 +40,7 @@ def run_dir(tmp_path_factory):
     cfg = load_config("local-cpu", overrides=[f"run.root={root / 'runs'}"], environ={})
     (run / "config.yaml").write_text(dump_config(cfg))
     (run / "run.json").write_text(json.dumps({"run_id": "run-x", "artifacts": str(run)}))
-    world = SandboxWorld(SandboxConfig(image_size=32, frames_per_step=2, write_gif=False, sample_frames=1))
+    world = SandboxWorld(SandboxConfig(image_size=32, frames_per_step=2, write_gif=False), critic_frames=1)
     critic = Critic(CriticConfig(scorers=["verifiable"]))
     gen = SandboxTaskGenerator(seed=2)
     eps = []

@@ -83,6 +83,7 @@ def test_deployment_options_follow_the_resources_section():
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (2, 16, 1.0)
     assert gpu._deployment_config.max_ongoing_requests == 4
     assert gpu.init_args[0]["backend"] == "diffusers"
+    assert gpu.init_args[1] == 8  # each replica writes the frames the judge asks for (agents.critic.num_frames)
     local = world_app(load_config("local-cpu", environ={}))._bound_deployment
     assert local.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.0} and local.num_replicas == 1
 

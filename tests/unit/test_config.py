@@ -139,3 +139,14 @@ def test_every_config_field_is_read_by_the_code():
         if not re.search(rf"\.{name}\b|\[[\"']{name}[\"']\]|get\([\"']{name}[\"']", text):
             unread.append(path)
     assert unread == [], f"config fields read nowhere: {unread}"
+
+
+def test_a_vlm_judge_engine_must_take_the_frames_plus_the_reference_image():
+    base = ["agents.critic.scorers=[vlm_judge]", "agents.critic.num_frames=8"]
+    with pytest.raises(ConfigError, match=r"engines.judge.limit_mm_per_prompt.image \(8\).*num_frames \(8\) \+ 1"):
+        load_config("local-cpu", overrides=[*base, "engines.judge.limit_mm_per_prompt={image: 8}"], environ={})
+    ok = load_config("local-cpu", overrides=[*base, "engines.judge.limit_mm_per_prompt={image: 8}",
+                                             "world.reference_scene=false"], environ={})
+    assert ok.agents.critic.num_frames == 8
+    gpu = load_config("gpu-cluster", environ={})
+    assert gpu.engines["judge"].limit_mm_per_prompt["image"] >= gpu.agents.critic.num_frames + 1

@@ -43,7 +43,7 @@ class LocalServices:
     def __init__(self, cfg: Config, engines: dict[str, Any], memory: Any = None, world: Any = None):
         a = cfg.agents
         self.cfg = cfg
-        self.world = world if world is not None else build_world(cfg.world)
+        self.world = world if world is not None else build_world(cfg.world, critic_frames=a.critic.num_frames)
         self.action = ActionAgent(a.action, engines[a.action.engine])
         self.critic = Critic(a.critic, engines)
         self.curriculum = CurriculumAgent(a.curriculum, task_space(cfg),

@@ -38,11 +38,11 @@ __all__ = ["export_critic_data", "launch_critic_trainer", "memory_records", "tra
 class _RenderTasks:
     """``map_batches`` callable: renders every plan variant of each task row (one world per actor)."""
 
-    def __init__(self, sandbox: dict[str, Any], out_dir: str, seed: int, kinds: list[str],
+    def __init__(self, sandbox: dict[str, Any], critic_frames: int, out_dir: str, seed: int, kinds: list[str],
                  weights: dict[str, float]):
         from ..world.sandbox import SandboxWorld
 
-        self.world = SandboxWorld(SandboxConfig.model_validate(sandbox))
+        self.world = SandboxWorld(SandboxConfig.model_validate(sandbox), critic_frames=critic_frames)
         self.out_dir, self.seed, self.kinds, self.weights = out_dir, seed, kinds, weights
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
@@ -123,12 +123,11 @@ def export_critic_data(cfg: Config, out_dir: str, write: bool = True) -> dict[st
     """
     ct = cfg.critic_training
     weights = dict(cfg.agents.critic.reward_weights)
-    sandbox = cfg.world.sandbox.model_copy(update={"write_mp4": False, "write_gif": False,
-                                                   "sample_frames": cfg.agents.critic.num_frames})
+    sandbox = cfg.world.sandbox.model_copy(update={"write_mp4": False, "write_gif": False})
     tasks = _tasks(cfg)
     frames = os.path.join(out_dir, "frames")
     records = ray.data.from_items([{"task_json": t.model_dump_json()} for t in tasks]).map_batches(
-        _RenderTasks, fn_constructor_kwargs=dict(sandbox=sandbox.model_dump(), out_dir=frames, seed=ct.seed,
+        _RenderTasks, fn_constructor_kwargs=dict(sandbox=sandbox.model_dump(), critic_frames=cfg.agents.critic.num_frames, out_dir=frames, seed=ct.seed,
                                                  kinds=list(ct.plan_kinds), weights=weights),
         batch_size=4, concurrency=max(1, ct.num_workers))
     if ct.memory_uri:

@@ -60,12 +60,14 @@ class WorldDeployment:
     Args:
         world_cfg (`dict` or `WorldConfig`):
             The ``world`` section (``WorldConfig.model_dump(mode="json")`` over the wire).
+        critic_frames (`int`, *optional*):
+            PNG frames written per rollout for the critic (``agents.critic.num_frames``).
     """
 
-    def __init__(self, world_cfg: WorldConfig | dict[str, Any]):
+    def __init__(self, world_cfg: WorldConfig | dict[str, Any], critic_frames: int | None = None):
         self.cfg = world_cfg if isinstance(world_cfg, WorldConfig) else WorldConfig.model_validate(world_cfg)
         t0 = time.perf_counter()
-        self.world = build_world(self.cfg)
+        self.world = build_world(self.cfg, critic_frames=critic_frames)
         self.load_s = time.perf_counter() - t0
         self._render_batched.set_max_batch_size(self.cfg.max_batch_size)
         self._render_batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -178,7 +180,8 @@ def world_app(cfg: Config) -> serve.Application:
 
     Args:
         cfg (`Config`):
-            ``cfg.world`` is what each replica builds; ``cfg.resources.world`` gives
+            ``cfg.world`` is what each replica builds, writing ``cfg.agents.critic.num_frames``
+            PNG frames per rollout for the critic; ``cfg.resources.world`` gives
             ``num_cpus``/``num_gpus`` per replica, ``replicas`` or ``autoscaling``
             (min/max replicas, target ongoing requests) and ``max_ongoing_requests``.
 
@@ -192,4 +195,5 @@ def world_app(cfg: Config) -> serve.Application:
             "resources.world.max_ongoing_requests (%d) < world.max_batch_size (%d): batches never fill",
             res.max_ongoing_requests, cfg.world.max_batch_size,
         )
-    return serve.deployment(WorldDeployment).options(**opts).bind(cfg.world.model_dump(mode="json"))
+    return serve.deployment(WorldDeployment).options(**opts).bind(
+        cfg.world.model_dump(mode="json"), cfg.agents.critic.num_frames)

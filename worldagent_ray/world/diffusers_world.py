@@ -33,7 +33,7 @@ from typing import Any, Sequence
 from ..config import DiffusersConfig
 from ..schemas import Plan, Rollout, Task
 from . import media
-from .reference import ReferenceImageError, load_reference_image
+from .reference import ReferenceImageError, ReferenceScenes, load_reference_image
 from .tiny_wan import resolve_video_model
 
 logger = logging.getLogger(__name__)
@@ -117,6 +117,17 @@ class DiffusersWorld:
             ``guidance_scale``, ``fps``, the prompt template and batching limits.
         device (`str`, *optional*):
             Torch device; default ``"cuda"`` when available, else ``"cpu"``.
+        critic_frames (`int`, *optional*):
+            PNG frames written per video for the critic; pass ``agents.critic.num_frames``
+            (the default is that field's default).
+        scenes (`ReferenceScenes`, *optional*):
+            gives proposed tasks their starting scene (letterboxed to the video's shape) as
+            reference image in :meth:`prepare_task`, so image-to-video conditions on it.
+
+    Videos and frames are written through :mod:`worldagent_ray.storage` under each
+    request's ``out_dir`` (a path or a URI such as ``s3://bucket/run/videos/<task>``), and
+    reference images are read through it (capped in bytes and pixels, with a deadline for
+    remote URIs), so a replica on any node reads and writes the run root alike.
 
     ``pipeline="auto"`` conditions on the reference image when one is given and the model
     can (an I2V checkpoint, or a TI2V one with ``expand_timesteps``); otherwise it runs
@@ -125,10 +136,13 @@ class DiffusersWorld:
 
     name = "diffusers"
 
-    def __init__(self, cfg: DiffusersConfig, device: str | None = None):
+    def __init__(self, cfg: DiffusersConfig, device: str | None = None, critic_frames: int | None = None,
+                 scenes: ReferenceScenes | None = None):
         import torch
 
         self.cfg = cfg
+        self.critic_frames = media.critic_frames_or_default(critic_frames)
+        self.scenes = scenes
         try:
             cfg.prompt_template.format(goal="g", steps="s")
         except (KeyError, IndexError, ValueError) as e:
@@ -194,6 +208,11 @@ class DiffusersWorld:
 
     # ------------------------------------------------------------------ protocol
 
+    def prepare_task(self, task: Task, out_dir: str) -> Task:
+        """A proposed task with its starting scene as ``reference_image`` (a PNG under
+        ``out_dir``) when this world has ``scenes``; else unchanged."""
+        return self.scenes.attach(task, out_dir) if self.scenes is not None else task
+
     def admissible_actions(self, task: Task) -> list[str] | None:
         """A video model takes free text."""
         return None
@@ -256,6 +275,10 @@ class DiffusersWorld:
             msg = f"seeds has {len(seeds)} entries but there are {n} plans"
             return [self._error(task.id, i, None, msg) for i in range(n)]
         mode, image, req_error = self._choose_mode(req)
+        try:
+            out_dir = media.normalize(req.out_dir)
+        except ValueError as e:
+            out_dir, req_error = "", req_error or f"out_dir: {e}"
         for i, plan in enumerate(req.plans):
             if req_error is not None:
                 out[i] = self._error(task.id, i, seeds[i], req_error)
@@ -270,7 +293,7 @@ class DiffusersWorld:
                 key = (mode, id(image) if image is not None else None)
                 group = groups.setdefault(key, _Group(mode=mode, image=image))
                 group.jobs.append(
-                    _Job(ri, i, prompt, int(seeds[i]), req.out_dir, _safe_stem(task.id, i), task.id)
+                    _Job(ri, i, prompt, int(seeds[i]), out_dir, _safe_stem(task.id, i), task.id)
                 )
         return out
 
@@ -324,7 +347,7 @@ class DiffusersWorld:
     def _write(self, job: _Job, frames: Any, elapsed: float) -> Rollout:
         try:
             uris = media.write_video_artifacts(
-                frames, job.out_dir, job.stem, fps=self.cfg.fps, sample_frames=self.cfg.sample_frames
+                frames, job.out_dir, job.stem, fps=self.cfg.fps, sample_frames=self.critic_frames
             )
         except Exception as e:
             return self._error(job.task_id, job.plan_index, job.seed, f"writing video to {job.out_dir!r} failed: {type(e).__name__}: {e}")

@@ -110,10 +110,13 @@ class StepwiseWorld:
 
     name = "stepwise"
 
-    def __init__(self, cfg: StepwiseConfig, device: str | None = None):
+    def __init__(self, cfg: StepwiseConfig, device: str | None = None, critic_frames: int | None = None,
+                 scenes: Any = None):
         import torch
 
         self.cfg = cfg
+        self.critic_frames = media.critic_frames_or_default(critic_frames)
+        self.scenes = scenes
         try:
             cfg.prompt_template.format(goal="g", step=1, action="a")
         except (KeyError, IndexError, ValueError) as e:
@@ -214,6 +217,11 @@ class StepwiseWorld:
 
     # ------------------------------------------------------------------ protocol
 
+    def prepare_task(self, task: Task, out_dir: str) -> Task:
+        """A proposed task with its starting scene as ``reference_image`` when this world has
+        ``scenes``; else unchanged."""
+        return self.scenes.attach(task, out_dir) if self.scenes is not None else task
+
     def admissible_actions(self, task: Task) -> list[str] | None:
         """A video model takes free text."""
         return None
@@ -281,7 +289,7 @@ class StepwiseWorld:
                 png = media.write_bytes(media.join(out_dir, f"{stem}.step{s.step:02d}.png"), media.encode_png(frames[-1]))
                 spans.append(StepFrames(step=s.step, action=s.action, start=start, stop=len(frames), frame_uri=png))
             arts = media.write_video_artifacts(np.stack(frames), out_dir, stem, fps=self.cfg.fps,
-                                               sample_frames=self.cfg.sample_frames)
+                                               sample_frames=self.critic_frames)
         except Exception as e:  # a failed step fails this plan, not the replica
             logger.exception("step-wise rendering failed for %s plan %d", task.id, k)
             return Rollout(**base, error=f"step-wise rendering failed at step {len(spans) + 1}: "

@@ -266,7 +266,7 @@ def test_cem_on_the_sandbox_solves_a_heldout_task_a_weak_policy_cannot(tmp_path)
     from worldagent_ray.critic import Critic
     from worldagent_ray.world.sandbox import SandboxTaskGenerator, SandboxWorld, reference_plan
 
-    world = SandboxWorld(SandboxConfig(write_gif=False, image_size=32, frames_per_step=1, sample_frames=1))
+    world = SandboxWorld(SandboxConfig(write_gif=False, image_size=32, frames_per_step=1), critic_frames=1)
     task = next(t for t in SandboxTaskGenerator(seed=5).heldout_tasks(2, 40)
                 if t.world_spec["family"] == "crack_and_whisk" and len(reference_plan(t).actions) == 3)
     assert task.split == "heldout"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from worldagent_ray.config import CriticConfig, SandboxConfig
 from worldagent_ray.critic import Critic, TextJudge, VerifiableScorer, VLMJudge, reward_of
@@ -176,7 +178,8 @@ def test_vlm_judge_parses_scores_and_survives_garbage(tmp_path):
     v = Critic(cfg, {"judge": eng}).score(task, plan, r)
     msgs = eng.calls[0][0][0]
     images = [p for p in msgs[1]["content"] if p["type"] == "image"]
-    assert len(images) == 2 and images[0]["image"] == r.frame_uris[0]
+    first = np.asarray(Image.open(r.frame_uris[0]).convert("RGB"))  # the judge reads the frames itself
+    assert len(images) == 2 and np.array_equal(np.asarray(images[0]["image"]), first)
     assert v.scores.physics == 0.5 and v.state_caption == "stove on" and v.scorer == "vlm_judge"
     for bad in ["{", '{"scores": {"physics": 2}}', '{"scores": {"action_following": true}}']:
         v = Critic(cfg, {"judge": ScriptedEngine([bad])}).score(task, plan, r)

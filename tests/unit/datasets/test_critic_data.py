@@ -14,7 +14,7 @@ from worldagent_ray.datasets.critic import (PLAN_KINDS, preference_pairs, rollou
 from worldagent_ray.schemas import Plan
 from worldagent_ray.world.sandbox import SandboxTaskGenerator, SandboxWorld, build_task, reference_plan
 
-WORLD = SandboxWorld(SandboxConfig(image_size=32, frames_per_step=1, write_mp4=False, write_gif=False, sample_frames=2))
+WORLD = SandboxWorld(SandboxConfig(image_size=32, frames_per_step=1, write_mp4=False, write_gif=False), critic_frames=2)
 
 
 def _rows(n=3):

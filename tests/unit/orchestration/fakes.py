@@ -28,7 +28,7 @@ def fast_config(*overrides: str) -> Config:
     """local-cpu shaped for in-process driver tests: no judge, no videos, short timeouts."""
     base = [
         "agents.critic.scorers=[verifiable]", "agents.curriculum.use_llm=false",
-        "world.sandbox.write_mp4=false", "world.sandbox.write_gif=false", "world.sandbox.sample_frames=1",
+        "world.sandbox.write_mp4=false", "world.sandbox.write_gif=false", "agents.critic.num_frames=1",
         "world.sandbox.image_size=32", "world.sandbox.frames_per_step=1",
         "run.iterations=3", "run.stage_timeout_s=5", "run.memory_timeout_s=2", "run.retry_backoff_s=0.01",
         "run.max_retries=2", "agents.curriculum.window=4",

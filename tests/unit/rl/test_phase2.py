@@ -26,8 +26,7 @@ class _Recording(SandboxTaskGenerator):
 
 
 def test_rounds_draw_train_tasks_only_and_bound_by_rounds(tiny_engine, tmp_path):
-    world = SandboxWorld(SandboxConfig(image_size=32, frames_per_step=1, write_mp4=False, write_gif=False,
-                                       sample_frames=1))
+    world = SandboxWorld(SandboxConfig(image_size=32, frames_per_step=1, write_mp4=False, write_gif=False), critic_frames=1)
     gen = _Recording(0)
     tr = Phase2Trainer(None, tiny_engine, world, Critic(CriticConfig(scorers=["verifiable"]), None), gen,
                        ActionConfig(group_size=2, max_tokens=32), world.admissible_actions, learn=False,

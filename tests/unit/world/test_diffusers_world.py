@@ -259,3 +259,29 @@ def test_bad_reference_images_are_rollout_errors_and_the_world_keeps_serving(wan
 def test_build_world_makes_a_diffusers_world(wan_cache):
     world = build_world(WorldConfig(backend="diffusers", diffusers=DiffusersConfig(model="tiny-wan-t2v")))
     assert isinstance(world, DiffusersWorld) and world.info()["checkpoint_class"] == "WanPipeline"
+
+
+# --------------------------------------------------------------------------- the run root on S3
+
+
+def test_ti2v_conditions_on_a_reference_scene_on_s3_and_writes_there(ti2v, s3_env):
+    """The cluster path: the task's starting scene (a PNG under an S3 run root) conditions
+    image-to-video, and the video and the critic's frames land under the same root."""
+    from worldagent_ray import storage
+    from worldagent_ray.config import SandboxConfig
+    from worldagent_ray.world.reference import ReferenceScenes
+
+    cfg = WorldConfig(backend="diffusers", sandbox=SandboxConfig(image_size=32),
+                      diffusers=DiffusersConfig(model="tiny-wan-ti2v"))
+    world = ti2v
+    task = ReferenceScenes(cfg).attach(_task(), f"{s3_env}/run/references")
+    assert task.reference_image.startswith(f"{s3_env}/run/references/")
+    plan = _plan("Pick up the cup")
+    (with_img,) = world.render(task, [plan], f"{s3_env}/run/videos/a", seeds=[5])
+    (text_only,) = world.render(_task(), [plan], f"{s3_env}/run/videos/b", seeds=[5])
+    assert with_img.error is None and text_only.error is None
+    assert len(with_img.frame_uris) == ti2v.critic_frames == 4 and with_img.num_frames == 9
+    for uri in (with_img.video_uri, with_img.gif_uri, *with_img.frame_uris):
+        assert uri.startswith(f"{s3_env}/run/videos/a/") and storage.exists(uri)
+    assert media.read_video(with_img.video_uri).shape[:3] == (9, 64, 64)
+    assert not np.array_equal(_frames(with_img), _frames(text_only))  # the scene conditioned the video

@@ -18,12 +18,12 @@ from worldagent_ray.world.sandbox.rules import RulesError, parse_rules
 
 RULES = load_rules()
 PARSER = StepParser(RULES)
-SMALL = SandboxConfig(image_size=32, frames_per_step=2, write_mp4=False, write_gif=False, sample_frames=2)
+SMALL = SandboxConfig(image_size=32, frames_per_step=2, write_mp4=False, write_gif=False)
 
 
 @pytest.fixture(scope="module")
 def world():
-    return SandboxWorld(SMALL)
+    return SandboxWorld(SMALL, critic_frames=2)
 
 
 def _task(family="omelette", **params):
@@ -187,7 +187,7 @@ def test_shuffled_steps_change_expected_order(world):
 
 
 def test_world_satisfies_protocol_and_writes_artifacts(tmp_path):
-    w = SandboxWorld(SandboxConfig(image_size=64, frames_per_step=3, sample_frames=3))
+    w = SandboxWorld(SandboxConfig(image_size=64, frames_per_step=3), critic_frames=3)
     assert isinstance(w, WorldModel) and w.name == "sandbox"
     task = _task("omelette")
     [r] = w.render(task, [reference_plan(task)], str(tmp_path), seeds=[5])

@@ -36,9 +36,9 @@ def _refs(tmp_path):
 
 @pytest.fixture(scope="module")
 def skyreels():
-    # sample_frames=64: every frame is also written as a (lossless) PNG, in frame_uris
-    return StepwiseWorld(StepwiseConfig(method="skyreels_df", clip_frames=9, overlap_history=5, sample_frames=64,
-                                        **SMALL))
+    # critic_frames=64: every frame is also written as a (lossless) PNG, in frame_uris
+    return StepwiseWorld(StepwiseConfig(method="skyreels_df", clip_frames=9, overlap_history=5, **SMALL),
+                         critic_frames=64)
 
 
 def test_prefix_frames_follow_the_causal_vae():

@@ -194,6 +194,26 @@ class KitchenRenderer:
         self._draw_status(img, cells or [], current)
         return img
 
+    def scene(self, state: KitchenState, height: int | None = None, width: int | None = None) -> np.ndarray:
+        """A still of ``state`` without the status bar (a task's reference image). With
+        ``height``/``width``, the square scene is drawn ``min(height, width)`` pixels wide
+        (from a renderer of that size) and letterboxed into ``(height, width)`` with the
+        background colour, so a pipeline that resizes to that shape keeps its proportions."""
+        h, w = height or self.size, width or self.size
+        side = min(h, w)
+        r = self if side == self.size else KitchenRenderer(self.rules, side, self.seed)
+        img = r._base.copy()
+        r._draw_fixtures(img, state)
+        r._draw_hand(img)
+        r._draw_objects(img, state, r.positions(state))
+        if (h, w) == (side, side):
+            return img
+        out = np.empty((h, w, 3), np.uint8)
+        out[:] = self.spec.get("background", [60, 60, 60])
+        y0, x0 = (h - side) // 2, (w - side) // 2
+        out[y0 : y0 + side, x0 : x0 + side] = img
+        return out
+
     def transition(
         self,
         before: KitchenState,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from .rules import Condition, Rules, load_rules
 from .state import KitchenState
 from .tasks import PORTABLES, SandboxTaskGenerator
 
+if TYPE_CHECKING:
+    from ..reference import ReferenceScenes
+
 _PREP_IN = "in"
 
 
@@ -34,12 +37,20 @@ class SandboxWorld:
     Args:
         cfg (`SandboxConfig`): image size, frames per step, fps, step limit, outputs.
         rules (`Rules`, *optional*): kitchen rules (default: the packaged YAML).
+        critic_frames (`int`, *optional*): PNG frames written per rollout for the critic;
+            pass ``agents.critic.num_frames`` (the default is that field's default).
+        scenes (`ReferenceScenes`, *optional*): gives proposed tasks their starting scene as
+            reference image in :meth:`prepare_task` (``build_world`` passes one when
+            ``world.reference_scene`` is on).
     """
 
     name = "sandbox"
 
-    def __init__(self, cfg: SandboxConfig | None = None, rules: Rules | None = None):
+    def __init__(self, cfg: SandboxConfig | None = None, rules: Rules | None = None,
+                 critic_frames: int | None = None, scenes: "ReferenceScenes | None" = None):
         self.cfg = cfg or SandboxConfig()
+        self.critic_frames = media.critic_frames_or_default(critic_frames)
+        self.scenes = scenes
         self.rules = rules or load_rules()
         self.parser = StepParser(self.rules)
         self._tasks = SandboxTaskGenerator(0, self.rules)
@@ -60,6 +71,28 @@ class SandboxWorld:
 
     def initial_state(self, task: Task) -> KitchenState:
         return KitchenState.from_spec(self.rules, self.scene_spec(task).get("placement", {}))
+
+    def prepare_task(self, task: Task, out_dir: str) -> Task:
+        """A proposed task, ready to dispatch: with its starting scene as ``reference_image``
+        (a PNG under ``out_dir``) when this world has ``scenes``; else unchanged."""
+        return self.scenes.attach(task, out_dir) if self.scenes is not None else task
+
+    def reference_image(self, task: Task, out_uri: str, size: tuple[int, int] | None = None) -> str:
+        """Render the task's starting scene (no status bar) and write it as a PNG to
+        ``out_uri`` (a path or URI, through the storage layer); return its location.
+
+        Args:
+            size: ``(height, width)``; default ``image_size`` square (the sandbox's frames).
+                A non-square size letterboxes the square scene.
+
+        Same task, same pixels: the image depends only on the task's scene (seed 0).
+        Raises ``ValueError`` for a scene the rules reject and
+        :class:`~worldagent_ray.storage.StorageError` when the write fails.
+        """
+        state = self.initial_state(task)
+        h, w = size if size is not None else (self.cfg.image_size, self.cfg.image_size)
+        img = KitchenRenderer(self.rules, min(h, w), 0).scene(state, h, w)
+        return media.write_bytes(out_uri, media.encode_png(img))
 
     def admissible_actions(self, task: Task) -> list[str]:
         """Canonical action strings for the objects in the task's scene (tens, not thousands)."""
@@ -225,7 +258,7 @@ class SandboxWorld:
             stem = f"{task.id.replace(':', '_')}.p{k}.s{seed}.{digest}"
             arts = media.write_video_artifacts(
                 frames, out_dir, stem, fps=self.cfg.fps, mp4=self.cfg.write_mp4,
-                gif=self.cfg.write_gif, sample_frames=self.cfg.sample_frames,
+                gif=self.cfg.write_gif, sample_frames=self.critic_frames,
             )
         except Exception as e:  # the worker keeps serving; the rollout says what went wrong
             return Rollout(**base, error=f"sandbox failed to render: {type(e).__name__}: {e}",
