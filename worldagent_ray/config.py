@@ -360,6 +360,16 @@ class LearnerConfig(_Section):
     sync_timeout_s: float = Field(default=120.0, gt=0.0, description="Most time a weight sync may take.")
     checkpoint_every: int = Field(default=10, ge=1, description="Checkpoint every k optimizer steps.")
     num_workers: int = Field(default=1, ge=1, description="Ray Train workers (data parallel).")
+    parallel_strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="Data parallelism of the learner workers: 'ddp' (every worker holds the whole model) or "
+        "'fsdp' (parameters, gradients and optimizer state sharded; weights are gathered on rank 0 to publish).",
+    )
+    feed_timeout_s: float = Field(
+        default=60.0, gt=0.0,
+        description="Longest the driver waits for space in a full buffer to feed one group while the learner is "
+        "healthy; then the group is refused (counted as 'full'). A dead learner stops the feeding at once.",
+    )
     backend: Literal["gloo", "nccl"] = Field(default="gloo", description="torch.distributed backend.")
     use_gpu: bool = Field(default=False, description="Train on GPUs.")
     max_failures: int = Field(default=2, ge=0, description="Worker failures Ray Train recovers from.")

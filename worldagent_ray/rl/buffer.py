@@ -305,6 +305,17 @@ class GroupBuffer:
         self.requeued_total += len(back)
         return [e.group_id for e in back]
 
+    def restore(self, trained_ids: Iterable[str]) -> list[str]:
+        """A learner (re)started from a checkpoint that contains ``trained_ids``: those are
+        acknowledged (taken out of the queue or the in-flight set if there; remembered
+        otherwise, e.g. by a fresh buffer of a resumed run), and every other in-flight group
+        is requeued (see :meth:`requeue`). Returns the requeued ids."""
+        for gid in trained_ids:
+            self._inflight.pop(gid, None)
+            self._queue.pop(gid, None)
+            self.acked_ids.add(gid)
+        return self.requeue()
+
     def evict_stale(self, current_version: int) -> list[BufferEntry]:
         """Under ``stale_policy="drop"``, discard every queued stale group now (frees space).
 
