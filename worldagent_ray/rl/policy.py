@@ -30,7 +30,8 @@ from ..models import builtin_models, resolve_model
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "LORA_TARGET_MODULES", "LoadedPolicy", "default_dtype", "language_model_lora_targets", "load_policy", "open_image",
+    "LORA_TARGET_MODULES", "LoadedPolicy", "default_dtype", "fully_shard_policy", "language_model_lora_targets",
+    "load_policy", "open_image",
 ]
 
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -150,6 +151,20 @@ def load_policy(
                 dtype, vision, lora)
     return LoadedPolicy(module, path, vision, image_processor,
                         None if image_token_id is None else int(image_token_id))
+
+
+def fully_shard_policy(module: torch.nn.Module, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``) over the default process group: every
+    decoder layer is its own shard unit, then the root (in place; gloo on CPU, NCCL on GPU).
+    Pass it as ``LearnerCore(wrap_model=...)`` on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(torch.device(device).type, (torch.distributed.get_world_size(),))
+    for layer in [m for m in module.modules() if type(m).__name__.endswith("DecoderLayer")]:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module
 
 
 def _image_processor(path: str, model: str) -> Any:

@@ -44,6 +44,7 @@ import torch
 from ..config import Config, LearnerConfig
 from ..models import resolve_model
 from ..rl.learner import LearnerCore
+from ..rl.policy import fully_shard_policy
 from .metrics import LearnerMetrics
 
 logger = logging.getLogger(__name__)
@@ -80,21 +81,8 @@ def _wrap_for(strategy: str, device: torch.device):
     if strategy == "ddp":
         return lambda m: ray.train.torch.prepare_model(m, parallel_strategy="ddp")
     if strategy == "fsdp":
-        return lambda m: _fully_shard(m, device)
+        return lambda m: fully_shard_policy(m, device)
     raise ValueError(f"parallel_strategy must be 'ddp' or 'fsdp', got {strategy!r}")
-
-
-def _fully_shard(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """FSDP2: shard every decoder layer, then the root (in place; gloo on CPU, NCCL on GPU)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    layers = [m for m in module.modules() if type(m).__name__.endswith("DecoderLayer")]
-    for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(module, mesh=mesh)
-    return module
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -467,3 +467,72 @@ def test_vlm_full_fine_tuning_keeps_the_vision_tower_frozen(vl_path, tmp_path):
     assert any(".language_model." in k for k in changed)
     assert not any(".visual." in k for k in changed)
     assert set(core.export_weights()) == set(before)  # the full state dict goes to the engines
+
+
+# --------------------------------------------------------------------------- FSDP
+
+
+def _fsdp_rank(rank: int, world: int, port: int, model_path: str, lora: bool, out_dir: str) -> None:
+    """One FSDP rank: 2 steps, a checkpoint (every rank gathers, rank 0 writes), the export."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        from worldagent_ray.rl.policy import fully_shard_policy
+
+        cfg = LearnerConfig(lr=1e-2, lora=lora, lora_rank=4, lora_alpha=8, gradient_checkpointing=False)
+        core = LearnerCore(cfg, model_path, wrap_model=fully_shard_policy)
+        assert core.sharded
+        for s in range(2):
+            core.step(make_groups(300 + s, n_groups=2, group_size=3))
+        core.save_checkpoint(f"{out_dir}/ckpt", extra={"trained_ids": ["x"]})
+        payload = core.export_weights()
+        if rank == 0:
+            torch.save(payload, f"{out_dir}/export.pt")
+        else:
+            assert payload == {}
+        dist.barrier()
+        again = LearnerCore(cfg, model_path, wrap_model=fully_shard_policy)  # every rank restores its shards
+        again.load_checkpoint(f"{out_dir}/ckpt")
+        m = again.step(make_groups(302, n_groups=2, group_size=3))
+        if rank == 0:
+            torch.save({"loss": m["loss"], "export": again.export_weights()}, f"{out_dir}/resumed.pt")
+        else:
+            again.export_weights()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_fsdp_two_ranks_gather_the_full_state_on_rank_zero_and_resume(model_path, tmp_path, lora):
+    """2 gloo ranks under FSDP2 train like one process; the export gathers the full (or adapter)
+    state dict on rank 0 only; a checkpoint restores every rank's shards and training continues
+    exactly as the single process does."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_fsdp_rank, args=(2, port, model_path, lora, str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    cfg = LearnerConfig(lr=1e-2, lora=lora, lora_rank=4, lora_alpha=8, gradient_checkpointing=False)
+    ref = LearnerCore(cfg, model_path)
+    for s in range(2):
+        ref.step(make_groups(300 + s, n_groups=2, group_size=3))
+    exported = torch.load(tmp_path / "export.pt", weights_only=True)
+    expected = ref.export_weights()
+    assert set(exported) == set(expected)
+    for k, v in expected.items():
+        torch.testing.assert_close(exported[k], v, rtol=0, atol=2e-5, msg=k)
+    m = ref.step(make_groups(302, n_groups=2, group_size=3))
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    assert resumed["loss"] == pytest.approx(m["loss"], abs=1e-5)
+    for k, v in ref.export_weights().items():
+        torch.testing.assert_close(resumed["export"][k], v, rtol=0, atol=2e-5, msg=k)
