@@ -39,7 +39,6 @@ import json
 import logging
 import math
 import os
-import random
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -51,6 +50,7 @@ from .batch import ImageInputs, LearnerBatch, collate_groups, shard_rows
 from .grpo import group_advantages, grpo_loss, importance_weights, off_policy_mask, token_logprobs
 from .policy import LORA_TARGET_MODULES, default_dtype, load_policy
 from .policy import open_image as default_open_image
+from .state import peft_module_names, rng_state, seed_everything, set_rng_state
 from .weight_sync import LORA_SCALING_KEY
 
 logger = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class LearnerCore:
         self.device = torch.device(device)
         self.step_count = 0
         self.policy_version = 0
-        _seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
         if dtype is None:
             dtype = default_dtype(self.device) if cfg.lora else torch.float32
         self._autocast = self.device.type == "cuda" and dtype == torch.float32
@@ -407,7 +407,7 @@ class LearnerCore:
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-            full = _peft_module_names(state) if self.cfg.lora else dict(state)
+            full = peft_module_names(state) if self.cfg.lora else dict(state)
             result = set_model_state_dict(self.module, full, options=StateDictOptions(full_state_dict=True,
                                                                                        strict=False))
             if result.unexpected_keys:
@@ -471,7 +471,7 @@ class LearnerCore:
             "scheduler": self.scheduler.state_dict(),
             "step": self.step_count,
             "policy_version": self.policy_version,
-            "rng": _rng_state(),
+            "rng": rng_state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -484,7 +484,7 @@ class LearnerCore:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count = int(state["step"])
         self.policy_version = int(state["policy_version"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
 
     def save_checkpoint(self, directory: str | os.PathLike[str], extra: Mapping[str, Any] | None = None) -> None:
         """Write :meth:`state_dict` to ``directory``: weights as safetensors, optimizer/scheduler/
@@ -531,38 +531,3 @@ class LearnerCore:
             }
         )
         return dict(meta.get("extra") or {})
-
-
-def _peft_module_names(adapters: Mapping[str, Tensor], adapter: str = "default") -> dict[str, Tensor]:
-    """peft's saved adapter names (``...lora_A.weight``) as module names (``...lora_A.default.weight``)."""
-    out = {}
-    for k, v in adapters.items():
-        for part in (".lora_A.", ".lora_B."):
-            if part in k and f"{part}{adapter}." not in k:
-                k = k.replace(part, f"{part}{adapter}.")
-                break
-        out[k] = v
-    return out
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": _py_state_to_tensor(random.getstate())}
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_py_state_from_tensor(state["python"]))
-
-
-def _py_state_to_tensor(state: tuple) -> dict[str, Any]:
-    version, internal, gauss = state
-    return {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
-
-
-def _py_state_from_tensor(d: Mapping[str, Any]) -> tuple:
-    return (int(d["version"]), tuple(int(x) for x in d["internal"].tolist()), d["gauss"])
