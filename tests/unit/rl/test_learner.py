@@ -536,3 +536,21 @@ def test_fsdp_two_ranks_gather_the_full_state_on_rank_zero_and_resume(model_path
     assert resumed["loss"] == pytest.approx(m["loss"], abs=1e-5)
     for k, v in ref.export_weights().items():
         torch.testing.assert_close(resumed["export"][k], v, rtol=0, atol=2e-5, msg=k)
+
+
+def test_reference_images_open_from_paths_and_uris(tmp_path):
+    import fsspec
+    from PIL import Image
+
+    from worldagent_ray.rl.policy import open_image
+
+    path = _image(tmp_path, "ref", 3, size=(30, 20))
+    with open(path, "rb") as f:
+        data = f.read()
+    with fsspec.open("memory://refs/ref.png", "wb") as f:  # any fsspec URI, e.g. s3:// with s3fs
+        f.write(data)
+    for where in (path, f"file://{path}", "memory://refs/ref.png"):
+        im = open_image(where)
+        assert isinstance(im, Image.Image) and im.mode == "RGB" and im.size == (30, 20)
+    with pytest.raises(FileNotFoundError):
+        open_image(str(tmp_path / "missing.png"))
