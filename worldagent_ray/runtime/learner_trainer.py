@@ -198,7 +198,9 @@ def _checkpoint(core: LearnerCore, buffer: Any, metrics: dict[str, float], rank:
                 trained: set[str], pending: list[str]) -> None:
     """Every rank: write a checkpoint (rank 0; with FSDP every rank gathers), report it (the
     upload is done when ``report`` returns), then rank 0 acknowledges the groups it includes."""
-    name = f"checkpoint_step_{core.step_count:08d}"
+    # Unique per report: a restarted attempt re-reaches the same step, and Ray Train deleting the
+    # older of two registrations that share a directory would delete the newer one's files.
+    name = f"checkpoint_step_{core.step_count:08d}_{time.time_ns():x}"
     with tempfile.TemporaryDirectory(prefix="wa-learner-ckpt-") as d:
         ids = sorted(trained | set(pending)) if rank == 0 else []
         if core.sharded or rank == 0:
