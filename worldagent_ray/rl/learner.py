@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -47,6 +48,7 @@ from torch import Tensor
 
 from ..config import LearnerConfig
 from .batch import ImageInputs, LearnerBatch, collate_groups, shard_rows
+from .dpo import dpo_term
 from .grpo import group_advantages, grpo_loss, importance_weights, off_policy_mask, token_logprobs
 from .policy import LORA_TARGET_MODULES, default_dtype, load_policy
 from .policy import open_image as default_open_image
@@ -109,6 +111,18 @@ def is_fsdp(model: torch.nn.Module) -> bool:
     if isinstance(model, FullyShardedDataParallel):
         return True
     return any(type(m).__name__.startswith("FSDP") for m in model.modules())
+
+
+@dataclass
+class _Rows:
+    """One rank's rows of a step, as further loss terms need them."""
+
+    logps: Tensor  # [b, T], with gradient
+    ref_logps: Tensor | None  # [b, T], frozen reference (beta > 0 or dpo_coef > 0)
+    mask: Tensor
+    rewards: Tensor
+    group_index: Tensor
+    weight: float  # 0 for the stand-in row of a rank without rows
 
 
 class LearnerCore:
@@ -177,7 +191,7 @@ class LearnerCore:
             if pad_token_id is None and hasattr(self.module.config, "get_text_config"):
                 pad_token_id = getattr(self.module.config.get_text_config(), "pad_token_id", None)
         self.pad_token_id = int(pad_token_id) if pad_token_id is not None else 0
-        self.ref_module = self._make_reference() if cfg.beta > 0 else None
+        self.ref_module = self._make_reference() if (cfg.beta > 0 or cfg.dpo_coef > 0) else None
         self.model = wrap_model(self.module) if wrap_model is not None else self.module
         self.sharded = is_fsdp(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -259,22 +273,34 @@ class LearnerCore:
             ``reward_std``, ``staleness_mean``, ``staleness_max``, ``stale_frac``,
             ``zero_variance_frac``, ``grad_norm``, ``lr``, ``policy_version`` (after the step),
             ``step``, ``num_sequences`` and the loss metrics of
-            :func:`~worldagent_ray.rl.grpo.grpo_loss` (of this rank's rows).
+            :func:`~worldagent_ray.rl.grpo.grpo_loss` (of this rank's rows); with
+            ``cfg.dpo_coef > 0`` the loss includes ``dpo_coef`` times the DPO term of
+            :func:`~worldagent_ray.rl.dpo.dpo_term` (against the frozen reference: a copy of the
+            initial weights, or the base model under LoRA; token log-probs at the learner's
+            ``temperature``) and the ``dpo_*`` metrics. With several ranks the DPO pairs are
+            formed within each rank's rows (a group split across ranks pairs its rows on each
+            side), so only the GRPO term is exactly the single-process one there.
         """
         if stale_flags is not None and len(stale_flags) != len(groups):
             raise ValueError(f"stale_flags has {len(stale_flags)} entries for {len(groups)} groups")
         batch = collate_groups(groups, self.policy_version, self.pad_token_id)
         advantages = group_advantages(batch.rewards, batch.group_index, self.cfg.scale_rewards)
         self.model.train()
-        loss, loss_metrics = self._grpo_loss(batch, advantages)
-        # A second loss term (e.g. DPO on each group's best/worst pair) adds to `loss` here.
+        loss, loss_metrics, rows = self._grpo_loss(batch, advantages)
+        if self.cfg.dpo_coef > 0:  # seed 000's L = L_GRPO + lambda * L_DPO on each group's best/worst pair
+            dpo, dpo_metrics = dpo_term(rows.logps, rows.ref_logps, rows.mask, rows.rewards, rows.group_index,
+                                        beta=self.cfg.dpo_beta, loss_type=self.cfg.dpo_loss_type,
+                                        margin=self.cfg.dpo_margin)
+            loss = loss + self.cfg.dpo_coef * rows.weight * dpo
+            loss_metrics = {**loss_metrics, **dpo_metrics}
         grad_norm, lr = self._optimizer_step(loss)
         self.step_count += 1
         self.policy_version += 1
         return self._metrics(batch, self._whole_batch_loss(loss), loss_metrics, grad_norm, lr, stale_flags)
 
-    def _grpo_loss(self, batch: LearnerBatch, advantages: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """This rank's share of the GRPO loss of ``batch`` (see the module docstring)."""
+    def _grpo_loss(self, batch: LearnerBatch, advantages: Tensor) -> tuple[Tensor, dict[str, float], "_Rows"]:
+        """This rank's share of the GRPO loss of ``batch`` (see the module docstring), its loss
+        metrics, and its rows' log-probs for further loss terms."""
         cfg = self.cfg
         rank, world = _rank_world()
         rows, weight = shard_rows(batch.num_rows, rank, world), 1.0
@@ -295,7 +321,7 @@ class LearnerCore:
         keep = None
         if cfg.off_policy_delta is not None:
             keep = off_policy_mask(adv, current, rollout, mask, cfg.off_policy_delta)
-        ref_logps = self._reference_logps(local) if cfg.beta > 0 else None
+        ref_logps = self._reference_logps(local) if (cfg.beta > 0 or cfg.dpo_coef > 0) else None
         tokens = float(batch.completion_mask.sum())
         loss, metrics = grpo_loss(
             logps,
@@ -305,7 +331,7 @@ class LearnerCore:
             loss_type=cfg.loss_type,
             epsilon_low=cfg.epsilon_low,
             epsilon_high=cfg.epsilon_high,
-            ref_logps=ref_logps,
+            ref_logps=ref_logps if cfg.beta > 0 else None,
             beta=cfg.beta,
             is_weights=is_weights,
             max_completion_length=batch.completion_len,
@@ -318,7 +344,8 @@ class LearnerCore:
             share = world * float(local.completion_mask.sum()) / max(1.0, tokens)
         else:  # dapo: the normaliser above already is the whole batch's
             share = 1.0
-        return loss * (share * weight), metrics
+        rows_out = _Rows(logps, ref_logps, mask, local.rewards.to(self.device), local.group_index, weight)
+        return loss * (share * weight), metrics, rows_out
 
     def _optimizer_step(self, loss: Tensor) -> tuple[float, float]:
         self.optimizer.zero_grad(set_to_none=True)

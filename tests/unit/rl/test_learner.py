@@ -319,7 +319,7 @@ def test_rank_shards_average_to_the_single_process_gradient(model_path, monkeypa
 
     def grads(rank, world):
         monkeypatch.setattr(learner_mod, "_rank_world", lambda: (rank, world))
-        loss, _ = core._grpo_loss(batch, adv)
+        loss, _, _ = core._grpo_loss(batch, adv)
         return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
 
     single_loss, single = grads(0, 1)
