@@ -277,7 +277,7 @@ def test_feeder_stops_at_once_when_the_learner_dies_while_the_buffer_is_full(ray
 
     def health():  # the fault: the learner is reported dead from the third check on
         calls.append(1)
-        return (len(calls) < 3, "learner failed: RuntimeError: injected")
+        return None if len(calls) < 3 else "learner failed: RuntimeError: injected"
 
     feeder = GroupFeeder(actor, "run", health=health, feed_timeout_s=120.0, poll_s=0.2, on_stop=stops.append)
 

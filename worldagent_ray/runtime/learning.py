@@ -6,11 +6,11 @@ root (shared storage), acknowledges what its checkpoints contain and publishes w
 Action engine replicas pick new versions up from the publisher (pause -> load -> resume).
 Nothing here blocks the driver's event loop.
 
-What the driver calls (:class:`LearningSession`)::
+What the driver calls (:class:`LearningSession` is the driver's ``Learner``)::
 
     learning = start_learning(cfg, run, namespace)          # buffer, publisher, learner thread
-    ok = await learning.feed(task, samples, verdicts, version, episode_ids)   # per committed group
-    healthy, reason = learning.healthy()                    # also checked inside every feed
+    ok = await learning.feed(group)                         # per committed ScoredGroup
+    reason = await learning.healthy()                       # None while it runs; also checked per feed
     summary = learning.finish()                             # close, drain, final stats
 
 The learner's health is checked on every feed: once the learner has failed for good (Ray Train
@@ -32,30 +32,12 @@ from typing import Any, Callable, Sequence
 
 from ..config import Config
 from ..orchestration.run_folder import RunFolder
+from ..rl.groups import scored_group
 from ..schemas import PlanSample, ScoredGroup, Task, Verdict
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GroupFeeder", "LearningSession", "scored_group", "start_learning"]
-
-
-def scored_group(task: Task, group_id: str, samples: Sequence[PlanSample], verdicts: Sequence[Verdict],
-                 policy_version: int, episode_ids: Sequence[str]) -> ScoredGroup | None:
-    """A GRPO group from one task's samples, or None when a sample carries no tokens (an
-    engine error): such a group cannot be scored token by token. The task's reference image
-    travels with the group (a vision-language learner re-creates its image inputs from it)."""
-    if any(not s.completion.token_ids or len(s.completion.logprobs) != len(s.completion.token_ids)
-           for s in samples):
-        return None
-    return ScoredGroup(
-        group_id=group_id, task_id=task.id, policy_version=policy_version,
-        prompt_token_ids=[list(s.completion.prompt_token_ids) for s in samples],
-        completion_token_ids=[list(s.completion.token_ids) for s in samples],
-        rollout_logprobs=[list(s.completion.logprobs) for s in samples],
-        rewards=[float(v.reward) for v in verdicts],
-        episode_ids=list(episode_ids),
-        reference_image=task.reference_image,
-    )
+__all__ = ["GroupFeeder", "LearningSession", "start_learning"]
 
 
 class GroupFeeder:
@@ -64,14 +46,14 @@ class GroupFeeder:
     Args:
         buffer: the :class:`~worldagent_ray.runtime.buffer_actor.BufferActor` handle.
         run_id: prefix of the group ids (``<run_id>:<task id>``).
-        health: ``() -> (healthy, reason)``, checked before every feed and between the polls of
-            a wait on a full buffer.
+        health: ``() -> None`` while the learner runs, else why it stopped; checked before every
+            feed and between the polls of a wait on a full buffer.
         feed_timeout_s: the longest one feed waits for space while the learner is healthy.
         poll_s: one wait on a full buffer before the health is checked again.
         on_stop: called once with the reason when feeding stops for good.
     """
 
-    def __init__(self, buffer: Any, run_id: str, *, health: Callable[[], tuple[bool, str]] = lambda: (True, ""),
+    def __init__(self, buffer: Any, run_id: str, *, health: Callable[[], str | None] = lambda: None,
                  feed_timeout_s: float = 60.0, poll_s: float = 1.0, on_stop: Callable[[str], None] | None = None):
         if feed_timeout_s <= 0 or poll_s <= 0:
             raise ValueError(f"feed_timeout_s and poll_s must be > 0, got {feed_timeout_s}, {poll_s}")
@@ -96,16 +78,26 @@ class GroupFeeder:
 
     def _still_healthy(self) -> bool:
         if self.stopped is None:
-            ok, reason = self.health()
-            if not ok:
+            reason = self.health()
+            if reason is not None:
                 self._stop(reason)
         return self.stopped is None
 
     async def feed(self, task: Task, samples: Sequence[PlanSample], verdicts: Sequence[Verdict],
                    policy_version: int, episode_ids: Sequence[str]) -> bool:
-        """Queue one task's scored group. Returns True if queued; False if feeding has stopped
-        (see :attr:`stopped`), the group has no tokens, the buffer refused it, or the buffer
-        stayed full for ``feed_timeout_s``. Never raises for the learner's or buffer's failures."""
+        """Build the task's scored group (see :func:`~worldagent_ray.rl.groups.scored_group`) and
+        :meth:`feed_group` it; False (counted as ``skipped``) when a sample has no tokens."""
+        group = scored_group(task, f"{self.run_id}:{task.id}", samples, [float(v.reward) for v in verdicts],
+                             policy_version, episode_ids)
+        if group is None:
+            self.skipped += 1
+            return False
+        return await self.feed_group(group)
+
+    async def feed_group(self, group: ScoredGroup) -> bool:
+        """Queue one scored group. Returns True if queued; False if feeding has stopped (see
+        :attr:`stopped`), the buffer refused it, or the buffer stayed full for
+        ``feed_timeout_s``. Never raises for the learner's or the buffer's failures."""
         import ray
 
         from ..rl.buffer import meta_of
@@ -113,10 +105,6 @@ class GroupFeeder:
 
         if not self._still_healthy():
             self.not_fed += 1
-            return False
-        group = scored_group(task, f"{self.run_id}:{task.id}", samples, verdicts, policy_version, episode_ids)
-        if group is None:
-            self.skipped += 1
             return False
         ref = ray.put(group)
         loop = asyncio.get_running_loop()
@@ -171,7 +159,7 @@ class LearningSession:
         self.publisher_name = f"worldagent-weights-{run.run_id}"
         self.publisher = create_publisher_actor(self.publisher_name, namespace=namespace)
         self.buffer = create_buffer_actor(cfg.learner, name=run.run_id, namespace=namespace)
-        self.feeder = GroupFeeder(self.buffer, run.run_id, health=self.healthy,
+        self.feeder = GroupFeeder(self.buffer, run.run_id, health=self.health,
                                   feed_timeout_s=cfg.learner.feed_timeout_s, on_stop=self._record_stop)
         # No idle timeout: the learner waits for rollouts (deployment can take minutes) and
         # stops when finish() closes the buffer and it has drained.
@@ -196,20 +184,24 @@ class LearningSession:
         self.run.record_event(event="learner_stopped", reason=reason[:500])
         self.say(f"  learner stopped: {reason[:200]}")
 
-    async def feed(self, task: Task, samples: Sequence[PlanSample], verdicts: Sequence[Verdict],
-                   policy_version: int, episode_ids: Sequence[str]) -> bool:
-        """See :meth:`GroupFeeder.feed`."""
-        return await self.feeder.feed(task, samples, verdicts, policy_version, episode_ids)
+    async def feed(self, group: ScoredGroup) -> bool:
+        """Queue one reward-scored group (the driver's ``Learner.feed``); see
+        :meth:`GroupFeeder.feed_group`."""
+        return await self.feeder.feed_group(group)
 
-    def healthy(self) -> tuple[bool, str]:
-        """``(True, "")`` while the learner runs (Ray Train restarting a failed worker counts
-        as running); ``(False, reason)`` once it has failed for good or finished."""
+    async def healthy(self) -> str | None:
+        """The driver's ``Learner.healthy``: see :meth:`health`."""
+        return self.health()
+
+    def health(self) -> str | None:
+        """``None`` while the learner runs (Ray Train restarting a failed worker counts as
+        running); otherwise why it stopped: failed for good, or finished."""
         if self.error is not None:
-            return False, f"learner failed: {type(self.error).__name__}: {self.error}"
+            return f"learner failed: {type(self.error).__name__}: {self.error}"
         if not self._thread.is_alive():
             step = (self.result.metrics or {}).get("step") if self.result is not None else None
-            return False, f"learner finished (step {step})"
-        return True, ""
+            return f"learner finished (step {step})"
+        return None
 
     def finish(self, timeout_s: float = 600.0) -> dict[str, Any]:
         """Close the buffer (no more rollouts) and wait up to ``timeout_s`` for a healthy learner
