@@ -529,13 +529,16 @@ def test_fsdp_two_ranks_gather_the_full_state_on_rank_zero_and_resume(model_path
     exported = torch.load(tmp_path / "export.pt", weights_only=True)
     expected = ref.export_weights()
     assert set(exported) == set(expected)
+    # Sharded gradients are summed in another order; Adam turns that rounding noise into updates
+    # of up to ~lr on coordinates whose gradient is ~0 (<= 1e-4 here; a missing or repeated step
+    # moves weights by ~4e-2, see tests/ray/test_learner_trainer.py).
     for k, v in expected.items():
-        torch.testing.assert_close(exported[k], v, rtol=0, atol=2e-5, msg=k)
+        torch.testing.assert_close(exported[k], v, rtol=0, atol=1e-3, msg=k)
     m = ref.step(make_groups(302, n_groups=2, group_size=3))
     resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
-    assert resumed["loss"] == pytest.approx(m["loss"], abs=1e-5)
+    assert resumed["loss"] == pytest.approx(m["loss"], abs=1e-4)
     for k, v in ref.export_weights().items():
-        torch.testing.assert_close(resumed["export"][k], v, rtol=0, atol=2e-5, msg=k)
+        torch.testing.assert_close(resumed["export"][k], v, rtol=0, atol=1e-3, msg=k)
 
 
 def test_reference_images_open_from_paths_and_uris(tmp_path):
