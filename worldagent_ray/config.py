@@ -313,6 +313,13 @@ class MemoryConfig(_Section):
 # --------------------------------------------------------------------------- learner
 
 
+FSDP_LORA_REFUSAL = (
+    "learner.parallel_strategy='fsdp' with learner.lora=true is not supported: use parallel_strategy='ddp' "
+    "with LoRA (the adapters and their optimizer state are small enough for every worker to hold), or fsdp "
+    "for full fine-tuning"
+)
+
+
 class LearnerConfig(_Section):
     """The asynchronous GRPO learner (Ray Train) and the weight sync to the Action engines."""
 
@@ -379,6 +386,12 @@ class LearnerConfig(_Section):
     dpo_beta: float = Field(default=0.1, gt=0.0, description="DPO temperature beta (TRL's DPOConfig.beta).")
     dpo_loss_type: Literal["sigmoid", "hinge", "ipo"] = Field(default="sigmoid", description="TRL's DPO loss type.")
     dpo_margin: float = Field(default=0.2, gt=0.0, le=1.0, description="Best-worst reward gap a DPO pair needs.")
+
+    @model_validator(mode="after")
+    def _fsdp_without_lora(self) -> "LearnerConfig":
+        if self.parallel_strategy == "fsdp" and self.lora:
+            raise ValueError(FSDP_LORA_REFUSAL)
+        return self
 
 
 # --------------------------------------------------------------------------- resources

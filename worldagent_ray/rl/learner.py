@@ -46,7 +46,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..config import LearnerConfig
+from ..config import FSDP_LORA_REFUSAL, LearnerConfig
 from .batch import ImageInputs, LearnerBatch, collate_groups, shard_rows
 from .dpo import dpo_term
 from .grpo import group_advantages, grpo_loss, importance_weights, off_policy_mask, token_logprobs
@@ -194,6 +194,8 @@ class LearnerCore:
         self.ref_module = self._make_reference() if (cfg.beta > 0 or cfg.dpo_coef > 0) else None
         self.model = wrap_model(self.module) if wrap_model is not None else self.module
         self.sharded = is_fsdp(self.model)
+        if self.sharded and cfg.lora:
+            raise ValueError(FSDP_LORA_REFUSAL)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError(f"model {model!r} has no trainable parameters")

@@ -507,12 +507,19 @@ def _fsdp_rank(rank: int, world: int, port: int, model_path: str, lora: bool, ou
         dist.destroy_process_group()
 
 
+def test_fsdp_with_lora_is_refused_naming_the_alternative():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="parallel_strategy='ddp' with LoRA"):
+        LearnerConfig(parallel_strategy="fsdp", lora=True)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_fsdp_two_ranks_gather_the_full_state_on_rank_zero_and_resume(model_path, tmp_path, lora):
-    """2 gloo ranks under FSDP2 train like one process; the export gathers the full (or adapter)
-    state dict on rank 0 only; a checkpoint restores every rank's shards and training continues
-    exactly as the single process does."""
+def test_fsdp_two_ranks_gather_the_full_state_on_rank_zero_and_resume(model_path, tmp_path):
+    """2 gloo ranks under FSDP2 train like one process; the export gathers the full state dict
+    on rank 0 only; a checkpoint restores every rank's shards and training continues as the
+    single process does."""
+    lora = False
     import socket
 
     import torch.multiprocessing as mp
