@@ -396,6 +396,13 @@ class MemoryConfig(_Section):
 # --------------------------------------------------------------------------- learner
 
 
+FSDP_LORA_REFUSAL = (
+    "learner.parallel_strategy='fsdp' with learner.lora=true is not supported: use parallel_strategy='ddp' "
+    "with LoRA (the adapters and their optimizer state are small enough for every worker to hold), or fsdp "
+    "for full fine-tuning"
+)
+
+
 class LearnerConfig(_Section):
     """The asynchronous GRPO learner (Ray Train) and the weight sync to the Action engines."""
 
@@ -443,6 +450,16 @@ class LearnerConfig(_Section):
     sync_timeout_s: float = Field(default=120.0, gt=0.0, description="Most time a weight sync may take.")
     checkpoint_every: int = Field(default=10, ge=1, description="Checkpoint every k optimizer steps.")
     num_workers: int = Field(default=1, ge=1, description="Ray Train workers (data parallel).")
+    parallel_strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="Data parallelism of the learner workers: 'ddp' (every worker holds the whole model) or "
+        "'fsdp' (parameters, gradients and optimizer state sharded; weights are gathered on rank 0 to publish).",
+    )
+    feed_timeout_s: float = Field(
+        default=60.0, gt=0.0,
+        description="Longest the driver waits for space in a full buffer to feed one group while the learner is "
+        "healthy; then the group is refused (counted as 'full'). A dead learner stops the feeding at once.",
+    )
     backend: Literal["gloo", "nccl"] = Field(default="gloo", description="torch.distributed backend.")
     use_gpu: bool = Field(default=False, description="Train on GPUs.")
     max_failures: int = Field(default=2, ge=0, description="Worker failures Ray Train recovers from.")
@@ -452,6 +469,12 @@ class LearnerConfig(_Section):
     dpo_beta: float = Field(default=0.1, gt=0.0, description="DPO temperature beta (TRL's DPOConfig.beta).")
     dpo_loss_type: Literal["sigmoid", "hinge", "ipo"] = Field(default="sigmoid", description="TRL's DPO loss type.")
     dpo_margin: float = Field(default=0.2, gt=0.0, le=1.0, description="Best-worst reward gap a DPO pair needs.")
+
+    @model_validator(mode="after")
+    def _fsdp_without_lora(self) -> "LearnerConfig":
+        if self.parallel_strategy == "fsdp" and self.lora:
+            raise ValueError(FSDP_LORA_REFUSAL)
+        return self
 
 
 # --------------------------------------------------------------------------- planner / export

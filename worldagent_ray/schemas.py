@@ -669,6 +669,7 @@ class ScoredGroup(_Message):
     prompt per sample (``list[list[int]]``). ``rollout_logprobs[i][t]`` is the sampling
     engine's log-prob of ``completion_token_ids[i][t]``. ``policy_version`` is the weights
     version that generated the group (the oldest one if samples straddle a weight update).
+    ``reference_image`` is set when the prompt token ids hold image placeholder tokens.
     """
 
     group_id: str = Field(min_length=1)
@@ -679,6 +680,11 @@ class ScoredGroup(_Message):
     rollout_logprobs: list[list[float]]
     rewards: list[float]
     episode_ids: list[str]
+    reference_image: str | None = Field(
+        default=None,
+        description="Path or URI of the image the prompt showed (vision-language policies): the learner "
+        "re-creates the image inputs from it to recompute the log-probs.",
+    )
 
     @model_validator(mode="after")
     def _aligned(self) -> "ScoredGroup":

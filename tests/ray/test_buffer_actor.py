@@ -182,8 +182,10 @@ def test_actor_state_dict_round_trip(ray_local):
     for gid in ("a", "b"):
         ray.get(_put(ray, a, _group(gid, version=2)))
     ray.get(a.get_batch.remote(2, 2, 2.0))
+    assert ray.get(a.state_dict.remote())["acked_ids"] == []  # handed out, not durably trained yet
+    assert ray.get(a.ack.remote(["a", "b"], {"step": 1, "path": "/ckpt/1"})) == 2
     state = ray.get(a.state_dict.remote())
-    assert state["consumed_ids"] == ["a", "b"] and state["policy_version"] == 2
+    assert state["acked_ids"] == ["a", "b"] and state["policy_version"] == 2
     b = _actor(ray, max_groups=4)
     ray.get(b.load_state_dict.remote(state))
     assert ray.get(_put(ray, b, _group("a", version=2))) is False
@@ -204,3 +206,114 @@ def test_create_buffer_actor_from_config(ray_local):
     st = ray.get(again.stats.remote())
     assert st["max_groups"] == 3 and st["size"] == 1 and st["name"] == "cfgtest"
     ray.kill(h)
+
+
+# --------------------------------------------------------------------------- at-least-once
+
+
+@pytest.mark.ray
+def test_actor_keeps_refs_in_flight_until_acked_and_requeues_on_restore(ray_local):
+    ray = ray_local
+    actor = _actor(ray, max_groups=8, max_staleness=10)
+    groups = [_group(f"g{i}") for i in range(5)]
+    for g in groups:
+        ray.get(_put(ray, actor, g))
+    first = ray.get(actor.get_batch.remote(2, 0, 2.0))
+    ray.get(actor.ack.remote([b["group_id"] for b in first], {"step": 1, "path": "/ckpt/step1"}))
+    second = ray.get(actor.get_batch.remote(2, 0, 2.0))  # g2, g3: taken, never acknowledged
+    del second
+    gc.collect()
+    st = ray.get(actor.stats.remote())
+    assert (st["in_flight"], st["acked"], st["size"], st["durable_step"]) == (2, 2, 1, 1)
+    assert ray.get(actor.durable_checkpoint.remote()) == {"step": 1, "path": "/ckpt/step1"}
+    # a learner restarts from the step-1 checkpoint: g0, g1 are in it, g2, g3 come back first
+    assert ray.get(actor.restore.remote(["g0", "g1"], {"step": 1, "path": "/ckpt/step1"})) == ["g2", "g3"]
+    again = ray.get(actor.get_batch.remote(3, 0, 2.0))
+    assert [b["group_id"] for b in again] == ["g2", "g3", "g4"]
+    assert ray.get([b["ref"] for b in again]) == groups[2:]  # the buffer kept the refs alive
+    ray.get(actor.ack.remote(["g2", "g3", "g4"], {"step": 2, "path": "/ckpt/step2"}))
+    st = ray.get(actor.stats.remote())
+    assert st["in_flight"] == 0 and st["acked"] == st["consumed_ids"] == st["accepted"] == 5
+    assert st["taken"] == 7 and st["requeued"] == 2 and st["durable_step"] == 2
+
+
+@pytest.mark.ray
+def test_fresh_buffer_restored_from_a_checkpoint_refuses_trained_groups(ray_local):
+    ray = ray_local
+    actor = _actor(ray, max_groups=4)
+    assert ray.get(actor.restore.remote(["old-1"], None)) == []
+    assert ray.get(actor.durable_checkpoint.remote()) is None
+    assert ray.get(_put(ray, actor, _group("old-1"))) is False
+    assert ray.get(actor.stats.remote())["dropped"]["consumed"] == 1
+
+
+def _scored_inputs(task_id: str = "t1", reference_image: str | None = None):
+    from worldagent_ray.schemas import Completion, Plan, PlanSample, Scores, Task, Verdict
+
+    task = Task(id=task_id, goal="wash the cup", phase=1, reference_image=reference_image)
+    samples = [PlanSample(plan=Plan.from_actions(["pick up the cup"]),
+                          completion=Completion(text="{}", token_ids=[5 + i, 6], logprobs=[-0.1, -0.2],
+                                                prompt_token_ids=[1, 2, 3]))
+               for i in range(2)]
+    scores = Scores(action_following=0.5, temporal_consistency=0.5, object_interaction=0.5,
+                    goal_achievement=0.5, physics=0.5)
+    verdicts = [Verdict(state_caption="c", success=bool(i), scores=scores, reward=float(i)) for i in range(2)]
+    return task, samples, verdicts, 0, [f"{task_id}-e{i}" for i in range(2)]
+
+
+@pytest.mark.ray
+def test_feeder_stops_at_once_when_the_learner_dies_while_the_buffer_is_full(ray_local):
+    """A dead learner is noticed between the short polls of a wait on a full buffer: the feed
+    returns False long before feed_timeout_s, the reason is recorded once, later feeds do not
+    wait at all, and the buffer counts no 'full' refusal for it."""
+    import asyncio
+
+    from worldagent_ray.runtime.learning import GroupFeeder
+
+    ray = ray_local
+    actor = _actor(ray, max_groups=1)
+    ray.get(_put(ray, actor, _group("occupies-the-only-slot")))
+    calls, stops = [], []
+
+    def health():  # the fault: the learner is reported dead from the third check on
+        calls.append(1)
+        return None if len(calls) < 3 else "learner failed: RuntimeError: injected"
+
+    feeder = GroupFeeder(actor, "run", health=health, feed_timeout_s=120.0, poll_s=0.2, on_stop=stops.append)
+
+    async def go():
+        first = await asyncio.wait_for(feeder.feed(*_scored_inputs("t1")), 60)
+        second = await asyncio.wait_for(feeder.feed(*_scored_inputs("t2")), 60)
+        return first, second
+
+    assert asyncio.run(go()) == (False, False)
+    assert stops == ["learner failed: RuntimeError: injected"] and feeder.stopped == stops[0]
+    assert (feeder.fed, feeder.not_fed, len(calls)) == (0, 2, 3)
+    st = ray.get(actor.stats.remote())
+    assert st["dropped"]["full"] == 0 and st["size"] == 1
+
+
+@pytest.mark.ray
+def test_feeder_back_pressure_then_timeout_counts_one_full_refusal(ray_local):
+    import asyncio
+
+    from worldagent_ray.runtime.learning import GroupFeeder
+
+    ray = ray_local
+    actor = _actor(ray, max_groups=1)
+    feeder = GroupFeeder(actor, "run", feed_timeout_s=0.6, poll_s=0.2)
+
+    async def go():
+        ok = await feeder.feed(*_scored_inputs("a", reference_image="/refs/a.png"))
+        waiting = asyncio.ensure_future(feeder.feed(*_scored_inputs("b")))
+        await asyncio.sleep(0)  # b now waits for space...
+        taken = await actor.get_batch.remote(1, 0, 5.0)  # ...which the learner frees
+        ok_b = await asyncio.wait_for(waiting, 60)
+        timed_out = await asyncio.wait_for(feeder.feed(*_scored_inputs("c")), 60)  # nobody takes now
+        return ok, taken, ok_b, timed_out
+
+    ok, taken, ok_b, timed_out = asyncio.run(go())
+    assert ok and ok_b and not timed_out
+    assert ray.get(taken[0]["ref"]).reference_image == "/refs/a.png"  # travels with the group
+    assert (feeder.fed, feeder.refused, feeder.stopped) == (2, 1, None)
+    assert ray.get(actor.stats.remote())["dropped"]["full"] == 1

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_builtin_models_lists_every_builtin():
     assert builtin_models() == sorted(
-        ["minilm", "smollm2-135m-instruct", "tiny-random-llama", "tiny-random-qwen2-vl"]
+        ["minilm", "smollm2-135m-instruct", "tiny-random-llama", "tiny-random-qwen2-vl", "tiny-random-qwen2.5-vl"]
     )
     assert all(is_builtin(n) for n in builtin_models())
     assert not is_builtin("Qwen/Qwen2.5-VL-7B-Instruct")
@@ -67,6 +67,35 @@ def test_tiny_qwen2_vl_has_model_and_image_processor():
 
     tok = AutoTokenizer.from_pretrained(path)
     assert tok.convert_tokens_to_ids("<|image_pad|>") == config["image_token_id"]
+
+
+def test_tiny_qwen2_5_vl_is_the_real_class_with_vllm_friendly_dims():
+    """Qwen2_5_VLForConditionalGeneration (not AutoModelForCausalLM, which has no mapping for it),
+    head_dim 64 with an mrope split that fills it, and image placeholders the processor expands."""
+    import torch
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    path = Path(resolve_model("tiny-random-qwen2.5-vl"))
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "qwen2_5_vl" and config["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+    text = config["text_config"]
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    assert head_dim == 64 and 2 * sum(text["rope_parameters"]["mrope_section"]) == head_dim
+    assert config["vision_config"]["out_hidden_size"] == text["hidden_size"]
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok.convert_tokens_to_ids("<|image_pad|>") == config["image_token_id"]
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    from PIL import Image
+
+    feats = AutoImageProcessor.from_pretrained(path)(images=[Image.new("RGB", (100, 80), (200, 30, 30))],
+                                                     return_tensors="pt")
+    n_img = int(feats["image_grid_thw"].prod(-1).item()) // 4
+    ids = [1, config["vision_start_token_id"], *[config["image_token_id"]] * n_img, config["vision_end_token_id"], 5, 6]
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), pixel_values=feats["pixel_values"],
+                    image_grid_thw=feats["image_grid_thw"])
+    assert out.logits.shape == (1, len(ids), config["text_config"]["vocab_size"])
 
 
 @pytest.mark.parametrize("name", ["Qwen/Qwen2.5-VL-7B-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2"])

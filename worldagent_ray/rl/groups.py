@@ -11,7 +11,9 @@ from ..schemas import PlanSample, ScoredGroup, Task
 def scored_group(task: Task, group_id: str, samples: Sequence[PlanSample], rewards: Sequence[float],
                  policy_version: int, episode_ids: Sequence[str]) -> ScoredGroup | None:
     """A GRPO group from one task's samples, or None when a sample carries no tokens or no
-    log-probs (an engine error): such a group cannot be scored token by token."""
+    log-probs (an engine error): such a group cannot be scored token by token. The task's
+    reference image travels with the group (a vision-language learner re-creates the image
+    inputs of the prompt from it)."""
     if len(samples) != len(rewards) or len(samples) != len(episode_ids):
         raise ValueError(
             f"group {group_id!r}: {len(samples)} samples, {len(rewards)} rewards, {len(episode_ids)} episode ids"
@@ -26,4 +28,5 @@ def scored_group(task: Task, group_id: str, samples: Sequence[PlanSample], rewar
         rollout_logprobs=[list(s.completion.logprobs) for s in samples],
         rewards=[float(r) for r in rewards],
         episode_ids=list(episode_ids),
+        reference_image=task.reference_image,
     )

@@ -15,12 +15,20 @@ Ownership: an object lives as long as its owner (the worker that called ``ray.pu
 groups from long-lived processes (the driver or an actor), or the learner gets an
 ``OwnerDiedError`` when it fetches them.
 
+At-least-once learning: handed-out groups stay in flight (with their refs) until the learner
+acknowledges them with :meth:`BufferActor.ack` after a checkpoint that includes them is
+durable; the ack also records that checkpoint (:meth:`BufferActor.durable_checkpoint`), so a
+restarted learner restores exactly the checkpoint whose groups are acknowledged and
+:meth:`BufferActor.restore` hands every other in-flight group out again.
+
 Typical use::
 
     buffer = create_buffer_actor(cfg.learner, name=cfg.run.name)
     ok = ray.get(buffer.put.remote(meta_of(group), [ray.put(group)]))          # producer
     batch = ray.get(buffer.get_batch.remote(4, version, 30.0))                 # learner
     groups = ray.get([item["ref"] for item in batch])
+    ...                                                                        # step, checkpoint
+    ray.get(buffer.ack.remote([item["group_id"] for item in batch], {"step": 10, "path": uri}))
 
 Metrics (``ray.util.metrics``, tag ``buffer`` = the buffer's name): gauge
 ``worldagent_buffer_size``, histogram ``worldagent_buffer_staleness`` (of the groups handed
@@ -31,6 +39,8 @@ zero_variance, full, stale).
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import Any, Literal, Mapping
 
 import ray
@@ -39,6 +49,8 @@ from ..rl.buffer import DROP_REASONS, AddResult, BufferEntry, GroupBuffer
 from .metrics import BufferMetrics
 
 __all__ = ["BufferActor", "BufferFullTimeout", "buffer_actor_name", "create_buffer_actor"]
+
+logger = logging.getLogger(__name__)
 
 ACTOR_NAME_PREFIX = "worldagent-buffer-"
 
@@ -91,6 +103,8 @@ class BufferActor:
         self._version = 0
         self._cond = asyncio.Condition()
         self._closed = False  # set by the producer when no more groups will come
+        self._durable: dict[str, Any] | None = None  # the checkpoint of the latest ack
+        self._last_pull: float | None = None  # monotonic time of the learner's latest get_batch
         self._name = name
         self._m = BufferMetrics(name)
         self._m.size.set(0)
@@ -115,18 +129,20 @@ class BufferActor:
 
     # ------------------------------------------------------------------ API
 
-    async def put(self, meta: dict[str, Any], ref_wrapped: list[ray.ObjectRef], timeout_s: float | None = -1.0) -> bool:
+    async def put(self, meta: dict[str, Any], ref_wrapped: list[ray.ObjectRef], timeout_s: float | None = -1.0,
+                  count_full: bool = True) -> bool:
         """Queue one group: ``meta`` (see :func:`~worldagent_ray.rl.buffer.meta_of`) and ``[ref]``.
 
         Waits while the buffer is full. ``timeout_s``: seconds to wait (``None`` forever, ``0``
-        not at all, negative: the actor's ``put_timeout_s``).
+        not at all, negative: the actor's ``put_timeout_s``). ``count_full=False``: a timeout is
+        not counted as a ``full`` refusal (a caller polling in short waits counts its last one).
 
         Returns:
             `bool`: True if queued; False if refused as duplicate, consumed or zero-variance
             (counted in ``stats()["dropped"]``).
 
         Raises:
-            BufferFullTimeout: still full after ``timeout_s`` (counted as ``full``).
+            BufferFullTimeout: still full after ``timeout_s`` (counted as ``full`` if ``count_full``).
             ValueError / TypeError: malformed ``meta`` or ``ref_wrapped``.
         """
         entry = BufferEntry.from_meta(meta, _unwrap_ref(ref_wrapped))
@@ -138,7 +154,8 @@ class BufferActor:
             while self._core.check(entry) is AddResult.FULL:
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
-                    self._core.add(entry)  # counts the refusal as "full"
+                    if count_full:
+                        self._core.add(entry)  # counts the refusal as "full"
                     self._publish(before)
                     raise BufferFullTimeout(
                         f"buffer {self._name!r} stayed full ({self._core.max_groups} groups) for {wait} s; "
@@ -163,6 +180,7 @@ class BufferActor:
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
+        self._last_pull = time.monotonic()
         async with self._cond:
             before = dict(self._core.dropped)
             self._advance(current_version)
@@ -183,6 +201,46 @@ class BufferActor:
                 self._cond.notify_all()  # space for waiting producers
             return [{**e.meta(), "ref": e.ref} for e in taken]
 
+    async def ack(self, group_ids: list[str], checkpoint: dict[str, Any] | None = None) -> int:
+        """Acknowledge in-flight groups whose training is in a durable checkpoint; they leave
+        the buffer (and their refs are released).
+
+        Args:
+            group_ids: the groups trained since the previous acknowledgement.
+            checkpoint: that checkpoint, e.g. ``{"step": 10, "path": uri}``; kept as
+                :meth:`durable_checkpoint` (the newest one wins).
+
+        Returns:
+            How many groups were acknowledged now (ids acknowledged before are ignored; unknown
+            ids are logged).
+        """
+        async with self._cond:
+            done, unknown = self._core.ack(group_ids)
+            if unknown:
+                logger.warning("buffer %r: ack of %d unknown group ids, e.g. %s", self._name, len(unknown), unknown[:3])
+            if checkpoint is not None and checkpoint.get("path"):
+                if self._durable is None or int(checkpoint.get("step", 0)) >= int(self._durable.get("step", 0)):
+                    self._durable = dict(checkpoint)
+            return done
+
+    async def durable_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint passed with the newest :meth:`ack` (``None`` before the first)."""
+        return None if self._durable is None else dict(self._durable)
+
+    async def restore(self, trained_ids: list[str], checkpoint: dict[str, Any] | None = None) -> list[str]:
+        """A learner (re)started from ``checkpoint`` (``None``: from scratch), which contains the
+        training of ``trained_ids``: those are acknowledged and every other in-flight group goes
+        back to the front of the queue (hand-out order) to be trained again. Returns the
+        requeued ids."""
+        async with self._cond:
+            ids = self._core.restore(trained_ids)
+            if checkpoint is not None and checkpoint.get("path"):
+                self._durable = dict(checkpoint)
+            self._m.size.set(len(self._core))
+            if ids:
+                self._cond.notify_all()
+            return ids
+
     async def close(self) -> None:
         """The producer is done: waiting and later ``get_batch`` calls return at once with
         what is left, so the learner drains the buffer and then stops (see :meth:`drained`)."""
@@ -191,7 +249,8 @@ class BufferActor:
             self._cond.notify_all()
 
     async def drained(self) -> bool:
-        """True once the producer closed the buffer and every queued group was taken."""
+        """True once the producer closed the buffer and every queued group was taken (groups
+        may still be in flight: the learner acknowledges them when it stops)."""
         return self._closed and len(self._core) == 0
 
     async def set_policy_version(self, version: int) -> int:
@@ -209,8 +268,13 @@ class BufferActor:
         return len(self._core)
 
     async def stats(self) -> dict[str, Any]:
-        """:meth:`GroupBuffer.stats` at the latest known policy version, plus ``policy_version``."""
-        return {**self._core.stats(self._version), "policy_version": self._version, "name": self._name}
+        """:meth:`GroupBuffer.stats` at the latest known policy version, plus ``policy_version``,
+        ``closed``, ``durable_step`` (of the newest acknowledged checkpoint, -1 before one) and
+        ``since_last_pull_s`` (seconds since the learner's latest ``get_batch``; None before)."""
+        since = None if self._last_pull is None else time.monotonic() - self._last_pull
+        return {**self._core.stats(self._version), "policy_version": self._version, "name": self._name,
+                "closed": self._closed, "durable_step": -1 if self._durable is None else int(self._durable.get("step", -1)),
+                "since_last_pull_s": since}
 
     async def state_dict(self) -> dict[str, Any]:
         """:meth:`GroupBuffer.state_dict` plus the latest known policy version (JSON-safe)."""
@@ -236,7 +300,7 @@ def create_buffer_actor(
     Uses ``buffer_max_groups``, ``max_staleness``, ``stale_policy`` and ``drop_zero_variance``
     of ``learner_cfg``. The actor needs no CPU of its own (``num_cpus=0``): it only does
     bookkeeping. Not restartable: a restarted buffer would have lost its refs; the learner
-    restores consumed ids with ``load_state_dict`` instead.
+    restores acknowledged ids with ``load_state_dict`` instead.
     """
     return (
         ray.remote(BufferActor)

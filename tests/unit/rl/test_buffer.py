@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from worldagent_ray.rl.buffer import AddResult, BufferEntry, GroupBuffer, meta_of
 from worldagent_ray.schemas import ScoredGroup
@@ -101,16 +103,20 @@ def test_evict_stale_frees_space_only_under_drop():
     assert corr.queued_staleness(5) == {5: 1}
 
 
-def test_consumed_ids_survive_state_dict_round_trip():
+def test_acked_ids_survive_state_dict_round_trip_in_flight_ones_do_not():
     buf = GroupBuffer(max_groups=8, max_staleness=1, stale_policy="drop")
     for i in range(4):
         buf.add(_entry(f"g{i}", version=i))
     buf.add(_entry("g0"))  # duplicate
-    buf.take(4, current_version=3)  # g0, g1 stale -> dropped; g2, g3 consumed
+    buf.take(4, current_version=3)  # g0, g1 stale -> dropped; g2, g3 in flight
+    assert buf.ack(["g2"]) == (1, [])
     state = json.loads(json.dumps(buf.state_dict()))  # JSON-safe
+    assert state["acked_ids"] == ["g2"]  # g3 was never durably trained: a resumed run regenerates it
+    buf.ack(["g3"])
+    state = json.loads(json.dumps(buf.state_dict()))
     fresh = GroupBuffer(max_groups=8, max_staleness=1, stale_policy="drop")
     fresh.load_state_dict(state)
-    assert fresh.consumed_ids == {"g2", "g3"}
+    assert fresh.consumed_ids == fresh.acked_ids == {"g2", "g3"}
     assert fresh.add(_entry("g2", version=3)) is AddResult.CONSUMED
     assert fresh.add(_entry("g0", version=3)).accepted
     st = fresh.stats()
@@ -143,6 +149,10 @@ def test_bad_entries_and_state():
         buf.load_state_dict({"consumed_ids": []})
     with pytest.raises(ValueError, match="consumed_ids"):
         buf.load_state_dict({"version": 1, "consumed_ids": [1, 2]})
+    with pytest.raises(ValueError, match="acked_ids"):
+        buf.load_state_dict({"version": 2})
+    buf.load_state_dict({"version": 1, "consumed_ids": ["old"]})  # a version-1 state: handed out = done
+    assert buf.acked_ids == {"old"}
     with pytest.raises(ValueError, match="n must be"):
         buf.take(-1, 0)
 
@@ -159,3 +169,70 @@ def test_scored_group_validation():
     g = _group("g", rewards=(0.0, 1.0))
     assert meta_of(g) == {"group_id": "g", "task_id": "t", "policy_version": 0, "reward_mean": 0.5,
                           "reward_std": 0.5, "num_samples": 2}
+
+
+# --------------------------------------------------------------------------- at-least-once
+
+
+def test_taken_groups_stay_in_flight_until_acked():
+    buf = GroupBuffer(max_groups=8, max_staleness=5)
+    for i in range(4):
+        buf.add(_entry(f"g{i}"))
+    got = buf.take(2, 0)
+    assert buf.in_flight == ["g0", "g1"] and buf.consumed_ids == {"g0", "g1"} and not buf.acked_ids
+    assert buf.add(_entry("g0")) is AddResult.CONSUMED  # in flight counts as handed to the learner
+    assert buf.ack(["g1", "nope"]) == (1, ["nope"])
+    assert buf.ack(["g1"]) == (0, [])  # idempotent
+    assert buf.in_flight == ["g0"] and buf.acked_ids == {"g1"}
+    assert got[0].ref == "payload-g0"
+    st = buf.stats()
+    assert (st["in_flight"], st["acked"], st["consumed_ids"], st["taken"]) == (1, 1, 2, 2)
+
+
+def test_requeue_puts_in_flight_groups_first_in_hand_out_order():
+    buf = GroupBuffer(max_groups=3, max_staleness=5)
+    for i in range(3):
+        buf.add(_entry(f"g{i}"))
+    buf.take(2, 0)
+    buf.add(_entry("g3"))
+    buf.add(_entry("g4"))
+    assert buf.full and len(buf) == 3
+    assert buf.requeue() == ["g0", "g1"]
+    assert len(buf) == 5 and not buf.in_flight  # over capacity for a while, nothing dropped
+    again = buf.take(5, 0)
+    assert [e.group_id for e in again] == ["g0", "g1", "g2", "g3", "g4"]
+    assert again[0].ref == "payload-g0"
+    st = buf.stats()
+    assert st["requeued"] == 2 and st["taken"] == 7 and st["dropped"]["full"] == 0
+
+
+@settings(derandomize=True, max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "take", "ack", "requeue", "bump"]), st.integers(0, 7)),
+                max_size=60),
+       st.sampled_from(["drop", "correct"]))
+def test_no_group_is_lost_whatever_the_order_of_operations(ops, policy):
+    """accepted == queued + in flight + acknowledged + dropped as stale after acceptance, and
+    every accepted id is in exactly one of those places."""
+    buf = GroupBuffer(max_groups=4, max_staleness=1, stale_policy=policy)
+    version, n, accepted, stale_dropped = 0, 0, set(), set()
+    for op, k in ops:
+        if op == "add":
+            e = _entry(f"g{n % 12}", version=version)
+            n += 1
+            if buf.add(e).accepted:
+                accepted.add(e.group_id)
+        elif op == "take":
+            before = set(buf._queue)
+            got = {e.group_id for e in buf.take(k, version)}
+            stale_dropped |= before - got - set(buf._queue)
+        elif op == "ack":
+            buf.ack(buf.in_flight[: k % 3])
+        elif op == "requeue":
+            buf.requeue()
+        else:
+            version += k % 3
+            stale_dropped |= {e.group_id for e in buf.evict_stale(version)}
+    queued, flight, acked = set(buf._queue), set(buf.in_flight), buf.acked_ids
+    assert not (queued & flight) and not (queued & acked) and not (flight & acked)
+    assert accepted == queued | flight | acked | stale_dropped
+    assert buf.stats()["consumed_ids"] == len(flight) + len(acked)

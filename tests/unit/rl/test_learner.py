@@ -9,6 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from worldagent_ray.config import EngineConfig, LearnerConfig
 from worldagent_ray.models import resolve_model
@@ -18,6 +20,7 @@ from worldagent_ray.rl.learner import (
     collate_groups,
     lr_lambda,
 )
+from worldagent_ray.rl.batch import shard_rows
 from worldagent_ray.rl.weight_sync import load_base_weights, merge_lora
 from worldagent_ray.schemas import SamplingParams, ScoredGroup
 
@@ -286,3 +289,278 @@ def test_reward_rises_on_even_token_task(model_path, engine):
         engine.load_weights(core.export_weights(), base_version + core.policy_version)
     first, last = sum(history[:4]) / 4, sum(history[-4:]) / 4
     assert first < 0.7 and last > first + 0.25, history
+
+
+# --------------------------------------------------------------------------- data parallel
+
+
+@settings(derandomize=True, max_examples=200, deadline=None)
+@given(st.integers(0, 50), st.integers(1, 9))
+def test_shard_rows_partition_every_row_once_in_near_equal_chunks(rows, world):
+    shards = [shard_rows(rows, r, world) for r in range(world)]
+    assert [i for s in shards for i in s] == list(range(rows))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_rank_shards_average_to_the_single_process_gradient(model_path, monkeypatch, loss_type):
+    """What DDP/FSDP do with the ranks' gradients (average them) gives exactly the gradient of
+    one process on the whole batch, for every loss type, also with more ranks than rows
+    (those ranks run a weight-0 row)."""
+    import worldagent_ray.rl.learner as learner_mod
+    from worldagent_ray.rl.batch import collate_groups as collate
+    from worldagent_ray.rl.grpo import group_advantages
+
+    core = LearnerCore(LearnerConfig(lr=1e-3, loss_type=loss_type, gradient_checkpointing=False), model_path)
+    groups = make_groups(7, n_groups=2, group_size=3)  # 6 rows of uneven lengths
+    batch = collate(groups, 0, core.pad_token_id)
+    adv = group_advantages(batch.rewards, batch.group_index, core.cfg.scale_rewards)
+    params = core.trainable
+
+    def grads(rank, world):
+        monkeypatch.setattr(learner_mod, "_rank_world", lambda: (rank, world))
+        loss, _, _ = core._grpo_loss(batch, adv)
+        return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
+
+    single_loss, single = grads(0, 1)
+    for world in (4, 8):
+        per_rank = [grads(r, world) for r in range(world)]
+        assert sum(l for l, _ in per_rank) / world == pytest.approx(float(single_loss), rel=1e-5, abs=1e-7)
+        for i, g1 in enumerate(single):
+            avg = sum(g[i] for _, g in per_rank) / world
+            torch.testing.assert_close(avg, g1, rtol=1e-4, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- cluster models
+
+
+def test_unknown_hub_id_offline_names_the_model_and_the_builtins():
+    from worldagent_ray.engines.base import UnknownModelError
+
+    with pytest.raises(UnknownModelError, match="no-such-org/no-such-model") as e:
+        LearnerCore(LearnerConfig(), "no-such-org/no-such-model")
+    assert "tiny-random-llama" in str(e.value)
+
+
+_HUB_CHILD = r"""
+import sys
+from worldagent_ray.config import LearnerConfig
+from worldagent_ray.rl.learner import LearnerCore
+from tests.factories import make_groups
+core = LearnerCore(LearnerConfig(lr=1e-3, lora=True, lora_rank=2, lora_alpha=4), "test-org/tiny-policy")
+m = core.step(make_groups(0))
+print("PATH", core.model_path, "VERSION", core.policy_version, "LOSS", m["loss"])
+"""
+
+
+def test_hub_id_loads_from_the_hub_cache_offline(model_path, tmp_path):
+    """A hub id (not a builtin, not a folder) is passed through to from_pretrained, which finds it
+    in the hub cache with HF_HUB_OFFLINE=1 (the cluster path, minus the download)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = tmp_path / "hub" / "models--test-org--tiny-policy"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = repo / "snapshots" / commit
+    shutil.copytree(model_path, snap, ignore=shutil.ignore_patterns(".worldagent-complete"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _HUB_CHILD], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = out.stdout.strip().splitlines()[-1].split()
+    assert line[1] == "test-org/tiny-policy" and line[3] == "1" and math.isfinite(float(line[5]))
+
+
+@pytest.fixture(scope="module")
+def vl_path() -> str:
+    return resolve_model("tiny-random-qwen2.5-vl")
+
+
+def _image(tmp_path, name: str, seed: int, size=(96, 80)) -> str:
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / f"{name}.png"
+    Image.fromarray((np.random.RandomState(seed).rand(size[1], size[0], 3) * 255).astype("uint8")).save(path)
+    return str(path)
+
+
+def _vl_group(vl_path: str, image: str | None, gid: str = "vl-g", prompt_image: str | None = None) -> ScoredGroup:
+    """A group whose prompt is what the engine writes for an image prompt: the Qwen-VL chat
+    template with the image placeholder expanded to one token per merged patch."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    from PIL import Image
+
+    tok = AutoTokenizer.from_pretrained(vl_path)
+    cfg = AutoConfig.from_pretrained(vl_path)
+    proc = AutoImageProcessor.from_pretrained(vl_path)
+    with Image.open(prompt_image or image) as im:
+        grid = proc(images=[im.convert("RGB")], return_tensors="pt")["image_grid_thw"]
+    n = int(grid.prod()) // 4
+    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "cook"}]}],
+                                   add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False).input_ids
+    at = ids.index(cfg.image_token_id)
+    prompt = ids[:at] + [cfg.image_token_id] * n + ids[at + 1 :]
+    comps = [[300 + i, 400 + i, 500 + i] for i in range(3)]
+    return ScoredGroup(group_id=gid, task_id="t", policy_version=0, prompt_token_ids=prompt, completion_token_ids=comps,
+                       rollout_logprobs=[[-10.8] * 3 for _ in comps], rewards=[0.0, 0.5, 1.0],
+                       episode_ids=[f"{gid}-{i}" for i in range(3)], reference_image=image)
+
+
+def test_vlm_logprobs_use_the_reference_image(vl_path, tmp_path):
+    from worldagent_ray.rl.batch import collate_groups as collate
+
+    core = LearnerCore(LearnerConfig(lr=1e-3, lora=True, lora_rank=4, lora_alpha=8), "tiny-random-qwen2.5-vl")
+    assert core.vision and type(core.module.get_base_model()).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    a, b = _image(tmp_path, "a", 0), _image(tmp_path, "b", 1)
+
+    def logps(group):
+        with torch.no_grad():
+            return core._completion_logps(core.model, collate([group], 0, core.pad_token_id))
+
+    la, lb = logps(_vl_group(vl_path, a)), logps(_vl_group(vl_path, b))
+    assert torch.isfinite(la).all() and not torch.allclose(la, lb)
+    torch.testing.assert_close(logps(_vl_group(vl_path, a)), la)  # deterministic: the image is what differs
+    with pytest.raises(ValueError, match="group 'no-image'.*no reference_image"):
+        logps(_vl_group(vl_path, None, "no-image", prompt_image=a))
+    small = _image(tmp_path, "small", 2, size=(28, 28))
+    with pytest.raises(ValueError, match="group 'mismatch'.*image tokens"):
+        logps(_vl_group(vl_path, small, "mismatch", prompt_image=a))
+    m = core.step([_vl_group(vl_path, a), _vl_group(vl_path, b, "vl-h")])
+    assert core.policy_version == 1 and math.isfinite(m["loss"]) and m["grad_norm"] > 0
+
+
+def test_vlm_lora_targets_the_language_model_only_and_merges(vl_path, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    core = LearnerCore(LearnerConfig(lr=5e-2, lora=True, lora_rank=4, lora_alpha=8), vl_path)
+    lora_modules = {n for n, _ in core.module.named_modules() if n.endswith((".lora_A", ".lora_B"))}
+    assert lora_modules and all(".language_model." in n for n in lora_modules)
+    a = _image(tmp_path, "a", 0)
+    for s in range(2):
+        core.step([_vl_group(vl_path, a, f"g{s}")])
+    payload = core.export_weights()
+    assert {k.split(".")[-3] for k in payload if k != LORA_SCALING_KEY} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    base = AutoModelForImageTextToText.from_pretrained(vl_path, dtype=torch.float32).state_dict()
+    merged = merge_lora(base, payload)  # the transformers class's names, as TransformersEngine.load_weights takes
+    reference = core.module.merge_and_unload().state_dict()
+    changed = [k for k in merged if not torch.equal(merged[k], base[k])]
+    assert changed and all(".language_model." in k for k in changed)
+    for k in changed:
+        torch.testing.assert_close(merged[k], reference[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_vlm_full_fine_tuning_keeps_the_vision_tower_frozen(vl_path, tmp_path):
+    core = LearnerCore(LearnerConfig(lr=1e-2), vl_path)
+    before = snapshot(core.module)
+    core.step([_vl_group(vl_path, _image(tmp_path, "a", 0))])
+    after = core.module.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(".language_model." in k for k in changed)
+    assert not any(".visual." in k for k in changed)
+    assert set(core.export_weights()) == set(before)  # the full state dict goes to the engines
+
+
+# --------------------------------------------------------------------------- FSDP
+
+
+def _fsdp_rank(rank: int, world: int, port: int, model_path: str, lora: bool, out_dir: str) -> None:
+    """One FSDP rank: 2 steps, a checkpoint (every rank gathers, rank 0 writes), the export."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        from worldagent_ray.rl.policy import fully_shard_policy
+
+        cfg = LearnerConfig(lr=1e-2, lora=lora, lora_rank=4, lora_alpha=8, gradient_checkpointing=False)
+        core = LearnerCore(cfg, model_path, wrap_model=fully_shard_policy)
+        assert core.sharded
+        for s in range(2):
+            core.step(make_groups(300 + s, n_groups=2, group_size=3))
+        core.save_checkpoint(f"{out_dir}/ckpt", extra={"trained_ids": ["x"]})
+        payload = core.export_weights()
+        if rank == 0:
+            torch.save(payload, f"{out_dir}/export.pt")
+        else:
+            assert payload == {}
+        dist.barrier()
+        again = LearnerCore(cfg, model_path, wrap_model=fully_shard_policy)  # every rank restores its shards
+        again.load_checkpoint(f"{out_dir}/ckpt")
+        m = again.step(make_groups(302, n_groups=2, group_size=3))
+        if rank == 0:
+            torch.save({"loss": m["loss"], "export": again.export_weights()}, f"{out_dir}/resumed.pt")
+        else:
+            again.export_weights()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_with_lora_is_refused_naming_the_alternative():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="parallel_strategy='ddp' with LoRA"):
+        LearnerConfig(parallel_strategy="fsdp", lora=True)
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_gather_the_full_state_on_rank_zero_and_resume(model_path, tmp_path):
+    """2 gloo ranks under FSDP2 train like one process; the export gathers the full state dict
+    on rank 0 only; a checkpoint restores every rank's shards and training continues as the
+    single process does."""
+    lora = False
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_fsdp_rank, args=(2, port, model_path, lora, str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    cfg = LearnerConfig(lr=1e-2, lora=lora, lora_rank=4, lora_alpha=8, gradient_checkpointing=False)
+    ref = LearnerCore(cfg, model_path)
+    for s in range(2):
+        ref.step(make_groups(300 + s, n_groups=2, group_size=3))
+    exported = torch.load(tmp_path / "export.pt", weights_only=True)
+    expected = ref.export_weights()
+    assert set(exported) == set(expected)
+    # Sharded gradients are summed in another order; Adam turns that rounding noise into updates
+    # of up to ~lr on coordinates whose gradient is ~0 (<= 1e-4 here; a missing or repeated step
+    # moves weights by ~4e-2, see tests/ray/test_learner_trainer.py).
+    for k, v in expected.items():
+        torch.testing.assert_close(exported[k], v, rtol=0, atol=1e-3, msg=k)
+    m = ref.step(make_groups(302, n_groups=2, group_size=3))
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    assert resumed["loss"] == pytest.approx(m["loss"], abs=1e-4)
+    for k, v in ref.export_weights().items():
+        torch.testing.assert_close(resumed["export"][k], v, rtol=0, atol=1e-3, msg=k)
+
+
+def test_reference_images_open_from_paths_and_uris(tmp_path):
+    import fsspec
+    from PIL import Image
+
+    from worldagent_ray.rl.policy import open_image
+
+    path = _image(tmp_path, "ref", 3, size=(30, 20))
+    with open(path, "rb") as f:
+        data = f.read()
+    with fsspec.open("memory://refs/ref.png", "wb") as f:  # any fsspec URI, e.g. s3:// with s3fs
+        f.write(data)
+    for where in (path, f"file://{path}", "memory://refs/ref.png"):
+        im = open_image(where)
+        assert isinstance(im, Image.Image) and im.mode == "RGB" and im.size == (30, 20)
+    with pytest.raises(FileNotFoundError):
+        open_image(str(tmp_path / "missing.png"))
