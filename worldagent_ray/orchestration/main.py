@@ -57,7 +57,7 @@ def run_evolve(cfg: Config, run: RunFolder, *, learn: bool = False, attach: bool
     from ..runtime import apps, cluster
     from ..runtime.memory_actor import create_memory_actor
     from ..runtime.metrics import LoopMetrics
-    from ..runtime.services import RayLearner, RayServices
+    from ..runtime.services import RayServices
 
     info = cluster.connect(cfg, dashboard=dashboard)
     say(f"run folder: {run.local}" + (f" (artifacts: {run.artifacts})" if run.artifacts != str(run.local.resolve()) else ""))
@@ -69,8 +69,11 @@ def run_evolve(cfg: Config, run: RunFolder, *, learn: bool = False, attach: bool
     try:
         if learn:
             from ..runtime.learning import start_learning
+            from ..storage import train_storage
 
-            session = start_learning(cfg, run, namespace=cluster.NAMESPACE, say=say)
+            # checkpoints on the run root (shared storage on a cluster), through the storage layer
+            session = start_learning(cfg, run, namespace=cluster.NAMESPACE, say=say,
+                                     storage_filesystem=train_storage(run.artifacts)[1])
         if attach:
             handles = apps.attach(cfg, progress=lambda m: say(f"  {m}"))
         else:
@@ -79,7 +82,7 @@ def run_evolve(cfg: Config, run: RunFolder, *, learn: bool = False, attach: bool
         say(f"serve applications: {', '.join(handles.app_names)}")
         services = RayServices(handles, memory, _vocabulary_fn(cfg))
         progress = _Progress(sys.stdout.isatty() if interactive is None else interactive)
-        driver = EvolveDriver(cfg, run, services, learner=RayLearner(session) if session else None,
+        driver = EvolveDriver(cfg, run, services, learner=session,
                               metrics=LoopMetrics(run.run_id), progress=progress)
         try:
             summary = asyncio.run(driver.run_loop())

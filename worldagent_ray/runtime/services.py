@@ -109,28 +109,3 @@ class RayServices:
 
             logging.getLogger(__name__).warning("memory optimize failed: %s", e)
             return None
-
-
-class RayLearner:
-    """The driver's :class:`~worldagent_ray.orchestration.evolve.Learner` over a
-    :class:`~worldagent_ray.runtime.learning.LearningSession`: groups go into the object store
-    and their refs into the buffer actor; health is the Ray Train run's."""
-
-    def __init__(self, session: Any):
-        self.session = session
-
-    async def feed(self, group: Any) -> bool:
-        from ..rl.buffer import meta_of
-
-        if not self.session._thread.is_alive():  # learning is over (max_steps): nobody would take it
-            return False
-        ok = bool(await _await_remote(self.session.buffer.put.remote(meta_of(group), [ray.put(group)])))
-        self.session.feeder.fed += ok
-        self.session.feeder.refused += not ok
-        return ok
-
-    async def healthy(self) -> str | None:
-        err = self.session.error
-        if err is not None:
-            return f"{type(err).__name__}: {err}"
-        return None
