@@ -1,0 +1,101 @@
+"""Chaos (issue 9): one run with --learn in which a world replica, the memory actor, a learner
+worker and the driver itself are killed, each at a moment drawn from a seeded RNG (a number of
+committed episodes), and then the run is resumed. Afterwards every planned episode is in memory
+exactly once with its final status, every ledger row matches memory, and the learner's consumed
+groups equal its acknowledged ones."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.e2e.helpers import FAST, PY, ROOT, job_env_vars, ledger_episodes, memory_ids, run_evolve_job
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+KILL = """
+import os, signal, sys
+import ray
+from ray.util.state import list_actors
+ray.init(address="auto", log_to_driver=False)
+marker = sys.argv[1]
+alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if marker in (a.class_name or "")]
+assert alive, f"no live actor whose class contains {marker!r}"
+a = alive[0]
+if a.name:  # named (Serve replicas, the memory actor): a restartable kill, as a crash would be
+    ray.kill(ray.get_actor(a.name, namespace=a.ray_namespace), no_restart=False)
+else:  # Ray Train workers are unnamed: kill the worker process (all on this machine)
+    os.kill(a.pid, signal.SIGKILL)
+print("KILLED", a.class_name, a.actor_id)
+"""
+
+ARGS = [*FAST, "--set", "run.iterations=5", "--set", "agents.action.group_size=2",
+        "--set", "learner.groups_per_step=1", "--set", "learner.checkpoint_every=1",
+        "--set", "learner.drop_zero_variance=false", "--set", "learner.max_staleness=100",
+        "--set", "learner.max_failures=3", "--set", "run.max_retries=4", "--set", "run.retry_backoff_s=1"]
+PLANNED = 5 * 2 * 2
+
+
+def kill(marker: str, env) -> str:
+    p = subprocess.run([PY, "-c", KILL, marker], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert "KILLED" in p.stdout, p.stdout[-1000:] + p.stderr[-3000:]
+    return p.stdout.strip()
+
+
+def wait_for_episodes(run, n: int, proc, timeout: float = 400) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and len({r["id"] for r in ledger_episodes(run)}) >= n:
+            return
+        time.sleep(0.3)
+    assert proc.poll() is None, "the run ended before the fault could be injected"
+    pytest.fail(f"fewer than {n} episodes after {timeout}s")
+
+
+def test_kill_everything_then_resume(ray_head, tmp_path):
+    env = job_env_vars(RAY_ADDRESS=ray_head["gcs"], RAY_AUTH_MODE="token")
+    rng = random.Random(9)
+    # kill moments, in committed episodes: replica, memory actor, learner worker, then the driver
+    moments = sorted(rng.sample(range(2, 12), 4))
+    run = tmp_path / "chaos"
+    proc = subprocess.Popen([PY, "jobs/evolve.py", "--run-name", "chaos", "--learn", "--set", f"run.root={tmp_path}",
+                             *ARGS], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = []
+    try:
+        for moment, marker in zip(moments[:3], ("WorldDeployment", "MemoryActor", "RayTrainWorker")):
+            wait_for_episodes(run, moment, proc)
+            killed.append(kill(marker, env))
+        wait_for_episodes(run, moments[3], proc)
+        proc.send_signal(signal.SIGKILL)  # the driver dies with no chance to clean up
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first = {r["id"] for r in ledger_episodes(run)}
+    assert len(first) < PLANNED, "the driver must die before the run ends"
+
+    p = run_evolve_job(["--resume", str(run), "--json"], env, timeout=900)
+    summary = json.loads(p.stdout.split("SUMMARY ", 1)[1].splitlines()[0])
+
+    mem = memory_ids(run)
+    assert len(mem) == len(set(mem)) == PLANNED, (len(mem), len(set(mem)))  # every episode once
+    rows = ledger_episodes(run)
+    last = {}
+    for r in rows:
+        last[r["id"]] = r
+    assert set(last) == set(mem)  # every ledger id is in memory and the reverse
+    import lancedb
+
+    table = lancedb.connect(str(run / "memory")).open_table("episodes").to_arrow()
+    status = dict(zip(table.column("id").to_pylist(), table.column("status").to_pylist()))
+    assert {i: r["status"] for i, r in last.items()} == status  # the ledger's final status is memory's
+    assert all(r["status"] == "ok" or r["failure"] for r in last.values())
+    buf = summary["learner"]["buffer"]
+    assert "error" not in summary["learner"], summary["learner"]
+    assert buf["in_flight"] == 0 and buf["consumed_ids"] == buf["acked"], buf
+    assert len(killed) == 3, killed
