@@ -11,7 +11,8 @@ import pyarrow as pa
 import pytest
 
 from worldagent_ray.memory import Embedder, EpisodeMemory, MemoryFilterError, build_where, sql_str
-from worldagent_ray.memory.store import episode_row, retry_with_backoff
+from worldagent_ray.memory.retry import retry_with_backoff
+from worldagent_ray.memory.rows import episode_row
 from worldagent_ray.schemas import (
     Episode,
     GroundTruth,
@@ -307,9 +308,9 @@ def test_periodic_optimize_compacts_and_keeps_results(tmp_path, embedder):
         memory.upsert([make_episode(key)])
     before = memory.retrieve("put an apple into the bowl", 2)
     assert memory.table_stats()["fragments"] == 2
-    memory.upsert([make_episode("plate")])  # third commit: optimize runs and compacts
-    # Without optimize there would be 3 fragments; Lance compacts the fragments written after
-    # the FTS index build apart from the indexed one, so one optimize leaves 2.
+    memory.upsert([make_episode("plate")])  # third commit: asks for maintenance, returns at once
+    assert memory.wait_for_maintenance(timeout_s=120)  # the background thread compacts
+    assert memory.maintenance_stats()["runs"] == 1 and memory.maintenance_stats()["errors"] == 0
     assert memory.table_stats()["fragments"] < 3
     after = memory.retrieve("put an apple into the bowl", 2)
     assert [h.episode_id for h in after] == [h.episode_id for h in before]
