@@ -110,10 +110,10 @@ class EpisodeMemory:
             ``None`` never refreshes (fastest, for a single-writer setup).
         embed_cache_size (`int`, *optional*, defaults to `4096`):
             Goal texts whose embeddings are kept (LRU); see :class:`EmbeddingCache`.
-        keep_versions_s (`float | None`, *optional*, defaults to `None`):
-            Maintenance deletes table versions older than this; ``None`` keeps LanceDB's
-            default (7 days). Readers of a deleted version fail, so keep it well above the
-            longest read.
+        keep_versions_s (`float | None`, *optional*, defaults to `3600`):
+            Maintenance deletes table versions older than this (each compaction leaves the
+            replaced files behind until then); ``None`` keeps LanceDB's default (7 days). A
+            reader still on a deleted version fails, so keep it well above the longest read.
         storage_options (`dict`, *optional*):
             Object-store options for ``lancedb.connect``, over those read from the environment
             (see :func:`~worldagent_ray.memory.storage.storage_options_from_env`).
@@ -136,7 +136,7 @@ class EpisodeMemory:
         lock_writes: bool | None = None,
         read_consistency_s: float | None = 0.0,
         embed_cache_size: int = 4096,
-        keep_versions_s: float | None = None,
+        keep_versions_s: float | None = 3600.0,
         storage_options: dict[str, str] | None = None,
     ):
         import lancedb

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from worldagent_ray.memory import Embedder, EpisodeMemory, MemoryFilterError, build_where, sql_str
+from worldagent_ray.memory import Embedder, EpisodeMemory, MemoryFilterError
 from worldagent_ray.memory.retry import retry_with_backoff
 from worldagent_ray.memory.rows import episode_row
 from worldagent_ray.schemas import (
@@ -103,33 +103,6 @@ def test_embedder_encodes_normalised_float32_and_similar_text_is_closer(embedder
         Embedder(num_threads=0)
     with pytest.raises(ValueError, match="embedder name"):
         Embedder("")
-
-
-# --------------------------------------------------------------------------- where clauses
-
-
-def test_build_where_quotes_strings_and_rejects_bad_values():
-    assert build_where() is None
-    w = build_where(success=True, phase=2, min_reward=0.5, run_id="o'brien; DROP TABLE x --")
-    assert w == "(success = true) AND (phase = 2) AND (reward >= 0.5) AND (run_id = 'o''brien; DROP TABLE x --')"
-    assert build_where(exclude_run_task=("r", "t'1")) == "(NOT (run_id = 'r' AND task_id = 't''1'))"
-    assert sql_str("a'b") == "'a''b'"
-    for kwargs, field in [
-        ({"success": 1}, "success"),
-        ({"success": "yes"}, "success"),
-        ({"phase": 4}, "phase"),
-        ({"phase": True}, "phase"),
-        ({"phase": "1"}, "phase"),
-        ({"min_reward": float("nan")}, "min_reward"),
-        ({"min_reward": "0.5"}, "min_reward"),
-        ({"split": "test"}, "split"),
-        ({"status": "bad"}, "status"),
-        ({"run_id": ""}, "run_id"),
-        ({"exclude_run_task": ("r",)}, "exclude_run_task"),
-        ({"run_id": "a\x00b"}, "NUL"),
-    ]:
-        with pytest.raises(MemoryFilterError, match=field):
-            build_where(**kwargs)
 
 
 # --------------------------------------------------------------------------- retrieval
