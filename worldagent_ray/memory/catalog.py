@@ -17,16 +17,27 @@ which is the one the repair keeps. Pure core (no Ray).
 from __future__ import annotations
 
 import sys
-import logging
 from typing import Any, Callable, Iterable, NamedTuple
 
 from worldagent_ray.memory.filters import MemoryFilter
 from worldagent_ray.memory.rows import write_key
 
-logger = logging.getLogger(__name__)
-
 #: Lance's per-row "last written at table version" (tables with stable row ids).
 ROW_VERSION_COLUMN = "_row_last_updated_at_version"
+#: Field metadata on ``id`` saying the table was created with stable row ids. Without them Lance
+#: still answers the row-version column, but with a constant, so it cannot be trusted.
+ROW_VERSIONS_KEY = "worldagent:row_versions"
+
+
+def mark_row_versions(table: Any) -> None:
+    """Record on a table created with stable row ids that its row versions can be trusted."""
+    table.update_field_metadata({"path": "id", "metadata": {ROW_VERSIONS_KEY: "true"}})
+
+
+def tracks_row_versions(table: Any) -> bool:
+    """Whether ``table`` was marked by :func:`mark_row_versions`."""
+    meta = table.schema.field("id").metadata or {}
+    return meta.get(ROW_VERSIONS_KEY.encode()) == b"true"
 
 #: Columns the catalog reads from the table.
 CATALOG_COLUMNS: tuple[str, ...] = (
@@ -68,7 +79,7 @@ class Catalog:
     def __init__(self) -> None:
         self._rows: dict[str, Entry] = {}
         self.version: int | None = None
-        self.row_versions = True  # False once the table turned out to lack them: full rescans
+        self.row_versions = False  # set from the table (tracks_row_versions); False: full rescans
         self.rows_read = 0  # rows read by all syncs (for stats and tests)
 
     def sync(self, version: int, read: Callable[[str | None], list[dict[str, Any]]]) -> None:
@@ -81,16 +92,9 @@ class Catalog:
         """
         if self.version == version:
             return
-        rows = None
         if self.version is not None and self.row_versions:
-            try:
-                rows = read(f"{ROW_VERSION_COLUMN} > {int(self.version)}")
-            except Exception as e:
-                if ROW_VERSION_COLUMN not in str(e):
-                    raise
-                logger.info("table has no row versions (made before stable row ids): the catalog rescans it")
-                self.row_versions = False
-        if rows is None:
+            rows = read(f"{ROW_VERSION_COLUMN} > {int(self.version)}")
+        else:
             self._rows.clear()
             rows = read(None)
         self.rows_read += len(rows)

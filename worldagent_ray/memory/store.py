@@ -38,7 +38,7 @@ from typing import Any, Callable, Literal, Sequence, TypeVar
 import numpy as np
 import pyarrow as pa
 
-from worldagent_ray.memory.catalog import CATALOG_COLUMNS, Catalog
+from worldagent_ray.memory.catalog import CATALOG_COLUMNS, Catalog, mark_row_versions, tracks_row_versions
 from worldagent_ray.memory.embed_cache import EmbeddingCache
 from worldagent_ray.memory.embedder import Embedder
 from worldagent_ray.memory.filters import MemoryFilter, MemoryFilterError, sql_str
@@ -155,9 +155,10 @@ class EpisodeMemory:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
-        for name, value, lo in (("retrain_factor", retrain_factor, 1.1), ("read_timeout_s", read_timeout_s, 0.001)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= lo:
-                raise ValueError(f"{name} must be a number >= {lo}, got {value!r}")
+        if isinstance(retrain_factor, bool) or not isinstance(retrain_factor, (int, float)) or not retrain_factor >= 1.1:
+            raise ValueError(f"retrain_factor must be a number >= 1.1, got {retrain_factor!r}")
+        if isinstance(read_timeout_s, bool) or not isinstance(read_timeout_s, (int, float)) or not read_timeout_s > 0:
+            raise ValueError(f"read_timeout_s must be a number > 0, got {read_timeout_s!r}")
         if keep_versions_s is not None and not keep_versions_s >= 0:
             raise ValueError(f"keep_versions_s must be >= 0 or None, got {keep_versions_s!r}")
         self.uri = uri
@@ -220,6 +221,7 @@ class EpisodeMemory:
             self._schema = table.schema
             self._dim = self._schema.field("vector").type.list_size
             self._ann = recorded_training(table)
+            self._catalog.row_versions = tracks_row_versions(table)
             self._table = table
             return table
 
@@ -232,6 +234,7 @@ class EpisodeMemory:
             )
         except Exception:  # another process created it between our open and create
             return self._db.open_table(self.table_name)
+        self._retry(lambda: mark_row_versions(table), "mark row versions")
         self._ensure_scalar_indices(table)
         return table
 
@@ -416,10 +419,12 @@ class EpisodeMemory:
         return self._maintainer.wait_idle(timeout_s)
 
     def maintenance_stats(self) -> dict[str, Any]:
-        """The maintenance thread's ``runs``, ``errors``, ``last_error``, ``last_duration_s``,
-        ``busy``, and the vector index's ``trained_rows`` and ``partitions`` (None before training)."""
+        """The maintenance thread's ``runs``, ``errors``, ``last_error``, ``last_duration_s`` and
+        ``busy``; the vector index's ``trained_rows`` and ``partitions`` (None before training);
+        ``catalog_rows_read``, the rows the catalog has read from the table so far."""
         trained, parts = self._ann if self._ann is not None else (None, None)
-        return {**self._maintainer.stats(), "trained_rows": trained, "partitions": parts}
+        return {**self._maintainer.stats(), "trained_rows": trained, "partitions": parts,
+                "catalog_rows_read": self._catalog.rows_read}
 
     # ------------------------------------------------------------------ catalog
 

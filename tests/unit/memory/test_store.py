@@ -4,76 +4,23 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import time
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
+from tests.factories import MEMORY_GOALS, make_memory_episode
 from worldagent_ray.memory import Embedder, EpisodeMemory, MemoryFilterError
 from worldagent_ray.memory.retry import retry_with_backoff
 from worldagent_ray.memory.rows import episode_row
-from worldagent_ray.schemas import (
-    Episode,
-    GroundTruth,
-    Plan,
-    Rollout,
-    Scores,
-    StepOutcome,
-    StepStatus,
-    Task,
-    Verdict,
-)
+from worldagent_ray.schemas import Episode, GroundTruth, Rollout, StepOutcome, StepStatus, Task
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RUST_LOG", "error")
 
-GOALS = {
-    "apple": "put the apple in the bowl",
-    "fridge": "open the fridge door",
-    "plate": "wash the dirty plate in the sink",
-    "eggs": "crack two eggs into a pan",
-    "lights": "turn off the kitchen lights",
-    "bread": "slice the bread on the cutting board",
-}
-
-
-def make_episode(
-    task_key: str,
-    sample: int = 0,
-    *,
-    run_id: str = "run-a",
-    success: bool = True,
-    reward: float = 0.8,
-    phase: int = 1,
-    goal: str | None = None,
-    notes: tuple[str, ...] = ("ok",),
-    created_at: float | None = None,
-) -> Episode:
-    task = Task(id=f"task-{task_key}", goal=goal or GOALS[task_key], phase=phase)
-    scores = Scores(
-        action_following=reward,
-        temporal_consistency=0.5,
-        object_interaction=0.25,
-        goal_achievement=1.0 if success else 0.0,
-        physics=0.75,
-    )
-    return Episode.new(
-        run_id,
-        task,
-        sample,
-        plan=Plan.from_actions([f"step one of {task_key}", f"step two of {task_key}"]),
-        verdict=Verdict(
-            state_caption=f"{task_key} {'done' if success else 'not done'}",
-            success=success,
-            scores=scores,
-            reward=reward,
-            scorer="verifiable",
-            notes=list(notes),
-        ),
-        created_at=time.time() if created_at is None else created_at,
-    )
+GOALS = MEMORY_GOALS
+make_episode = make_memory_episode
 
 
 @pytest.fixture(scope="module")
