@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--runs", type=int, default=4, help="distinct run ids among the episodes")
     ap.add_argument("--optimize-every", type=int, default=64, help="commits between maintenance requests")
+    ap.add_argument("--keep-versions-s", type=float, default=60.0,
+                    help="maintenance deletes table versions older than this (bounds the disk the run uses)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dir", default=None, help="table folder (default: a temporary one, removed)")
     ap.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "worldagent_ray",
@@ -198,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
 
     root = args.dir or tempfile.mkdtemp(prefix="bench_memory_")
     try:
-        mem = EpisodeMemory(os.path.join(root, "memory"), embedder=lookup, optimize_every=args.optimize_every)
+        mem = EpisodeMemory(os.path.join(root, "memory"), embedder=lookup, optimize_every=args.optimize_every,
+                            keep_versions_s=args.keep_versions_s)
         rng = random.Random(args.seed)
         call_s: list[float] = []
         success = np.zeros(args.n, dtype=bool)
@@ -223,11 +226,14 @@ def main(argv: list[str] | None = None) -> None:
         mem.flush(timeout_s=3600)
         maint_s = time.perf_counter() - t0
         st, ts = mem.maintenance_stats(), mem.table_stats()
+        disk_mb = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs) / 2**20
+        segments = {i.name: i.num_segments for i in mem._open(create=False).list_indices()}
         print(f"insert: {args.n} episodes in {insert_s:.1f}s ({args.n / insert_s:.0f}/s); per call p50 "
               f"{1000 * pct(call_s, .5):.1f} ms, p95 {1000 * pct(call_s, .95):.1f} ms, max "
               f"{1000 * max(call_s):.0f} ms; maintenance caught up in {maint_s:.1f}s", flush=True)
-        print(f"table: {ts['rows']} rows, {ts['fragments']} fragments; index trained on {st['trained_rows']} rows, "
-              f"{st['partitions']} partitions; maintenance runs {st['runs']}, errors {st['errors']}", flush=True)
+        print(f"table: {ts['rows']} rows, {ts['fragments']} fragments, {disk_mb:.0f} MiB on disk; index trained on "
+              f"{st['trained_rows']} rows, {st['partitions']} partitions, {segments.get('vector_idx')} segments; "
+              f"maintenance runs {st['runs']}, errors {st['errors']}", flush=True)
         if mem.count() != args.n or ts["rows"] != args.n:
             raise SystemExit(f"lost or duplicated episodes: count {mem.count()}, rows {ts['rows']}, want {args.n}")
 

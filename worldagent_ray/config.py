@@ -275,9 +275,9 @@ class MemoryConfig(_Section):
         description="Most time one memory read query may take before it is retried (3 tries at most).",
     )
     keep_versions_s: float = Field(
-        default=3600.0, ge=60.0,
-        description="Background maintenance deletes table versions older than this (compaction leaves the "
-        "old files behind until then).",
+        default=600.0, ge=60.0,
+        description="Background maintenance deletes table versions older than this: each compaction rewrites "
+        "the table and leaves the old files behind until then.",
     )
 
 

@@ -7,7 +7,9 @@ per episode id, the newest row's small columns (no vector, no JSON: about 300 by
 and is brought up to date from the table's *row versions*: Lance records, for every row, the
 table version that last wrote it (``_row_last_updated_at_version``, kept through compaction),
 so "what changed since version v" is one filtered read of the new rows only, whoever wrote them
-(this process, another process, another machine).
+(this process, another process, another machine). That needs stable row ids, which the store
+turns on when it creates a table and records in the table (:func:`mark_row_versions`); a table
+made without them (by an earlier version of the store) is read whole whenever it has changed.
 
 Deletions are not replayed: the store deletes rows only to repair duplicates of an id, and the
 catalog already keeps the newest row of each id (:func:`~worldagent_ray.memory.rows.write_key`),
@@ -38,6 +40,7 @@ def tracks_row_versions(table: Any) -> bool:
     """Whether ``table`` was marked by :func:`mark_row_versions`."""
     meta = table.schema.field("id").metadata or {}
     return meta.get(ROW_VERSIONS_KEY.encode()) == b"true"
+
 
 #: Columns the catalog reads from the table.
 CATALOG_COLUMNS: tuple[str, ...] = (

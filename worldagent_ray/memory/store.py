@@ -71,6 +71,9 @@ logger = logging.getLogger(__name__)
 QueryType = Literal["vector", "fts", "hybrid"]
 QUERY_TYPES: tuple[str, ...] = ("vector", "fts", "hybrid")
 
+#: How many times wider than the candidate pool a post-filtered vector search is.
+POSTFILTER_WIDTH = 4
+
 _T = TypeVar("_T")
 
 
@@ -110,7 +113,7 @@ class EpisodeMemory:
             ``None`` never refreshes (fastest, for a single-writer setup).
         embed_cache_size (`int`, *optional*, defaults to `4096`):
             Goal texts whose embeddings are kept (LRU); see :class:`EmbeddingCache`.
-        keep_versions_s (`float | None`, *optional*, defaults to `3600`):
+        keep_versions_s (`float | None`, *optional*, defaults to `600`):
             Maintenance deletes table versions older than this (each compaction leaves the
             replaced files behind until then); ``None`` keeps LanceDB's default (7 days). A
             reader still on a deleted version fails, so keep it well above the longest read.
@@ -136,7 +139,7 @@ class EpisodeMemory:
         lock_writes: bool | None = None,
         read_consistency_s: float | None = 0.0,
         embed_cache_size: int = 4096,
-        keep_versions_s: float | None = 3600.0,
+        keep_versions_s: float | None = 600.0,
         storage_options: dict[str, str] | None = None,
     ):
         import lancedb
@@ -145,22 +148,19 @@ class EpisodeMemory:
             raise ValueError(f"uri must be a non-empty str, got {uri!r}")
         if not isinstance(table, str) or not table.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"table must be a name of letters, digits, '_' or '-', got {table!r}")
-        for name, value, lo in (
-            ("optimize_every", optimize_every, 1),
-            ("vector_index_min_rows", vector_index_min_rows, 256),
-            ("write_batch_size", write_batch_size, 1),
-            ("max_write_attempts", max_write_attempts, 1),
-            ("max_read_attempts", max_read_attempts, 1),
-            ("embed_cache_size", embed_cache_size, 0),
+        for name, value, kind, lo in (
+            ("optimize_every", optimize_every, int, 1),
+            ("vector_index_min_rows", vector_index_min_rows, int, 256),
+            ("write_batch_size", write_batch_size, int, 1),
+            ("max_write_attempts", max_write_attempts, int, 1),
+            ("max_read_attempts", max_read_attempts, int, 1),
+            ("embed_cache_size", embed_cache_size, int, 0),
+            ("retrain_factor", retrain_factor, (int, float), 1.1),
+            ("read_timeout_s", read_timeout_s, (int, float), 1e-9),
+            ("keep_versions_s", 0 if keep_versions_s is None else keep_versions_s, (int, float), 0),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
-        if isinstance(retrain_factor, bool) or not isinstance(retrain_factor, (int, float)) or not retrain_factor >= 1.1:
-            raise ValueError(f"retrain_factor must be a number >= 1.1, got {retrain_factor!r}")
-        if isinstance(read_timeout_s, bool) or not isinstance(read_timeout_s, (int, float)) or not read_timeout_s > 0:
-            raise ValueError(f"read_timeout_s must be a number > 0, got {read_timeout_s!r}")
-        if keep_versions_s is not None and not keep_versions_s >= 0:
-            raise ValueError(f"keep_versions_s must be >= 0 or None, got {keep_versions_s!r}")
+            if isinstance(value, bool) or not isinstance(value, kind) or not value >= lo:
+                raise ValueError(f"{name} must be {'an int' if kind is int else 'a number'} >= {lo}, got {value!r}")
         self.uri = uri
         self.table_name = table
         self.embedder = embedder if embedder is not None else Embedder("minilm")
@@ -365,8 +365,10 @@ class EpisodeMemory:
         if older is None and self.keep_versions_s is not None:
             older = timedelta(seconds=self.keep_versions_s)
         removed = 0
-        catalog = self._sync_catalog()
-        if self._retry(table.count_rows, "count rows") > len(catalog):
+        # Rows counted before the catalog syncs to a version at least as new: more rows than
+        # distinct ids means duplicates (only racing unlocked writers make them).
+        physical = self._retry(table.count_rows, "count rows")
+        if physical > len(self._sync_catalog()):
             removed = self._remove_duplicates(table)
         self._ensure_scalar_indices(table)
         self._retry(lambda: table.optimize(cleanup_older_than=older), f"optimize {self.table_name!r}")
@@ -446,9 +448,11 @@ class EpisodeMemory:
     ) -> list[MemoryHit]:
         """Episodes whose goals are most like ``goal``, successful ones first.
 
-        The ``k * oversample`` nearest candidates passing the filters (a prefilter, so filtering
-        never empties a non-empty answer) are ordered by success (successful first), then score,
-        and the first ``k`` returned.
+        The ``k * oversample`` nearest candidates passing the filters are ordered by success
+        (successful first), then score, and the first ``k`` returned. With a vector index and a
+        filter, a search ``POSTFILTER_WIDTH`` times wider is filtered afterwards; when that
+        leaves fewer than ``k * oversample`` candidates the search is repeated with a prefilter,
+        so filtering never empties a non-empty answer.
 
         Args:
             goal (`str`): The goal to match.
@@ -476,56 +480,47 @@ class EpisodeMemory:
             raise MemoryFilterError(f"oversample must be an int >= 1, got {oversample!r}")
         where = MemoryFilter.from_kwargs(filters).where()
         table = self._open(create=False)
-        if k == 0 or table is None or self._retry(table.count_rows, "count rows") == 0:
+        if k == 0 or table is None:
             return []
-        goal = goal.strip()
-        cols = list(HIT_COLUMNS)
-        if query_type == "vector":
-            vec = self._encode([goal])[0]
-            ann = self._ann if VECTOR_INDEX in self._indices() else None
+        goal, pool = goal.strip(), k * oversample
+        if query_type != "vector" and FTS_INDEX not in self._indices():
+            self._ensure_scalar_indices(table)
+        vec = self._encode([goal])[0] if query_type != "fts" else None
+        ann = self._ann if query_type == "vector" and VECTOR_INDEX in self._indices() else None
+        score_col = {"vector": "_distance", "fts": "_score", "hybrid": "_relevance_score"}[query_type]
 
+        def query(limit: int, prefilter: bool) -> list[dict[str, Any]]:
             def build(t: Any) -> Any:
-                q = t.search(vec, vector_column_name="vector").distance_type("cosine")
-                if ann is not None:
-                    q = q.nprobes(nprobes(ann[1])).refine_factor(REFINE_FACTOR)
-                return self._limit(q.select(cols + ["_distance"]), k * oversample, where)
+                if query_type == "vector":
+                    q = t.search(vec, vector_column_name="vector").distance_type("cosine")
+                    if ann is not None:
+                        q = q.nprobes(nprobes(ann[1])).refine_factor(REFINE_FACTOR)
+                elif query_type == "fts":
+                    q = t.search(goal, query_type="fts", fts_columns="goal")
+                else:
+                    from lancedb.rerankers import RRFReranker
 
-            rows = [{**r, "_s": 1.0 - float(r["_distance"])} for r in self._read(build, "vector retrieval")]
-        else:
-            if FTS_INDEX not in self._indices():
-                self._ensure_scalar_indices(table)
-            if query_type == "fts":
+                    q = (t.search(query_type="hybrid", vector_column_name="vector", fts_columns="goal")
+                         .vector(vec).text(goal).distance_type("cosine").rerank(RRFReranker()))
+                # Name the score column (LanceDB warns when it is projected implicitly); hybrid adds its own.
+                q = q.select(list(HIT_COLUMNS) + ([score_col] if query_type != "hybrid" else [])).limit(limit)
+                return q.where(where, prefilter=prefilter) if where else q
 
-                def build(t: Any) -> Any:
-                    q = t.search(goal, query_type="fts", fts_columns="goal").select(cols + ["_score"])
-                    return self._limit(q, k * oversample, where)
+            rows = self._read(build, f"{query_type} retrieval")
+            for r in rows:
+                r["_s"] = 1.0 - float(r[score_col]) if query_type == "vector" else float(r[score_col])
+            return newest_per_id(rows)
 
-                rows = [{**r, "_s": float(r["_score"])} for r in self._read(build, "full-text retrieval")]
-            else:
-                from lancedb.rerankers import RRFReranker
-
-                vec = self._encode([goal])[0]
-
-                def build(t: Any) -> Any:
-                    q = (
-                        t.search(query_type="hybrid", vector_column_name="vector", fts_columns="goal")
-                        .vector(vec)
-                        .text(goal)
-                        .distance_type("cosine")
-                        .rerank(RRFReranker())
-                        .select(cols)
-                    )
-                    return self._limit(q, k * oversample, where)
-
-                rows = [{**r, "_s": float(r["_relevance_score"])} for r in self._read(build, "hybrid retrieval")]
-        best = newest_per_id(rows)
+        best: list[dict[str, Any]] | None = None
+        if where and ann is not None:
+            # Post-filtering a wider ANN search is cheaper than a prefilter mask over the whole
+            # table; whenever it finds the full pool, that pool is the nearest passing rows.
+            best = query(POSTFILTER_WIDTH * pool, prefilter=False)
+            best = best[:pool] if len(best) >= pool else None
+        if best is None:
+            best = query(pool, prefilter=True)
         best.sort(key=lambda r: (not r["success"], -r["_s"], r["id"]))
         return [hit_from_row(r, r["_s"]) for r in best[:k]]
-
-    @staticmethod
-    def _limit(q: Any, n: int, where: str | None) -> Any:
-        q = q.limit(n)
-        return q.where(where, prefilter=True) if where else q
 
     def count(self, **filters: Any) -> int:
         """Number of distinct episodes matching the filters (fields of :class:`MemoryFilter`)."""
@@ -535,15 +530,15 @@ class EpisodeMemory:
         """The episode with this id exactly as written last, or ``None`` if absent."""
         if not isinstance(episode_id, str) or not episode_id:
             raise MemoryFilterError(f"episode_id must be a non-empty str, got {episode_id!r}")
-        if self._open(create=False) is None:
-            return None
-        where = f"id = {sql_str(episode_id)}"
-        rows = self._read(
-            lambda t: t.search().where(where).select(["id", "episode_json", "updated_at", "write_id"]).limit(None),
-            "get",
-        )
-        rows = newest_per_id(rows)
-        return Episode.model_validate_json(rows[0]["episode_json"]) if rows else None
+        return self._episodes([episode_id], "get").get(episode_id)
+
+    def _episodes(self, ids: list[str], what: str) -> dict[str, Episode]:
+        """The stored episodes of ``ids`` (newest write of each), by id."""
+        if not ids or self._open(create=False) is None:
+            return {}
+        where = "id IN (" + ", ".join(sql_str(i) for i in ids) + ")"
+        rows = self._read(lambda t: t.search().where(where).select(["id", "episode_json", *WRITE_ORDER]).limit(None), what)
+        return {r["id"]: Episode.model_validate_json(r["episode_json"]) for r in newest_per_id(rows)}
 
     def ids(self, run_id: str | None = None) -> set[str]:
         """Ids of all stored episodes (of one run when ``run_id`` is given)."""
@@ -558,15 +553,8 @@ class EpisodeMemory:
         if run_id is not None:
             MemoryFilter(run_id=run_id)
         top = self._sync_catalog().recent_ids(n, run_id) if n else []
-        if not top:
-            return []
-        where = "id IN (" + ", ".join(sql_str(i) for i in top) + ")"
-        rows = self._read(
-            lambda t: t.search().where(where).select(["id", "episode_json", "updated_at", "write_id"]).limit(None),
-            "recent",
-        )
-        by_id = {r["id"]: r["episode_json"] for r in newest_per_id(rows)}
-        return [Episode.model_validate_json(by_id[i]) for i in top if i in by_id]
+        by_id = self._episodes(top, "recent")
+        return [by_id[i] for i in top if i in by_id]
 
     def stats_by_phase(self, *, run_id: str | None = None) -> dict[int, dict[str, float]]:
         """Per phase: ``n`` episodes, ``success_rate`` and ``mean_reward``."""

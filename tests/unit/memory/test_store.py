@@ -237,33 +237,6 @@ def test_periodic_optimize_compacts_and_keeps_results(tmp_path, embedder):
     assert memory.count() == 3
 
 
-@pytest.mark.slow  # encodes 300 goals: ~5 s idle, ~30 s on a busy 2-core box
-def test_vector_index_is_built_and_later_rows_stay_findable(tmp_path, embedder):
-    memory = EpisodeMemory(str(tmp_path / "mem"), embedder=embedder, vector_index_min_rows=256)
-    objects = ["apple", "cup", "plate", "egg", "spoon", "knife", "bowl", "pan", "towel", "lid"]
-    places = ["bowl", "sink", "fridge", "drawer", "shelf", "table", "oven", "basket", "box", "tray"]
-    verbs = ["put", "move", "place"]
-    eps = [
-        make_episode(f"{v}-{o}-{p}", 0, goal=f"{v} the {o} in the {p}", success=(i % 3 != 0), reward=(i % 10) / 10)
-        for i, (v, o, p) in enumerate((v, o, p) for v in verbs for o in objects for p in places)
-    ]
-    memory.upsert(eps)
-    query = "put the towel in the oven"
-    before = memory.retrieve(query, 3, success=True)
-    stats = memory.optimize()
-    assert stats == {"rows": 300, "duplicates_removed": 0}
-    assert {"goal_idx", "vector_idx"} <= memory.index_names()
-    after = memory.retrieve(query, 3, success=True)
-    assert after[0].goal == before[0].goal == query
-    assert [h.episode_id for h in after] == [h.episode_id for h in before]
-    # A row written after the index build is found (flat search of unindexed rows) and after optimize.
-    memory.upsert([make_episode("late", 0, goal="hang the umbrella on the hook")])
-    assert memory.retrieve("hang up the umbrella", 1)[0].goal == "hang the umbrella on the hook"
-    memory.optimize()
-    assert memory.retrieve("hang up the umbrella", 1)[0].goal == "hang the umbrella on the hook"
-    assert memory.count() == 301
-
-
 # --------------------------------------------------------------------------- failures and concurrency
 
 

@@ -185,9 +185,17 @@ def test_vector_index_retrains_as_the_table_grows_and_reads_stay_correct_during_
     assert table.index_stats("vector_idx").num_unindexed_rows == 1  # the row written during the build
     for g in (goals[3], goals[620]):
         assert memory.retrieve(g, 1)[0].goal == g
+    # Filtered searches on the index: a common filter (post-filtered search) and a rare one
+    # (too few survivors of the post-filter, so it searches again with a prefilter).
+    assert [h.goal for h in memory.retrieve(goals[4], 1, success=True)] == [goals[4]]
+    rare = make_memory_episode("rare", goal="hang the towel on the oven door", run_id="run-b")
+    memory.upsert([rare])
+    assert [h.episode_id for h in memory.retrieve(goals[4], 3, run_id="run-b")] == [rare.id]
+    top = memory.retrieve(goals[19], 3, min_reward=0.9)  # 62 of 622 rows pass
+    assert top[0].goal == goals[19] and len(top) == 3 and all(h.reward >= 0.9 for h in top)
     # The training is recorded in the table: a new process knows when the next one is due.
     again = EpisodeMemory(uri, embedder=embedder)
-    assert again.count() == 621 and again.retrieve(goals[77], 1)[0].goal == goals[77]
+    assert again.count() == 622 and again.retrieve(goals[77], 1)[0].goal == goals[77]
     assert (again.maintenance_stats()["trained_rows"], again.maintenance_stats()["partitions"]) == (620, 25)
 
 
