@@ -71,9 +71,6 @@ logger = logging.getLogger(__name__)
 QueryType = Literal["vector", "fts", "hybrid"]
 QUERY_TYPES: tuple[str, ...] = ("vector", "fts", "hybrid")
 
-#: How many times wider than the candidate pool a post-filtered vector search is.
-POSTFILTER_WIDTH = 4
-
 _T = TypeVar("_T")
 
 
@@ -448,11 +445,9 @@ class EpisodeMemory:
     ) -> list[MemoryHit]:
         """Episodes whose goals are most like ``goal``, successful ones first.
 
-        The ``k * oversample`` nearest candidates passing the filters are ordered by success
-        (successful first), then score, and the first ``k`` returned. With a vector index and a
-        filter, a search ``POSTFILTER_WIDTH`` times wider is filtered afterwards; when that
-        leaves fewer than ``k * oversample`` candidates the search is repeated with a prefilter,
-        so filtering never empties a non-empty answer.
+        The ``k * oversample`` nearest candidates passing the filters (a prefilter, computed from
+        the bitmap indices, so filtering never empties a non-empty answer) are ordered by success
+        (successful first), then score, and the first ``k`` returned.
 
         Args:
             goal (`str`): The goal to match.
@@ -489,36 +484,26 @@ class EpisodeMemory:
         ann = self._ann if query_type == "vector" and VECTOR_INDEX in self._indices() else None
         score_col = {"vector": "_distance", "fts": "_score", "hybrid": "_relevance_score"}[query_type]
 
-        def query(limit: int, prefilter: bool) -> list[dict[str, Any]]:
-            def build(t: Any) -> Any:
-                if query_type == "vector":
-                    q = t.search(vec, vector_column_name="vector").distance_type("cosine")
-                    if ann is not None:
-                        q = q.nprobes(nprobes(ann[1])).refine_factor(REFINE_FACTOR)
-                elif query_type == "fts":
-                    q = t.search(goal, query_type="fts", fts_columns="goal")
-                else:
-                    from lancedb.rerankers import RRFReranker
+        def build(t: Any) -> Any:
+            if query_type == "vector":
+                q = t.search(vec, vector_column_name="vector").distance_type("cosine")
+                if ann is not None:
+                    q = q.nprobes(nprobes(ann[1])).refine_factor(REFINE_FACTOR)
+            elif query_type == "fts":
+                q = t.search(goal, query_type="fts", fts_columns="goal")
+            else:
+                from lancedb.rerankers import RRFReranker
 
-                    q = (t.search(query_type="hybrid", vector_column_name="vector", fts_columns="goal")
-                         .vector(vec).text(goal).distance_type("cosine").rerank(RRFReranker()))
-                # Name the score column (LanceDB warns when it is projected implicitly); hybrid adds its own.
-                q = q.select(list(HIT_COLUMNS) + ([score_col] if query_type != "hybrid" else [])).limit(limit)
-                return q.where(where, prefilter=prefilter) if where else q
+                q = (t.search(query_type="hybrid", vector_column_name="vector", fts_columns="goal")
+                     .vector(vec).text(goal).distance_type("cosine").rerank(RRFReranker()))
+            # Name the score column (LanceDB warns when it is projected implicitly); hybrid adds its own.
+            q = q.select(list(HIT_COLUMNS) + ([score_col] if query_type != "hybrid" else [])).limit(pool)
+            return q.where(where, prefilter=True) if where else q
 
-            rows = self._read(build, f"{query_type} retrieval")
-            for r in rows:
-                r["_s"] = 1.0 - float(r[score_col]) if query_type == "vector" else float(r[score_col])
-            return newest_per_id(rows)
-
-        best: list[dict[str, Any]] | None = None
-        if where and ann is not None:
-            # Post-filtering a wider ANN search is cheaper than a prefilter mask over the whole
-            # table; whenever it finds the full pool, that pool is the nearest passing rows.
-            best = query(POSTFILTER_WIDTH * pool, prefilter=False)
-            best = best[:pool] if len(best) >= pool else None
-        if best is None:
-            best = query(pool, prefilter=True)
+        rows = self._read(build, f"{query_type} retrieval")
+        for r in rows:
+            r["_s"] = 1.0 - float(r[score_col]) if query_type == "vector" else float(r[score_col])
+        best = newest_per_id(rows)
         best.sort(key=lambda r: (not r["success"], -r["_s"], r["id"]))
         return [hit_from_row(r, r["_s"]) for r in best[:k]]
 

@@ -185,8 +185,7 @@ def test_vector_index_retrains_as_the_table_grows_and_reads_stay_correct_during_
     assert table.index_stats("vector_idx").num_unindexed_rows == 1  # the row written during the build
     for g in (goals[3], goals[620]):
         assert memory.retrieve(g, 1)[0].goal == g
-    # Filtered searches on the index: a common filter (post-filtered search) and a rare one
-    # (too few survivors of the post-filter, so it searches again with a prefilter).
+    # Filtered searches on the index (prefiltered): a common filter and rare ones.
     assert [h.goal for h in memory.retrieve(goals[4], 1, success=True)] == [goals[4]]
     rare = make_memory_episode("rare", goal="hang the towel on the oven door", run_id="run-b")
     memory.upsert([rare])
