@@ -37,16 +37,18 @@ TRAINED_ROWS_KEY = "worldagent:ivf_trained_rows"
 PARTITIONS_KEY = "worldagent:ivf_partitions"
 
 MAX_PARTITIONS = 4096
+MIN_ROWS_PER_PARTITION = 256
 MIN_NPROBES = 20
 PROBE_FRACTION = 1 / 16
 
 
 def ivf_partitions(n_rows: int) -> int:
     """IVF partitions for a table of ``n_rows``: about ``sqrt(n_rows)`` (316 at 100k), so a
-    partition holds about as many rows as there are partitions."""
+    partition holds about as many rows as there are partitions, but never fewer than 256 rows per
+    partition (LanceDB trains no more than that, e.g. 1 partition for 300 rows)."""
     if n_rows < 1:
         raise ValueError(f"n_rows must be >= 1, got {n_rows}")
-    return max(1, min(MAX_PARTITIONS, round(math.sqrt(n_rows))))
+    return max(1, min(MAX_PARTITIONS, round(math.sqrt(n_rows)), n_rows // MIN_ROWS_PER_PARTITION))
 
 
 def pq_sub_vectors(dim: int) -> int:

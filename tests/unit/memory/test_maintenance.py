@@ -13,7 +13,7 @@ WAIT_S = 60.0
 
 
 def test_partitions_follow_the_row_count_and_probes_keep_their_share():
-    assert [ivf_partitions(n) for n in (1, 256, 1_000, 100_000, 10**9)] == [1, 16, 32, 316, 4096]
+    assert [ivf_partitions(n) for n in (1, 300, 1_000, 20_000, 100_000, 10**9)] == [1, 1, 3, 78, 316, 4096]
     parts = [ivf_partitions(n) for n in range(256, 200_000, 997)]
     assert parts == sorted(parts)  # more rows, never fewer partitions
     assert pq_sub_vectors(384) == 48 and pq_sub_vectors(100) == 10 and pq_sub_vectors(7) == 1
