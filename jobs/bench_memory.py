@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--flat-queries", type=int, default=40, help="queries for the exact-search baseline")
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--runs", type=int, default=4, help="distinct run ids among the episodes")
-    ap.add_argument("--optimize-every", type=int, default=64, help="commits between maintenance requests")
+    ap.add_argument("--optimize-every", type=int, default=32, help="commits between maintenance requests (memory.optimize_every)")
     ap.add_argument("--keep-versions-s", type=float, default=60.0,
                     help="maintenance deletes table versions older than this (bounds the disk the run uses)")
     ap.add_argument("--seed", type=int, default=0)
@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
                             keep_versions_s=args.keep_versions_s)
         rng = random.Random(args.seed)
         call_s: list[float] = []
+        slow_calls: list[tuple[float, str]] = []
         success = np.zeros(args.n, dtype=bool)
         train = np.zeros(args.n, dtype=bool)
         goal_of = np.zeros(args.n, dtype=np.int64)
@@ -214,6 +215,10 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             mem.upsert(eps)
             call_s.append(time.perf_counter() - t0)
+            if call_s[-1] > 1.0:
+                st = mem.maintenance_stats()
+                slow_calls.append((call_s[-1], f"{call_s[-1]:.1f}s at {(gi + 1) * args.group} rows (maintenance runs "
+                                   f"{st['runs']}, busy {st['busy']}, index trained on {st['trained_rows']})"))
             for ep in eps:
                 i = row_of.setdefault(ep.id, len(row_of))
                 success[i], train[i], goal_of[i] = ep.success, ep.task.split == "train", gi
@@ -231,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"insert: {args.n} episodes in {insert_s:.1f}s ({args.n / insert_s:.0f}/s); per call p50 "
               f"{1000 * pct(call_s, .5):.1f} ms, p95 {1000 * pct(call_s, .95):.1f} ms, max "
               f"{1000 * max(call_s):.0f} ms; maintenance caught up in {maint_s:.1f}s", flush=True)
+        if slow_calls:
+            print(f"upsert calls over 1 s: {len(slow_calls)}; slowest: {[t for _, t in sorted(slow_calls)[::-1][:5]]}")
         print(f"table: {ts['rows']} rows, {ts['fragments']} fragments, {disk_mb:.0f} MiB on disk; index trained on "
               f"{st['trained_rows']} rows, {st['partitions']} partitions, {segments.get('vector_idx')} segments; "
               f"maintenance runs {st['runs']}, errors {st['errors']}", flush=True)

@@ -260,7 +260,7 @@ class MemoryConfig(_Section):
         default="vector", description="Retrieval: vector, full-text, or both fused."
     )
     optimize_every: int = Field(
-        default=64, ge=1, description="Ask for background compaction and index upkeep after this many write commits."
+        default=32, ge=1, description="Ask for background compaction and index upkeep after this many write commits."
     )
     retrain_factor: float = Field(
         default=2.0, ge=1.1, le=16.0,

@@ -1,9 +1,9 @@
 """World memory: episodes in a LanceDB table, retrieved by goal similarity (pure core, no Ray).
 
-The row layout lives in :mod:`~worldagent_ray.memory.rows`, filters in
-:mod:`~worldagent_ray.memory.filters`, the per-episode summary behind ``ids``/``count``/stats
-in :mod:`~worldagent_ray.memory.catalog`, compaction and index upkeep in
-:mod:`~worldagent_ray.memory.maintenance`.
+Parts: the row layout in :mod:`~worldagent_ray.memory.rows`, filters in
+:mod:`~worldagent_ray.memory.filters`, the per-episode summary behind ``ids``/``count``/stats in
+:mod:`~worldagent_ray.memory.catalog`, the indices in :mod:`~worldagent_ray.memory.indexes`, the
+background thread in :mod:`~worldagent_ray.memory.maintenance`.
 
 Writes are idempotent by episode id (``merge_insert`` on ``id``). LanceDB lets several
 processes write one table, but two concurrent ``merge_insert`` calls that both insert the
@@ -15,14 +15,9 @@ same *new* id each commit their row (measured: 4 writers, 10 shared ids, 5 dupli
   (:func:`~worldagent_ray.memory.rows.write_key`), and maintenance deletes the stale copies.
 
 Every storage call is bounded: reads have a timeout and, like writes, retry commit conflicts
-and transient object-store errors with jittered backoff within a time budget.
-
-Indices: a BTREE on ``id`` (upsert matching, :meth:`EpisodeMemory.get`), full text on
-``goal``, bitmaps on the filter columns, and an IVF_PQ index on ``vector`` trained at
-``vector_index_min_rows`` rows and retrained, with partitions following the row count,
-whenever the table has grown by ``retrain_factor``. Index upkeep and compaction run on a
-background thread (:class:`~worldagent_ray.memory.maintenance.BackgroundMaintainer`); an
-upsert only asks for them. Rows written since the last index update are searched exactly.
+and transient object-store errors with jittered backoff within a budget. Compaction and index
+upkeep run on a background thread; an upsert only asks for them. Rows written since the last
+index update are searched exactly.
 """
 
 from __future__ import annotations
@@ -46,11 +41,12 @@ from worldagent_ray.memory.indexes import (
     FTS_INDEX,
     REFINE_FACTOR,
     VECTOR_INDEX,
+    IndexBuildPolicy,
     ensure_scalar_indices,
-    needs_training,
     nprobes,
     recorded_training,
     train_vector_index,
+    vector_segments,
 )
 from worldagent_ray.memory.maintenance import BackgroundMaintainer
 from worldagent_ray.memory.retry import retry_with_backoff
@@ -83,7 +79,7 @@ class EpisodeMemory:
             ``gs://...``), passed to ``lancedb.connect`` unchanged.
         table (`str`, *optional*, defaults to `"episodes"`): Table name.
         embedder (`Embedder`, *optional*): Goal encoder; defaults to ``Embedder("minilm")``.
-        optimize_every (`int`, *optional*, defaults to `64`):
+        optimize_every (`int`, *optional*, defaults to `32`):
             Ask for background maintenance (compaction, index upkeep) after this many write commits
             (each :meth:`upsert` batch of up to ``write_batch_size`` episodes is one).
         vector_index_min_rows (`int`, *optional*, defaults to `256`):
@@ -92,6 +88,10 @@ class EpisodeMemory:
         retrain_factor (`float`, *optional*, defaults to `2.0`):
             Retrain the vector index (partitions set from the row count) when the table has
             grown by this factor since the last training.
+        max_index_segments (`int`, *optional*, defaults to `6`):
+            Rebuild the vector index when maintenance has left it in more segments than this
+            (each pass adds one for the rows written since the previous pass), at most
+            a quarter of the time (see :class:`~worldagent_ray.memory.indexes.IndexBuildPolicy`).
         write_batch_size (`int`, *optional*, defaults to `256`): Rows per ``merge_insert`` commit.
         max_write_attempts (`int`, *optional*, defaults to `8`):
             Tries per commit or maintenance step that fails with a commit conflict or a
@@ -124,10 +124,11 @@ class EpisodeMemory:
         uri: str,
         table: str = "episodes",
         embedder: Embedder | None = None,
-        optimize_every: int = 64,
+        optimize_every: int = 32,
         *,
         vector_index_min_rows: int = 256,
         retrain_factor: float = 2.0,
+        max_index_segments: int = 6,
         write_batch_size: int = 256,
         max_write_attempts: int = 8,
         retry_base_delay_s: float = 0.05,
@@ -153,6 +154,7 @@ class EpisodeMemory:
             ("max_read_attempts", max_read_attempts, int, 1),
             ("embed_cache_size", embed_cache_size, int, 0),
             ("retrain_factor", retrain_factor, (int, float), 1.1),
+            ("max_index_segments", max_index_segments, int, 1),
             ("read_timeout_s", read_timeout_s, (int, float), 1e-9),
             ("keep_versions_s", 0 if keep_versions_s is None else keep_versions_s, (int, float), 0),
         ):
@@ -165,6 +167,7 @@ class EpisodeMemory:
         self.optimize_every = optimize_every
         self.vector_index_min_rows = vector_index_min_rows
         self.retrain_factor = float(retrain_factor)
+        self.max_index_segments = max_index_segments
         self.write_batch_size = write_batch_size
         self.max_write_attempts = max_write_attempts
         self.retry_base_delay_s = retry_base_delay_s
@@ -195,6 +198,7 @@ class EpisodeMemory:
         self._catalog = Catalog()
         self._ann: tuple[int, int] | None = None  # (rows at the last training, partitions)
         self._commits_since_maintenance = 0
+        self._index_builds = IndexBuildPolicy(vector_index_min_rows, self.retrain_factor, max_index_segments)
         self._cleanup_older_than: timedelta | None = None
         self._index_names: set[str] | None = None
         self._closed = False
@@ -370,13 +374,15 @@ class EpisodeMemory:
         self._ensure_scalar_indices(table)
         self._retry(lambda: table.optimize(cleanup_older_than=older), f"optimize {self.table_name!r}")
         n_rows = self._retry(table.count_rows, "count rows")
-        trained = None if self._ann is None or VECTOR_INDEX not in self._indices() else self._ann[0]
-        if needs_training(n_rows, trained, min_rows=self.vector_index_min_rows, factor=self.retrain_factor):
+        segments = self._retry(lambda: vector_segments(table), "list indices")
+        why = self._index_builds.due(n_rows, self._ann[0] if self._ann and segments else None, segments)
+        if why is not None:
             t0 = time.monotonic()
             with self._index_lock:
                 self._ann = train_vector_index(table, n_rows, self._dim or self.embeddings.dim, self._retry)
-            logger.info("trained %s on %d rows (%d partitions) in %.1fs",
-                        VECTOR_INDEX, n_rows, self._ann[1], time.monotonic() - t0)
+            self._index_builds.record(time.monotonic() - t0)
+            logger.info("built %s (%s) on %d rows, %d partitions, in %.1fs",
+                        VECTOR_INDEX, why, n_rows, self._ann[1], time.monotonic() - t0)
         self._index_names = None
         return {"rows": len(self._sync_catalog()), "duplicates_removed": removed}
 
@@ -419,11 +425,12 @@ class EpisodeMemory:
 
     def maintenance_stats(self) -> dict[str, Any]:
         """The maintenance thread's ``runs``, ``errors``, ``last_error``, ``last_duration_s`` and
-        ``busy``; the vector index's ``trained_rows`` and ``partitions`` (None before training);
+        ``busy``; the vector index's ``trained_rows`` and ``partitions`` (None before training)
+        and ``index_builds`` (by this process);
         ``catalog_rows_read``, the rows the catalog has read from the table so far."""
         trained, parts = self._ann if self._ann is not None else (None, None)
         return {**self._maintainer.stats(), "trained_rows": trained, "partitions": parts,
-                "catalog_rows_read": self._catalog.rows_read}
+                "index_builds": self._index_builds.builds, "catalog_rows_read": self._catalog.rows_read}
 
     # ------------------------------------------------------------------ catalog
 

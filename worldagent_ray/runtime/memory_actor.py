@@ -53,7 +53,7 @@ class MemoryActor:
             from this process's environment, see :func:`~worldagent_ray.memory.storage_options_from_env`).
         table (`str`, *optional*, defaults to `"episodes"`): Table name.
         embedder (`str`, *optional*, defaults to `"minilm"`): Embedder name or path.
-        optimize_every (`int`, *optional*, defaults to `64`): Ask for maintenance after this many write commits.
+        optimize_every (`int`, *optional*, defaults to `32`): Ask for maintenance after this many write commits.
         query_type (`str`, *optional*, defaults to `"vector"`): Default ``query_type`` of :meth:`retrieve`.
         device (`str`, *optional*, defaults to `"cpu"`): Torch device of the embedder.
         num_threads (`int`, *optional*): Torch threads of this actor's process (see :class:`Embedder`).
@@ -65,7 +65,7 @@ class MemoryActor:
         uri: str,
         table: str = "episodes",
         embedder: str = "minilm",
-        optimize_every: int = 64,
+        optimize_every: int = 32,
         query_type: QueryType = "vector",
         device: str = "cpu",
         num_threads: int | None = None,

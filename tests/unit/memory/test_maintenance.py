@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from worldagent_ray.memory.indexes import ivf_partitions, needs_training, nprobes, pq_sub_vectors
+from worldagent_ray.memory.indexes import IndexBuildPolicy, ivf_partitions, nprobes, pq_sub_vectors, rebuild_due
 from worldagent_ray.memory.maintenance import BackgroundMaintainer
 
 WAIT_S = 60.0
@@ -22,11 +22,25 @@ def test_partitions_follow_the_row_count_and_probes_keep_their_share():
         ivf_partitions(0)
 
 
-def test_training_is_due_first_at_min_rows_then_at_each_growth_factor():
-    due = lambda n, trained: needs_training(n, trained, min_rows=256, factor=2.0)  # noqa: E731
-    assert not due(255, None) and due(256, None)
-    assert not due(511, 256) and due(512, 256)
-    assert not due(100_000, 65_536) and due(131_072, 65_536)
+def test_the_index_is_built_at_min_rows_then_on_growth_or_too_many_segments():
+    def due(n, trained, segments=1):
+        return rebuild_due(n, trained, segments, min_rows=256, factor=2.0, max_segments=6)
+
+    assert due(255, None) is None and due(256, None) == "first"
+    assert due(511, 256) is None and due(512, 256) == "grown"
+    assert due(100_000, 65_536) is None and due(131_072, 65_536) == "grown"
+    assert due(100_000, 65_536, segments=6) is None and due(100_000, 65_536, segments=7) == "segments"
+    assert due(200, 100, segments=50) is None  # under min_rows nothing is built
+
+
+def test_rebuilds_for_segments_take_at_most_their_share_of_the_time():
+    policy = IndexBuildPolicy(min_rows=256, factor=2.0, max_segments=6, duty=0.25)
+    assert policy.due(1_000, None, 0, now=0.0) == "first"
+    policy.record(20.0, now=20.0)  # a 20 s build ending at t=20
+    assert policy.due(1_100, 1_000, 9, now=79.0) is None  # 59 s < 3 x 20 s since: not yet
+    assert policy.due(1_100, 1_000, 9, now=80.0) == "segments"
+    assert policy.due(2_000, 1_000, 2, now=21.0) == "grown"  # growth is never deferred
+    assert policy.builds == 1
 
 
 class Gated:
