@@ -97,6 +97,7 @@ def test_memory_actor_serves_concurrent_writers_and_readers(local_ray, tmp_path)
     assert ray.get(actor.table_stats.remote())["rows"] == 3 + 4 * 25 + 3
     assert len(ray.get(actor.ids.remote("run-actor"))) == 106
     assert ray.get(actor.get.remote(seed[2].id)) == seed[2]
+    assert ray.get(actor.get_many.remote([seed[0].id, seed[2].id])) == {seed[0].id: seed[0], seed[2].id: seed[2]}
     assert ray.get(actor.count.remote(success=False)) == 1
     hits = ray.get(actor.retrieve.remote("open the fridge", 1, query_type="hybrid"))
     assert hits[0].goal == "open the fridge door"

@@ -23,7 +23,6 @@ index update are searched exactly.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import threading
 import time
@@ -45,15 +44,13 @@ from worldagent_ray.memory.indexes import (
     ensure_scalar_indices,
     nprobes,
     recorded_training,
-    train_vector_index,
-    vector_segments,
 )
 from worldagent_ray.memory.maintenance import BackgroundMaintainer
+from worldagent_ray.memory.upkeep import Upkeep
 from worldagent_ray.memory.retry import retry_with_backoff
 from worldagent_ray.memory.rows import (
     HIT_COLUMNS,
     WRITE_ORDER,
-    delete_stale_duplicates,
     episode_row,
     episode_schema,
     hit_from_row,
@@ -62,15 +59,13 @@ from worldagent_ray.memory.rows import (
 from worldagent_ray.memory.storage import is_local_uri, local_path, storage_options_from_env
 from worldagent_ray.schemas import Episode, MemoryHit
 
-logger = logging.getLogger(__name__)
-
 QueryType = Literal["vector", "fts", "hybrid"]
 QUERY_TYPES: tuple[str, ...] = ("vector", "fts", "hybrid")
 
 _T = TypeVar("_T")
 
 
-class EpisodeMemory:
+class EpisodeMemory(Upkeep):
     """Episodes in a LanceDB table, retrievable by goal similarity, full text or both.
 
     Args:
@@ -335,79 +330,6 @@ class EpisodeMemory:
 
         return self._retry(attempt, f"merge_insert of {data.num_rows} rows into {self.table_name!r}")
 
-    # ------------------------------------------------------------------ maintenance
-
-    def optimize(self, cleanup_older_than: timedelta | None = None, *, timeout_s: float | None = 600.0) -> dict[str, int]:
-        """Run maintenance now and wait for it: compact fragments, bring indices up to date
-        (training or retraining the vector index when due) and repair duplicate ids.
-
-        Args:
-            cleanup_older_than (`timedelta`, *optional*): Also delete table versions older than
-                this (default: ``keep_versions_s``, else LanceDB's 7 days).
-            timeout_s (`float`, *optional*, defaults to `600`): Most time to wait; the work goes
-                on in the background after a ``TimeoutError``.
-
-        Returns:
-            `dict[str, int]`: ``rows`` (distinct episodes) and ``duplicates_removed``.
-        """
-        if cleanup_older_than is not None:
-            with self._state_lock:
-                self._cleanup_older_than = cleanup_older_than
-        return self._maintainer.run_now(timeout_s)
-
-    def _maintain(self) -> dict[str, int]:
-        """One maintenance pass (on the maintenance thread)."""
-        with self._state_lock:
-            self._commits_since_maintenance = 0
-            older, self._cleanup_older_than = self._cleanup_older_than, None
-        table = self._open(create=False)
-        if table is None:
-            return {"rows": 0, "duplicates_removed": 0}
-        if older is None and self.keep_versions_s is not None:
-            older = timedelta(seconds=self.keep_versions_s)
-        removed = 0
-        # Rows counted before the catalog syncs to a version at least as new: more rows than
-        # distinct ids means duplicates (only racing unlocked writers make them).
-        physical = self._retry(table.count_rows, "count rows")
-        if physical > len(self._sync_catalog()):
-            removed = self._remove_duplicates(table)
-        self._ensure_scalar_indices(table)
-        self._retry(lambda: table.optimize(cleanup_older_than=older), f"optimize {self.table_name!r}")
-        n_rows = self._retry(table.count_rows, "count rows")
-        segments = self._retry(lambda: vector_segments(table), "list indices")
-        why = self._index_builds.due(n_rows, self._ann[0] if self._ann and segments else None, segments)
-        if why is not None:
-            t0 = time.monotonic()
-            with self._index_lock:
-                self._ann = train_vector_index(table, n_rows, self._dim or self.embeddings.dim, self._retry)
-            self._index_builds.record(time.monotonic() - t0)
-            logger.info("built %s (%s) on %d rows, %d partitions, in %.1fs",
-                        VECTOR_INDEX, why, n_rows, self._ann[1], time.monotonic() - t0)
-        self._index_names = None
-        return {"rows": len(self._sync_catalog()), "duplicates_removed": removed}
-
-    def _remove_duplicates(self, table: Any) -> int:
-        def attempt() -> int:
-            with self._file_lock:
-                scan = self._read(
-                    lambda t: t.search().select(["id", *WRITE_ORDER]).with_row_id(True).limit(None), "duplicate scan"
-                )
-                return delete_stale_duplicates(table, scan)
-
-        removed = self._retry(attempt, "duplicate repair")
-        if removed:
-            logger.warning("removed %d duplicate rows from %r", removed, self.table_name)
-        return removed
-
-    def flush(self, timeout_s: float | None = 600.0) -> dict[str, int]:
-        """Run :meth:`optimize` if anything was written since the last maintenance or maintenance
-        is under way; otherwise just report the row count."""
-        with self._state_lock:
-            dirty = self._commits_since_maintenance > 0
-        if dirty or self._maintainer.busy:
-            return self.optimize(timeout_s=timeout_s)
-        return {"rows": self.count(), "duplicates_removed": 0}
-
     def close(self, timeout_s: float | None = 600.0) -> None:
         """Flush, stop the maintenance thread and release the table; later writes raise."""
         if self._closed:
@@ -418,19 +340,6 @@ class EpisodeMemory:
             self._closed = True
             self._maintainer.close(timeout_s)
             self._table = None
-
-    def wait_for_maintenance(self, timeout_s: float | None = 600.0) -> bool:
-        """Wait until the maintenance asked for so far has finished; False on timeout."""
-        return self._maintainer.wait_idle(timeout_s)
-
-    def maintenance_stats(self) -> dict[str, Any]:
-        """The maintenance thread's ``runs``, ``errors``, ``last_error``, ``last_duration_s`` and
-        ``busy``; the vector index's ``trained_rows`` and ``partitions`` (None before training)
-        and ``index_builds`` (by this process);
-        ``catalog_rows_read``, the rows the catalog has read from the table so far."""
-        trained, parts = self._ann if self._ann is not None else (None, None)
-        return {**self._maintainer.stats(), "trained_rows": trained, "partitions": parts,
-                "index_builds": self._index_builds.builds, "catalog_rows_read": self._catalog.rows_read}
 
     # ------------------------------------------------------------------ catalog
 
@@ -523,6 +432,18 @@ class EpisodeMemory:
         if not isinstance(episode_id, str) or not episode_id:
             raise MemoryFilterError(f"episode_id must be a non-empty str, got {episode_id!r}")
         return self._episodes([episode_id], "get").get(episode_id)
+
+    def get_many(self, episode_ids: Sequence[str]) -> dict[str, Episode]:
+        """The stored episodes among ``episode_ids``, by id (absent ids are left out); one
+        indexed read per 512 ids instead of one per id."""
+        ids = list(dict.fromkeys(episode_ids))
+        for i, e in enumerate(ids):
+            if not isinstance(e, str) or not e:
+                raise MemoryFilterError(f"episode_ids[{i}] must be a non-empty str, got {e!r}")
+        out: dict[str, Episode] = {}
+        for start in range(0, len(ids), 512):
+            out.update(self._episodes(ids[start : start + 512], "get_many"))
+        return out
 
     def _episodes(self, ids: list[str], what: str) -> dict[str, Episode]:
         """The stored episodes of ``ids`` (newest write of each), by id."""

@@ -97,6 +97,9 @@ class MemoryActor:
     def get(self, episode_id: str) -> Episode | None:
         return self.memory.get(episode_id)
 
+    def get_many(self, episode_ids: list[str]) -> dict[str, Episode]:
+        return self.memory.get_many(episode_ids)
+
     def ids(self, run_id: str | None = None) -> set[str]:
         return self.memory.ids(run_id)
 

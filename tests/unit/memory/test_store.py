@@ -183,6 +183,12 @@ def test_get_round_trips_the_episode_exactly(memory):
     assert got == ep
     assert got.model_dump_json() == ep.model_dump_json()
     assert memory.get("ep-missing") is None
+    other = make_episode("apple")
+    memory.upsert([other])
+    assert memory.get_many([ep.id, "ep-missing", other.id, ep.id]) == {ep.id: ep, other.id: other}
+    assert memory.get_many([]) == {}
+    with pytest.raises(MemoryFilterError, match=r"episode_ids\[1\]"):
+        memory.get_many([ep.id, ""])
     with pytest.raises(MemoryFilterError, match="episode_id"):
         memory.get("")
 
