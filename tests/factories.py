@@ -50,3 +50,57 @@ def sandbox_episode(task, sample: int, actions, *, success: bool, reward: float,
                         reward=reward, scorer="verifiable"),
         created_at=1.0 + sample,
     )
+
+
+# --------------------------------------------------------------------------- memory episodes (work package B)
+
+MEMORY_GOALS = {
+    "apple": "put the apple in the bowl",
+    "fridge": "open the fridge door",
+    "plate": "wash the dirty plate in the sink",
+    "eggs": "crack two eggs into a pan",
+    "lights": "turn off the kitchen lights",
+    "bread": "slice the bread on the cutting board",
+}
+
+
+def make_memory_episode(
+    task_key: str,
+    sample: int = 0,
+    *,
+    run_id: str = "run-a",
+    success: bool = True,
+    reward: float = 0.8,
+    phase: int = 1,
+    goal: str | None = None,
+    notes: tuple[str, ...] = ("ok",),
+    created_at: float | None = None,
+):
+    """An episode of task ``task-<task_key>`` (goal from :data:`MEMORY_GOALS` unless given)."""
+    import time
+
+    from worldagent_ray.schemas import Episode, Plan, Scores, Task, Verdict
+
+    task = Task(id=f"task-{task_key}", goal=goal or MEMORY_GOALS[task_key], phase=phase)
+    scores = Scores(
+        action_following=reward,
+        temporal_consistency=0.5,
+        object_interaction=0.25,
+        goal_achievement=1.0 if success else 0.0,
+        physics=0.75,
+    )
+    return Episode.new(
+        run_id,
+        task,
+        sample,
+        plan=Plan.from_actions([f"step one of {task_key}", f"step two of {task_key}"]),
+        verdict=Verdict(
+            state_caption=f"{task_key} {'done' if success else 'not done'}",
+            success=success,
+            scores=scores,
+            reward=reward,
+            scorer="verifiable",
+            notes=list(notes),
+        ),
+        created_at=time.time() if created_at is None else created_at,
+    )

@@ -390,7 +390,26 @@ class MemoryConfig(_Section):
     query_type: Literal["vector", "fts", "hybrid"] = Field(
         default="vector", description="Retrieval: vector, full-text, or both fused."
     )
-    optimize_every: int = Field(default=64, ge=1, description="Optimize/compact after this many writes.")
+    optimize_every: int = Field(
+        default=32, ge=1, description="Ask for background compaction and index upkeep after this many write commits."
+    )
+    retrain_factor: float = Field(
+        default=2.0, ge=1.1, le=16.0,
+        description="Retrain the vector index (partitions set from the row count) when the table has grown by "
+        "this factor since the last training.",
+    )
+    embed_cache_size: int = Field(
+        default=4096, ge=0, description="Goal embeddings kept in the memory actor's LRU cache (0: none)."
+    )
+    read_timeout_s: float = Field(
+        default=30.0, gt=0.0, le=3600.0,
+        description="Most time one memory read query may take before it is retried (3 tries at most).",
+    )
+    keep_versions_s: float = Field(
+        default=600.0, ge=60.0,
+        description="Background maintenance deletes table versions older than this: each compaction rewrites "
+        "the table and leaves the old files behind until then.",
+    )
 
 
 # --------------------------------------------------------------------------- learner

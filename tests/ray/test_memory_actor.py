@@ -68,7 +68,7 @@ def _write_through_actor(name: str, worker: int) -> int:
 @pytest.mark.slow
 def test_memory_actor_serves_concurrent_writers_and_readers(local_ray, tmp_path):
     cfg = Config()
-    cfg.memory.optimize_every = 8
+    cfg.memory.optimize_every = 8  # several background maintenance runs during the writes
     run_dir = str(tmp_path / "run")
     actor = create_memory_actor(cfg, run_dir, name="t1")
     # Named and reusable: a second lookup gets the same actor.
@@ -84,16 +84,20 @@ def test_memory_actor_serves_concurrent_writers_and_readers(local_ray, tmp_path)
     assert ray.get(actor.upsert.remote(seed)) == 3
 
     writers = [_write_through_actor.remote(memory_actor_name("t1"), w) for w in range(4)]
-    # Reads are served while the writers run.
+    # Reads are served while the writers run (and while background maintenance compacts).
     reads = [actor.retrieve.remote("place an apple into a bowl", 2) for _ in range(4)]
     for hits in ray.get(reads):
         assert hits[0].goal == "put the apple in the bowl" and hits[0].success
     assert ray.get(writers) == [28] * 4
+    # The four reads of one goal embed it once: cached, or batched with the concurrent ones.
+    cache = ray.get(actor.info.remote())["embed_cache"]
+    assert cache["hits"] >= 3 and cache["encoded"] <= cache["misses"]
 
     assert ray.get(actor.count.remote()) == 3 + 4 * 25 + 3
     assert ray.get(actor.table_stats.remote())["rows"] == 3 + 4 * 25 + 3
     assert len(ray.get(actor.ids.remote("run-actor"))) == 106
     assert ray.get(actor.get.remote(seed[2].id)) == seed[2]
+    assert ray.get(actor.get_many.remote([seed[0].id, seed[2].id])) == {seed[0].id: seed[0], seed[2].id: seed[2]}
     assert ray.get(actor.count.remote(success=False)) == 1
     hits = ray.get(actor.retrieve.remote("open the fridge", 1, query_type="hybrid"))
     assert hits[0].goal == "open the fridge door"
@@ -101,7 +105,9 @@ def test_memory_actor_serves_concurrent_writers_and_readers(local_ray, tmp_path)
     assert stats[1]["n"] == 106
     assert "put the apple in the bowl" not in ray.get(actor.mastered_goals.remote(0.6, 2))
     assert "put the apple in the bowl" in ray.get(actor.mastered_goals.remote(0.5, 2))
-    assert ray.get(actor.optimize.remote())["rows"] == 106
+    assert ray.get(actor.optimize.remote(timeout_s=300))["rows"] == 106
+    st = ray.get(actor.maintenance_stats.remote())
+    assert st["runs"] >= 1 and st["errors"] == 0 and not st["busy"]
     assert len(ray.get(actor.recent.remote(5))) == 5
     with pytest.raises(ray.exceptions.RayTaskError, match="phase"):
         ray.get(actor.retrieve.remote("goal", 3, phase=9))

@@ -2,8 +2,15 @@
 
 The actor is the single writer of the episodes table; every other part reads through it.
 It is a threaded actor (``max_concurrency``), so ``retrieve`` calls run while an ``upsert``
-or ``optimize`` is in progress: LanceDB reads are safe alongside a write, and
-:class:`EpisodeMemory` serialises writes internally.
+is in progress: LanceDB reads are safe alongside a write, and :class:`EpisodeMemory`
+serialises writes internally. Compaction and index upkeep run on the store's own background
+thread, so neither reads nor writes wait for them.
+
+Every call is bounded inside the store: reads have a timeout (``memory.read_timeout_s``) and,
+like writes, retry transient object-store errors with backoff; ``optimize``, ``flush`` and
+``close`` wait at most ``timeout_s`` for maintenance (which then goes on in the background).
+``ids``, ``count``, ``stats_by_phase`` and ``mastered_goals`` read only the rows written since
+their last call (see :mod:`worldagent_ray.memory.catalog`).
 
 Typical use from the driver::
 
@@ -28,6 +35,7 @@ from .placement import actor_options
 
 ACTOR_NAME_PREFIX = "worldagent-memory-"
 DEFAULT_MAX_CONCURRENCY = 8
+DEFAULT_MAINTENANCE_TIMEOUT_S = 600.0
 
 
 def memory_actor_name(name: str) -> str:
@@ -41,10 +49,11 @@ class MemoryActor:
     """Ray actor around :class:`EpisodeMemory`; see that class for the meaning of each method.
 
     Args:
-        uri (`str`): LanceDB URI (local folder or object store).
+        uri (`str`): LanceDB URI (local folder or object store; object-store credentials come
+            from this process's environment, see :func:`~worldagent_ray.memory.storage_options_from_env`).
         table (`str`, *optional*, defaults to `"episodes"`): Table name.
         embedder (`str`, *optional*, defaults to `"minilm"`): Embedder name or path.
-        optimize_every (`int`, *optional*, defaults to `64`): Optimize after this many write commits.
+        optimize_every (`int`, *optional*, defaults to `32`): Ask for maintenance after this many write commits.
         query_type (`str`, *optional*, defaults to `"vector"`): Default ``query_type`` of :meth:`retrieve`.
         device (`str`, *optional*, defaults to `"cpu"`): Torch device of the embedder.
         num_threads (`int`, *optional*): Torch threads of this actor's process (see :class:`Embedder`).
@@ -56,7 +65,7 @@ class MemoryActor:
         uri: str,
         table: str = "episodes",
         embedder: str = "minilm",
-        optimize_every: int = 64,
+        optimize_every: int = 32,
         query_type: QueryType = "vector",
         device: str = "cpu",
         num_threads: int | None = None,
@@ -88,6 +97,9 @@ class MemoryActor:
     def get(self, episode_id: str) -> Episode | None:
         return self.memory.get(episode_id)
 
+    def get_many(self, episode_ids: list[str]) -> dict[str, Episode]:
+        return self.memory.get_many(episode_ids)
+
     def ids(self, run_id: str | None = None) -> set[str]:
         return self.memory.ids(run_id)
 
@@ -100,22 +112,33 @@ class MemoryActor:
     def mastered_goals(self, threshold: float = 0.8, min_n: int = 2, run_id: str | None = None) -> set[str]:
         return self.memory.mastered_goals(threshold, min_n, run_id=run_id)
 
-    def optimize(self, cleanup_older_than_s: float | None = None) -> dict[str, int]:
+    def optimize(
+        self, cleanup_older_than_s: float | None = None, timeout_s: float = DEFAULT_MAINTENANCE_TIMEOUT_S
+    ) -> dict[str, int]:
+        """Run maintenance now; ``TimeoutError`` after ``timeout_s`` (it goes on in the background)."""
         older = None if cleanup_older_than_s is None else timedelta(seconds=cleanup_older_than_s)
-        return self.memory.optimize(cleanup_older_than=older)
+        return self.memory.optimize(cleanup_older_than=older, timeout_s=timeout_s)
 
-    def flush(self) -> dict[str, int]:
-        return self.memory.flush()
+    def flush(self, timeout_s: float = DEFAULT_MAINTENANCE_TIMEOUT_S) -> dict[str, int]:
+        return self.memory.flush(timeout_s=timeout_s)
 
-    def close(self) -> None:
-        self.memory.close()
+    def close(self, timeout_s: float = DEFAULT_MAINTENANCE_TIMEOUT_S) -> None:
+        self.memory.close(timeout_s=timeout_s)
 
     def table_stats(self) -> dict[str, int]:
         return self.memory.table_stats()
 
+    def maintenance_stats(self) -> dict[str, Any]:
+        return self.memory.maintenance_stats()
+
     def info(self) -> dict[str, Any]:
-        """URI, table and index names (for the run report and debugging)."""
-        return {"uri": self.memory.uri, "table": self.memory.table_name, "indices": sorted(self.memory.index_names())}
+        """URI, table, index names and embedding-cache counters (for the run report and debugging)."""
+        return {
+            "uri": self.memory.uri,
+            "table": self.memory.table_name,
+            "indices": sorted(self.memory.index_names()),
+            "embed_cache": self.memory.embeddings.stats(),
+        }
 
 
 def create_memory_actor(
@@ -131,8 +154,9 @@ def create_memory_actor(
     """The run's memory actor, created on first call and looked up by name afterwards.
 
     Args:
-        cfg (`Config`): Uses ``cfg.memory`` (uri, table, embedder, optimize_every, query_type)
-            and ``cfg.resources.memory`` (num_cpus, num_gpus).
+        cfg (`Config`): Uses ``cfg.memory`` (uri, table, embedder, optimize_every, query_type,
+            retrain_factor, embed_cache_size, read_timeout_s, keep_versions_s) and
+            ``cfg.resources.memory`` (num_cpus, num_gpus).
         run_dir (`str`): Run folder or URI; the table lives under ``<run_dir>/memory`` unless
             ``cfg.memory.uri`` is set.
         name (`str`): Run name; the actor is called ``worldagent-memory-<name>``.
@@ -149,7 +173,8 @@ def create_memory_actor(
         raise ValueError("memory.enabled is false; no memory actor is created for this config")
     if not isinstance(run_dir, str) or not run_dir:
         raise ValueError(f"run_dir must be a non-empty str, got {run_dir!r}")
-    uri = cfg.memory.uri or f"{run_dir.rstrip('/')}/memory"
+    m = cfg.memory
+    uri = m.uri or f"{run_dir.rstrip('/')}/memory"
     if "://" not in uri:
         uri = os.path.abspath(uri)  # the actor's working directory may differ from the driver's
     res = cfg.resources.memory
@@ -167,12 +192,16 @@ def create_memory_actor(
         )
         .remote(
             uri,
-            table=cfg.memory.table,
-            embedder=cfg.memory.embedder,
-            optimize_every=cfg.memory.optimize_every,
-            query_type=cfg.memory.query_type,
+            table=m.table,
+            embedder=m.embedder,
+            optimize_every=m.optimize_every,
+            query_type=m.query_type,
             device="cuda" if res.num_gpus > 0 else "cpu",
             num_threads=max(1, int(res.num_cpus)),  # match the CPUs reserved for the actor
+            retrain_factor=m.retrain_factor,
+            embed_cache_size=m.embed_cache_size,
+            read_timeout_s=m.read_timeout_s,
+            keep_versions_s=m.keep_versions_s,
         )
     )
     if wait_ready:

@@ -4,75 +4,23 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import time
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from worldagent_ray.memory import Embedder, EpisodeMemory, MemoryFilterError, build_where, sql_str
-from worldagent_ray.memory.store import episode_row, retry_with_backoff
-from worldagent_ray.schemas import (
-    Episode,
-    GroundTruth,
-    Plan,
-    Rollout,
-    Scores,
-    StepOutcome,
-    StepStatus,
-    Task,
-    Verdict,
-)
+from tests.factories import MEMORY_GOALS, make_memory_episode
+from worldagent_ray.memory import Embedder, EpisodeMemory, MemoryFilterError
+from worldagent_ray.memory.retry import retry_with_backoff
+from worldagent_ray.memory.rows import episode_row
+from worldagent_ray.schemas import Episode, GroundTruth, Rollout, StepOutcome, StepStatus, Task
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RUST_LOG", "error")
 
-GOALS = {
-    "apple": "put the apple in the bowl",
-    "fridge": "open the fridge door",
-    "plate": "wash the dirty plate in the sink",
-    "eggs": "crack two eggs into a pan",
-    "lights": "turn off the kitchen lights",
-    "bread": "slice the bread on the cutting board",
-}
-
-
-def make_episode(
-    task_key: str,
-    sample: int = 0,
-    *,
-    run_id: str = "run-a",
-    success: bool = True,
-    reward: float = 0.8,
-    phase: int = 1,
-    goal: str | None = None,
-    notes: tuple[str, ...] = ("ok",),
-    created_at: float | None = None,
-) -> Episode:
-    task = Task(id=f"task-{task_key}", goal=goal or GOALS[task_key], phase=phase)
-    scores = Scores(
-        action_following=reward,
-        temporal_consistency=0.5,
-        object_interaction=0.25,
-        goal_achievement=1.0 if success else 0.0,
-        physics=0.75,
-    )
-    return Episode.new(
-        run_id,
-        task,
-        sample,
-        plan=Plan.from_actions([f"step one of {task_key}", f"step two of {task_key}"]),
-        verdict=Verdict(
-            state_caption=f"{task_key} {'done' if success else 'not done'}",
-            success=success,
-            scores=scores,
-            reward=reward,
-            scorer="verifiable",
-            notes=list(notes),
-        ),
-        created_at=time.time() if created_at is None else created_at,
-    )
+GOALS = MEMORY_GOALS
+make_episode = make_memory_episode
 
 
 @pytest.fixture(scope="module")
@@ -102,33 +50,6 @@ def test_embedder_encodes_normalised_float32_and_similar_text_is_closer(embedder
         Embedder(num_threads=0)
     with pytest.raises(ValueError, match="embedder name"):
         Embedder("")
-
-
-# --------------------------------------------------------------------------- where clauses
-
-
-def test_build_where_quotes_strings_and_rejects_bad_values():
-    assert build_where() is None
-    w = build_where(success=True, phase=2, min_reward=0.5, run_id="o'brien; DROP TABLE x --")
-    assert w == "(success = true) AND (phase = 2) AND (reward >= 0.5) AND (run_id = 'o''brien; DROP TABLE x --')"
-    assert build_where(exclude_run_task=("r", "t'1")) == "(NOT (run_id = 'r' AND task_id = 't''1'))"
-    assert sql_str("a'b") == "'a''b'"
-    for kwargs, field in [
-        ({"success": 1}, "success"),
-        ({"success": "yes"}, "success"),
-        ({"phase": 4}, "phase"),
-        ({"phase": True}, "phase"),
-        ({"phase": "1"}, "phase"),
-        ({"min_reward": float("nan")}, "min_reward"),
-        ({"min_reward": "0.5"}, "min_reward"),
-        ({"split": "test"}, "split"),
-        ({"status": "bad"}, "status"),
-        ({"run_id": ""}, "run_id"),
-        ({"exclude_run_task": ("r",)}, "exclude_run_task"),
-        ({"run_id": "a\x00b"}, "NUL"),
-    ]:
-        with pytest.raises(MemoryFilterError, match=field):
-            build_where(**kwargs)
 
 
 # --------------------------------------------------------------------------- retrieval
@@ -262,6 +183,12 @@ def test_get_round_trips_the_episode_exactly(memory):
     assert got == ep
     assert got.model_dump_json() == ep.model_dump_json()
     assert memory.get("ep-missing") is None
+    other = make_episode("apple")
+    memory.upsert([other])
+    assert memory.get_many([ep.id, "ep-missing", other.id, ep.id]) == {ep.id: ep, other.id: other}
+    assert memory.get_many([]) == {}
+    with pytest.raises(MemoryFilterError, match=r"episode_ids\[1\]"):
+        memory.get_many([ep.id, ""])
     with pytest.raises(MemoryFilterError, match="episode_id"):
         memory.get("")
 
@@ -307,40 +234,13 @@ def test_periodic_optimize_compacts_and_keeps_results(tmp_path, embedder):
         memory.upsert([make_episode(key)])
     before = memory.retrieve("put an apple into the bowl", 2)
     assert memory.table_stats()["fragments"] == 2
-    memory.upsert([make_episode("plate")])  # third commit: optimize runs and compacts
-    # Without optimize there would be 3 fragments; Lance compacts the fragments written after
-    # the FTS index build apart from the indexed one, so one optimize leaves 2.
+    memory.upsert([make_episode("plate")])  # third commit: asks for maintenance, returns at once
+    assert memory.wait_for_maintenance(timeout_s=120)  # the background thread compacts
+    assert memory.maintenance_stats()["runs"] == 1 and memory.maintenance_stats()["errors"] == 0
     assert memory.table_stats()["fragments"] < 3
     after = memory.retrieve("put an apple into the bowl", 2)
     assert [h.episode_id for h in after] == [h.episode_id for h in before]
     assert memory.count() == 3
-
-
-@pytest.mark.slow  # encodes 300 goals: ~5 s idle, ~30 s on a busy 2-core box
-def test_vector_index_is_built_and_later_rows_stay_findable(tmp_path, embedder):
-    memory = EpisodeMemory(str(tmp_path / "mem"), embedder=embedder, vector_index_min_rows=256)
-    objects = ["apple", "cup", "plate", "egg", "spoon", "knife", "bowl", "pan", "towel", "lid"]
-    places = ["bowl", "sink", "fridge", "drawer", "shelf", "table", "oven", "basket", "box", "tray"]
-    verbs = ["put", "move", "place"]
-    eps = [
-        make_episode(f"{v}-{o}-{p}", 0, goal=f"{v} the {o} in the {p}", success=(i % 3 != 0), reward=(i % 10) / 10)
-        for i, (v, o, p) in enumerate((v, o, p) for v in verbs for o in objects for p in places)
-    ]
-    memory.upsert(eps)
-    query = "put the towel in the oven"
-    before = memory.retrieve(query, 3, success=True)
-    stats = memory.optimize()
-    assert stats == {"rows": 300, "duplicates_removed": 0}
-    assert {"goal_idx", "vector_idx"} <= memory.index_names()
-    after = memory.retrieve(query, 3, success=True)
-    assert after[0].goal == before[0].goal == query
-    assert [h.episode_id for h in after] == [h.episode_id for h in before]
-    # A row written after the index build is found (flat search of unindexed rows) and after optimize.
-    memory.upsert([make_episode("late", 0, goal="hang the umbrella on the hook")])
-    assert memory.retrieve("hang up the umbrella", 1)[0].goal == "hang the umbrella on the hook"
-    memory.optimize()
-    assert memory.retrieve("hang up the umbrella", 1)[0].goal == "hang the umbrella on the hook"
-    assert memory.count() == 301
 
 
 # --------------------------------------------------------------------------- failures and concurrency
