@@ -180,6 +180,8 @@ class VLLMEngine:
         self._requests = 0
         self._shm: SharedWeights | None = None
         self._keys = checkpoint_keys(self._path)
+        self._rw: AsyncRWLock | None = None  # created on the engine loop by _start
+        self._load_lock: asyncio.Lock | None = None
         self._loop = LoopThread(f"vllm-{cfg.model}")
         try:
             self._llm = self._loop.call(self._start())
@@ -187,8 +189,6 @@ class VLLMEngine:
             self._loop.stop()
             raise
         self._tok = self._llm.get_tokenizer()
-        self._rw: AsyncRWLock | None = None  # created on the engine loop
-        self._load_lock: asyncio.Lock | None = None
 
     async def _start(self):
         try:
@@ -482,6 +482,8 @@ class VLLMEngine:
                 loop.call(stop(), timeout=60)
             except Exception as e:  # already down
                 logger.debug("AsyncLLM.shutdown: %s", e)
+            llm.shutdown = lambda *a, **k: None  # done: its __del__ at interpreter exit must not run it again
+        del llm
         if loop is not None:
             loop.stop()
         shm, self._shm = getattr(self, "_shm", None), None

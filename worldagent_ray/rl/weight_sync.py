@@ -17,7 +17,10 @@ Guarantees, and how they are kept:
   exclusive side is kept until the load really finishes, so generation can never run on
   half-loaded weights.
 - **No hang.** Every remote call, fetch and load is bounded by ``timeout_s``
-  (``asyncio.wait_for``) and fails with :class:`~worldagent_ray.engines.base.WeightSyncError`.
+  (:func:`~worldagent_ray.engines.aio.bounded`, which unlike ``asyncio.wait_for`` on Python
+  3.11 never swallows a cancellation) and fails with
+  :class:`~worldagent_ray.engines.base.WeightSyncError`; the background loops also stop on a
+  flag, and :meth:`WeightSubscriber.aclose` waits for them at most ``timeout_s``.
 - **No silently stale replica.** :meth:`WeightSubscriber.start` runs one background loop that
   registers (retrying with backoff until it succeeds: a failed ``register`` or first load is
   retried, never fatal), then long-polls the publisher (``wait_newer``: woken the moment a
@@ -41,6 +44,7 @@ from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 from torch import Tensor
 
+from ..engines.aio import bounded
 from ..engines.base import WeightSyncError
 from ..engines.locks import AsyncRWLock
 
@@ -205,6 +209,7 @@ class WeightSubscriber:
         self._lock: AsyncRWLock | asyncio.Lock = lock if lock is not None else AsyncRWLock()
         self._update_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
+        self._closing = False
         self._acked = -1
         self._registered = False
         self._started_at: float | None = None
@@ -266,8 +271,8 @@ class WeightSubscriber:
 
     async def _bounded(self, what: str, aw: Awaitable[T], extra_s: float = 0.0) -> T:
         try:
-            return await asyncio.wait_for(aw, self.timeout_s + extra_s)
-        except asyncio.TimeoutError:
+            return await bounded(aw, self.timeout_s + extra_s)
+        except TimeoutError:
             raise WeightSyncError(
                 f"replica {self.replica_id!r}: {what} timed out after {self.timeout_s + extra_s:.1f}s"
             ) from None
@@ -416,7 +421,7 @@ class WeightSubscriber:
 
     async def _sync_loop(self, poll_s: float) -> None:
         delay = min(0.2, self.retry_max_s)
-        while True:
+        while not self._closing:
             try:
                 if not self._registered:
                     await self.register()
@@ -439,7 +444,7 @@ class WeightSubscriber:
                 delay = min(delay * 2, self.retry_max_s)
 
     async def _heartbeat_loop(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 await self._bounded(
                     "publisher.heartbeat",
@@ -454,6 +459,7 @@ class WeightSubscriber:
     def stop(self) -> None:
         """Cancel the background tasks and unregister (fire-and-forget; safe from sync code
         such as ``__del__``)."""
+        self._closing = True
         for t in self._tasks:
             t.cancel()
         self._tasks = []
@@ -461,13 +467,18 @@ class WeightSubscriber:
             self.publisher.unregister.remote(self.replica_id)
 
     async def aclose(self) -> None:
-        """Like :meth:`stop`, but waits for the tasks to end and for the unregister to land."""
+        """Like :meth:`stop`, but waits (bounded) for the tasks to end and for the unregister
+        to land. The loops also stop on their own flag, so a cancellation lost inside a
+        library call cannot keep them alive."""
+        self._closing = True
         tasks, self._tasks = self._tasks, []
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        if tasks:
+            _, alive = await asyncio.wait(tasks, timeout=self.timeout_s)
+            for t in alive:
+                logger.error("replica %s: background task %s did not stop within %.0fs",
+                             self.replica_id, t.get_name(), self.timeout_s)
         with contextlib.suppress(Exception):
             await self._bounded("publisher.unregister", self.publisher.unregister.remote(self.replica_id))
 

@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 from ray import serve
 
 from ..config import Config, EngineConfig, PartResources
+from ..engines.aio import bounded
 from ..engines.base import EngineError, EngineTimeoutError, InferenceEngine, StaleWeightsError
 from ..engines.locks import AsyncRWLock
 from ..schemas import Completion, SamplingParams
@@ -99,8 +100,9 @@ class EngineDeployment:
         if publisher is not None:
             self._started = asyncio.get_running_loop().time()
             self._connect_task = asyncio.ensure_future(self._connect())
-            # a new replica starts on the current policy when the publisher answers promptly
-            await asyncio.wait({self._connect_task}, timeout=self._sync_timeout_s)
+            # a new replica starts on the current policy when the publisher answers promptly;
+            # otherwise it starts anyway and the subscriber catches up (or reports it stale)
+            await asyncio.wait({self._connect_task}, timeout=min(self._sync_timeout_s, 10.0))
 
     async def _connect(self) -> None:
         """Find the publisher (retrying until it exists), start the subscriber, and try one
@@ -120,7 +122,7 @@ class EngineDeployment:
                 self._connect_error = f"weight publisher {self._publisher!r} not found: {e}"
                 log.warning("replica %s: %s (retrying in %.1fs)", self.replica_id, self._connect_error, delay)
                 await asyncio.sleep(delay)
-                delay = min(2 * delay, 10.0)
+                delay = min(2 * delay, 2.0)
         self._connect_error = None
         model_path = resolve_model(self.cfg.model)
         fetch = collective_fetcher(self.replica_id) if self._sync_method == "collective" else None
@@ -190,11 +192,14 @@ class EngineDeployment:
 def engine_app(cfg: Config, engine_name: str, publisher: str | None = None, namespace: str | None = None):
     """A Serve application for one named engine, placed per ``cfg.resources.engines``; with a
     ``publisher`` it follows the learner's weights per ``cfg.learner`` (``sync_method``,
-    ``sync_timeout_s``)."""
+    ``sync_timeout_s``), and Serve checks its health every quarter of ``sync_timeout_s``
+    (between 1 and 10 s), so a stale replica is replaced soon after it turns stale."""
     if engine_name not in cfg.engines:
         raise ValueError(f"unknown engine {engine_name!r}; defined: {sorted(cfg.engines)}")
     res = cfg.resources.engines.get(engine_name) or PartResources()
     opts = deployment_options(res)
+    if publisher is not None:  # check staleness a few times per sync timeout
+        opts["health_check_period_s"] = max(1.0, min(10.0, cfg.learner.sync_timeout_s / 4))
     return serve.deployment(EngineDeployment).options(**opts).bind(
         cfg.engines[engine_name].model_dump(), engine_name, publisher, namespace,
         sync_timeout_s=cfg.learner.sync_timeout_s, sync_method=cfg.learner.sync_method,
@@ -253,8 +258,8 @@ class RemoteEngine:
             return await response
 
         try:
-            return await asyncio.wait_for(result(), self.timeout_s)
-        except (TimeoutError, asyncio.TimeoutError):
+            return await bounded(result(), self.timeout_s)
+        except TimeoutError:
             raise self._timed_out(response) from None
         except asyncio.CancelledError:
             response.cancel()

@@ -43,6 +43,7 @@ import ray
 import torch
 
 from ..config import LearnerConfig
+from ..engines.aio import bounded
 from ..engines.base import WeightSyncError
 
 logger = logging.getLogger(__name__)
@@ -144,8 +145,8 @@ class WeightPublisherActor:
                         f"weights v{version} not loaded within {timeout_s:.1f}s by {len(lagging)} replica(s): {detail}"
                     )
                 try:  # wake on any ack/registration change, and at least every second for liveness
-                    await asyncio.wait_for(self._cond.wait(), timeout=min(left, 1.0))
-                except asyncio.TimeoutError:
+                    await bounded(self._cond.wait(), min(left, 1.0))
+                except TimeoutError:
                     pass
 
     async def live_replicas(self) -> list[str]:
@@ -200,9 +201,9 @@ class WeightPublisherActor:
         if self._version <= int(version):
             async with self._cond:
                 try:
-                    await asyncio.wait_for(self._cond.wait_for(lambda: self._version > int(version)),
-                                           timeout=max(0.0, float(timeout_s)))
-                except asyncio.TimeoutError:
+                    await bounded(self._cond.wait_for(lambda: self._version > int(version)),
+                                  max(0.0, float(timeout_s)))
+                except TimeoutError:
                     pass
         return await self.announcement(replica_id, version)
 

@@ -428,3 +428,38 @@ def test_remote_image_fetch_times_out_naming_the_uri():
         assert time.monotonic() - t0 < 20
     finally:
         gate.set()
+
+
+# ----------------------------------------------------------------------------- cancellation
+
+
+def test_bounded_delivers_a_cancellation_that_wait_for_swallows():
+    """The root cause of the hang of test_wait_synced_times_out_naming_the_lagging_replica:
+    on Python 3.11 ``asyncio.wait_for`` drops a cancel that lands as its inner call finishes,
+    so a cancelled heartbeat loop kept running and ``aclose()`` awaited it forever. ``bounded``
+    delivers that cancel."""
+    import asyncio
+    import sys
+
+    from worldagent_ray.engines.aio import bounded
+
+    async def race(wrap):
+        fut = asyncio.get_running_loop().create_future()
+
+        async def waiter():
+            return await wrap(fut)
+
+        t = asyncio.ensure_future(waiter())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        fut.set_result("done")
+        t.cancel()  # in the same loop iteration as the result
+        try:
+            return await t
+        except asyncio.CancelledError:
+            return "cancelled"
+
+    assert asyncio.run(race(lambda f: bounded(f, 10))) == "cancelled"
+    swallowed = asyncio.run(race(lambda f: asyncio.wait_for(f, 10)))
+    if sys.version_info[:2] == (3, 11):
+        assert swallowed == "done"  # documents the CPython behaviour bounded() avoids
