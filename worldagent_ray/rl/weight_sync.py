@@ -39,9 +39,11 @@ import asyncio
 import contextlib
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
+import torch
 from torch import Tensor
 
 from ..engines.aio import bounded
@@ -57,6 +59,8 @@ __all__ = [
     "is_lora_payload",
     "load_base_weights",
     "merge_lora",
+    "pack_state_dict",
+    "unpack_state_dict",
 ]
 
 LORA_SCALING_KEY = "__lora_scaling__"
@@ -132,6 +136,40 @@ def load_base_weights(model_path: str) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for f in files:
         out.update(load_file(str(f)))
+    return out
+
+
+# --------------------------------------------------------------------------- wire format
+
+PACKED_KEY = "__worldagent_tensors__"
+
+
+def pack_state_dict(named_tensors: Mapping[str, Tensor]) -> dict[str, Any]:
+    """A state dict as flat ``uint8`` numpy views plus dtypes and shapes.
+
+    Pickled out of band (pickle protocol 5), numpy buffers are written to the Ray object store
+    once and read back in place, with no copy on the receiving side; torch tensors are not
+    (Ray pickles them through ``torch.save`` unless a global zero-copy switch is on). CPU
+    contiguous tensors are viewed, not copied, here.
+    """
+    entries = []
+    for name, t in named_tensors.items():
+        flat = t.detach().to("cpu").contiguous().reshape(-1)
+        entries.append((name, str(flat.dtype).removeprefix("torch."), list(t.shape), flat.view(torch.uint8).numpy()))
+    return {PACKED_KEY: 1, "entries": entries}
+
+
+def unpack_state_dict(payload: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The tensors of a :func:`pack_state_dict` payload (read-only views into its buffers:
+    valid while ``payload`` is referenced, never to be written to), or ``payload`` itself
+    when it is a plain mapping of tensors."""
+    if PACKED_KEY not in payload:
+        return dict(payload)
+    out: dict[str, Tensor] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": we only read them
+        for name, dtype, shape, buf in payload["entries"]:
+            out[name] = torch.from_numpy(buf).view(getattr(torch, dtype)).view(list(shape))
     return out
 
 
@@ -347,6 +385,7 @@ class WeightSubscriber:
     def _full_state_dict(self, payload: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
         if not isinstance(payload, Mapping):
             raise WeightSyncError(f"weight payload must be a mapping of tensors, got {type(payload).__name__}")
+        payload = unpack_state_dict(payload)
         if not is_lora_payload(payload):
             return payload
         if self._base is None:

@@ -9,8 +9,10 @@ The learner's rank 0 calls ONE interface, whatever the transport::
 :func:`make_weight_sender` picks the transport from ``learner.sync_method``:
 
 - ``object_store`` (:class:`ObjectStoreSender`, the default and the CPU path): the state dict
-  is ``ray.put`` once (the caller owns it; the publisher keeps a reference until a newer
-  version replaces it) and announced with ``publish(version, [ref])``.
+  is ``ray.put`` once in a zero-copy wire format (flat numpy views, read in place by the
+  replicas; :func:`~worldagent_ray.rl.weight_sync.pack_state_dict`) and announced with
+  ``publish(version, [ref])`` (the caller owns the object; the publisher keeps a reference
+  until a newer version replaces it). Replicas also accept a plain dict of tensors.
 - ``collective`` (:class:`CollectiveSender`): a fresh ``ray.util.collective`` group per
   version (``learner.backend``: NCCL on GPU, gloo on CPU) made of the sender (rank 0) and the
   replicas that are live when the version is published (ranks 1..N, listed in the
@@ -415,8 +417,11 @@ class ObjectStoreSender:
         self.timeout_s = float(timeout_s)
 
     def _put(self, named_tensors: Mapping[str, torch.Tensor]) -> tuple[Any, float]:
+        """One copy into the object store, in the zero-copy wire format (``pack_state_dict``)."""
+        from ..rl.weight_sync import pack_state_dict
+
         t0 = time.perf_counter()
-        ref = ray.put({k: v.detach().contiguous() for k, v in named_tensors.items()})
+        ref = ray.put(pack_state_dict(named_tensors))
         return ref, time.perf_counter() - t0
 
     def publish(self, version: int, named_tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
