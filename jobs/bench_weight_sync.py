@@ -89,8 +89,10 @@ def main() -> None:
             info = sender.publish(version, tensors)
             synced = sender.wait_synced(version, cfg.learner.sync_timeout_s)
             dt = time.perf_counter() - t0
-            served = {handle.info.remote().result(timeout_s=60)["weights_version"]
-                      for _ in range(2 * args.replicas)}
+            infos = [handle.info.remote().result(timeout_s=60) for _ in range(2 * args.replicas)]
+            served = {i["weights_version"] for i in infos}
+            info.update({f"replica_{k}": v for k, v in (infos[0].get("last_load") or {}).items() if k != "bytes"})
+            info["replica_subscriber_s"] = infos[0]["subscriber"]["last_load_s"]
             if set(synced.values()) != {version} or served != {version}:
                 raise SystemExit(f"v{version}: replicas report {synced}, serve {served}")
             if version > 1:

@@ -72,15 +72,17 @@ class WeightReloadExtension:
     ``worldagent_ray.engines.vllm_engine.WeightReloadExtension``.
     """
 
-    def worldagent_reload_shm(self, path: str, entries: list, size: int) -> int:
-        """Reload every weight in place from a :class:`SharedWeights` file; return the count."""
+    def worldagent_reload_shm(self, path: str, entries: list, size: int) -> float:
+        """Reload every weight in place from a :class:`SharedWeights` file; return the seconds
+        the reload took inside the worker."""
         from vllm.config import set_current_vllm_config
 
+        t0 = time.perf_counter()
         with set_current_vllm_config(self.vllm_config):  # type: ignore[attr-defined]
             self.model_runner.reload_weights(  # type: ignore[attr-defined]
                 weights_iterator=read_shared_weights(path, entries, size), is_checkpoint_format=True
             )
-        return len(entries)
+        return time.perf_counter() - t0
 
 
 def apply_cpu_env(cfg: EngineConfig, environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -178,6 +180,7 @@ class VLLMEngine:
                 logger.info("vLLM-CPU environment: %s", applied)
         self._steps = _StepCounter()
         self._requests = 0
+        self.last_load: dict[str, float] = {}
         self._shm: SharedWeights | None = None
         self._keys = checkpoint_keys(self._path)
         self._rw: AsyncRWLock | None = None  # created on the engine loop by _start
@@ -457,16 +460,21 @@ class VLLMEngine:
             entries, size = await asyncio.to_thread(self._shm.write, payload, self._target_dtype())
             del payload
             t_copy = time.perf_counter() - t0
+            t1 = time.perf_counter()
             async with self._rw.write():  # pause new requests, drain the ones in flight
-                t1 = time.perf_counter()
+                t2 = time.perf_counter()
                 try:
-                    await self._llm.collective_rpc("worldagent_reload_shm", args=(self._shm.path, entries, size))
+                    [reload_s] = await self._llm.collective_rpc(
+                        "worldagent_reload_shm", args=(self._shm.path, entries, size))
                     await self._llm.reset_prefix_cache()
                 except Exception as e:
                     raise WeightSyncError(f"vLLM failed to reload weights version {version}: {e}") from e
                 self._version = version
-            logger.info("vLLM weights -> v%d: copy %.3f s, paused %.3f s (%d tensors, %.0f MB)",
-                        version, t_copy, time.perf_counter() - t1, len(entries), size / 2**20)
+            t3 = time.perf_counter()
+            self.last_load = {"copy_s": t_copy, "drain_s": t2 - t1, "paused_s": t3 - t2,
+                              "worker_reload_s": float(reload_s), "bytes": float(size)}
+            logger.info("vLLM weights -> v%d: copy %.3f s, drain %.3f s, paused %.3f s (worker reload %.3f s), "
+                        "%d tensors, %.0f MB", version, t_copy, t2 - t1, t3 - t2, reload_s, len(entries), size / 2**20)
             return self._version
 
     def shutdown(self) -> None:

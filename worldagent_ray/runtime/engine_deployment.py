@@ -176,7 +176,8 @@ class EngineDeployment:
         sub = self.subscriber.status() if self.subscriber is not None else None
         return {"engine": self.name, "model": self.engine.model_name, "backend": type(self.engine).__name__,
                 "weights_version": self.engine.weights_version, "replica": self.replica_id,
-                "stats": self.engine.stats(), "subscriber": sub, "stale": self.stale_reason()}
+                "stats": self.engine.stats(), "last_load": getattr(self.engine, "last_load", None),
+                "subscriber": sub, "stale": self.stale_reason()}
 
     def __del__(self):  # release vLLM's process and shared memory when Serve tears the replica down
         try:
