@@ -208,6 +208,11 @@ class TransformersEngine:
     def tokenizer(self) -> Any:
         return self._tok
 
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        """The dtype the engine holds its weights in (loads are cast to it)."""
+        return self._dtype
+
     def stats(self) -> dict[str, int]:
         """Micro-batching counters (see :meth:`MicroBatcher.stats`)."""
         return self._batcher.stats()

@@ -255,6 +255,11 @@ class VLLMEngine:
     def tokenizer(self) -> Any:
         return self._tok
 
+    @property
+    def weights_dtype(self) -> torch.dtype | None:
+        """The dtype the engine holds its weights in (loads are cast to it)."""
+        return self._target_dtype()
+
     def stats(self) -> dict[str, int]:
         """Batching counters: ``requests`` sent to vLLM, engine ``steps`` that ran requests,
         ``batched_steps`` that served more than one, and ``max_running`` (the most requests

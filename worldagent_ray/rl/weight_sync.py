@@ -437,9 +437,11 @@ class WeightSubscriber:
     async def register(self) -> bool:
         """Register with the publisher and load its latest version now (a new replica starts
         on the current policy). Returns True if weights were loaded."""
+        dtype = getattr(self.engine, "weights_dtype", None)
         await self._bounded(
             "publisher.register",
-            self.publisher.register.remote(self.replica_id, int(self.engine.weights_version)),
+            self.publisher.register.remote(self.replica_id, int(self.engine.weights_version),
+                                           str(dtype).removeprefix("torch.") if dtype is not None else None),
         )
         self._registered = True
         return await self.maybe_update()

@@ -69,6 +69,7 @@ class _Replica:
     acked: int
     last_seen: float
     registered_at: float = field(default_factory=time.monotonic)
+    dtype: str | None = None  # the dtype its engine holds weights in
 
 
 class WeightPublisherActor:
@@ -155,13 +156,22 @@ class WeightPublisherActor:
         """Ids of the live registered replicas (sorted)."""
         return sorted(self._live())
 
+    async def wire_dtype(self) -> str | None:
+        """The dtype every live replica holds its weights in, or None when they differ or
+        are unknown: a sender may cast floating tensors to it before sending (each engine
+        would cast them on load anyway), halving the bytes for float32 learners."""
+        dtypes = {r.dtype for r in self._live().values()}
+        return dtypes.pop() if len(dtypes) == 1 else None
+
     # ------------------------------------------------------------------ replica side
 
-    async def register(self, replica_id: str, version: int = 0) -> tuple[int, list[Any]]:
-        """Register (or re-register) a replica running ``version``; returns :meth:`latest`."""
+    async def register(self, replica_id: str, version: int = 0, dtype: str | None = None) -> tuple[int, list[Any]]:
+        """Register (or re-register) a replica running ``version`` with weights in ``dtype``;
+        returns :meth:`latest`."""
         now = time.monotonic()
         prev = self._replicas.get(replica_id)
-        self._replicas[replica_id] = _Replica(acked=max(int(version), prev.acked if prev else -1), last_seen=now)
+        self._replicas[replica_id] = _Replica(acked=max(int(version), prev.acked if prev else -1), last_seen=now,
+                                              dtype=dtype)
         await self._notify()
         return self._version, list(self._refs)
 
@@ -416,6 +426,21 @@ class ObjectStoreSender:
         self.publisher = publisher
         self.timeout_s = float(timeout_s)
 
+    def _wire(self, named_tensors: Mapping[str, torch.Tensor]) -> tuple[Mapping[str, torch.Tensor], float]:
+        """The tensors as they travel: floating full-model tensors cast to the replicas'
+        common dtype (:meth:`WeightPublisherActor.wire_dtype`); LoRA payloads as they are
+        (the adapters are merged in float32 on the replica)."""
+        from ..rl.weight_sync import is_lora_payload
+
+        t0 = time.perf_counter()
+        name = ray.get(self.publisher.wire_dtype.remote(), timeout=self.timeout_s)
+        dtype = getattr(torch, name, None) if name else None
+        if not isinstance(dtype, torch.dtype) or is_lora_payload(named_tensors):
+            return named_tensors, 0.0
+        out = {k: (v.detach().to(dtype) if v.is_floating_point() and v.dtype != dtype else v)
+               for k, v in named_tensors.items()}
+        return out, time.perf_counter() - t0
+
     def _put(self, named_tensors: Mapping[str, torch.Tensor]) -> tuple[Any, float]:
         """One copy into the object store, in the zero-copy wire format (``pack_state_dict``)."""
         from ..rl.weight_sync import pack_state_dict
@@ -425,9 +450,10 @@ class ObjectStoreSender:
         return ref, time.perf_counter() - t0
 
     def publish(self, version: int, named_tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        ref, put_s = self._put(named_tensors)
+        wire, cast_s = self._wire(named_tensors)
+        ref, put_s = self._put(wire)
         ray.get(self.publisher.publish.remote(int(version), [ref]), timeout=self.timeout_s)
-        return {"bytes": float(_nbytes(named_tensors)), "put_s": put_s}
+        return {"bytes": float(_nbytes(wire)), "cast_s": cast_s, "put_s": put_s}
 
     def wait_synced(self, version: int, timeout_s: float) -> dict[str, int]:
         # the actor bounds its own wait; the margin only covers the call itself
