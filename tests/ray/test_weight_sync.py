@@ -506,7 +506,8 @@ def test_sender_interface_reaches_every_replica(method, model_path):
     weights. With ``collective`` the tensors are broadcast (gloo) to the replicas that were
     live at publish time; a replica started later loads the object-store fallback copy."""
     name = f"pub-{method}-{uuid.uuid4().hex[:6]}"
-    create_publisher_actor(name)
+    publisher = create_publisher_actor(name)  # keep the handle: the actor lives while it is referenced
+    ray.get(publisher.latest.remote(), timeout=60)
     collective = method == "collective"
     replicas = [_Replica.remote(f"{method}-r{i}", name, collective) for i in range(2)]
     learner = _Learner.remote(name, method)
