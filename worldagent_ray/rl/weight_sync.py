@@ -250,6 +250,7 @@ class WeightSubscriber:
         self._closing = False
         self._acked = -1
         self._registered = False
+        self._created_at = time.monotonic()
         self._started_at: float | None = None
         self._known_latest = 0
         self._behind_since: float | None = None
@@ -287,9 +288,10 @@ class WeightSubscriber:
     def stale_reason(self) -> str | None:
         """Why this replica must not be trusted to serve the current policy, or None.
 
-        Stale means: a newer version has been published for more than ``stale_after_s`` and
-        this replica still serves an older one, or the background loop has not reached the
-        publisher for more than ``stale_after_s`` since it started.
+        Stale means: a newer version has been published for more than ``stale_after_s`` (or,
+        for a replica started after that publish, since its start) and this replica still
+        serves an older one, or the background loop has not reached the publisher for more
+        than ``stale_after_s`` since it started.
         """
         if self.stale_after_s is None or self._started_at is None:
             return None
@@ -343,9 +345,10 @@ class WeightSubscriber:
         if version > self._known_latest:
             self._known_latest = version
         if int(self.engine.weights_version) < self._known_latest:
-            if self._behind_since is None:
+            if self._behind_since is None:  # since the publish, or since this subscriber exists
                 ago = ann.get("published_ago_s") or 0.0
-                self._behind_since = time.monotonic() - float(ago)
+                since = time.monotonic() - float(ago)
+                self._behind_since = max(since, self._created_at)
         else:
             self._behind_since = None
 

@@ -184,6 +184,9 @@ def test_load_is_atomic_while_requests_are_in_flight(engine):
         while engine._llm.get_num_unfinished_requests() == 0:
             await asyncio.sleep(0.01)  # the first requests are decoding
         load = asyncio.ensure_future(engine.aload_weights(silenced, v_new))
+        # the load first copies into shared memory while generation goes on; then it pauses
+        while not (engine._rw.writer_waiting or engine._rw.writing or load.done()):
+            await asyncio.sleep(0.005)
         after = [asyncio.ensure_future(engine.agenerate([_chat(g)], greedy)) for g in GOALS]
         assert await load == v_new
         outs = await asyncio.gather(*before, *after)
