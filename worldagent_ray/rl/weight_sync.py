@@ -484,8 +484,26 @@ class WeightSubscriber:
                 self.last_error = f"{type(e).__name__}: {e}"
                 logger.error("replica %s weight sync failed (retrying in %.1fs): %s",
                              self.replica_id, delay, self.last_error)
-                await asyncio.sleep(delay)
+                await self._backoff(delay)
                 delay = min(delay * 2, self.retry_max_s)
+
+    async def _backoff(self, delay: float) -> None:
+        """Wait ``delay`` before retrying, but wake at once if a version newer than the one
+        that failed is published (it may fix what failed)."""
+        if not self._registered:
+            await asyncio.sleep(delay)
+            return
+        try:
+            await self._bounded(
+                "publisher.wait_newer",
+                self.publisher.wait_newer.remote(self.replica_id, self._known_latest, delay,
+                                                 int(self.engine.weights_version)),
+                extra_s=delay,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            await asyncio.sleep(delay)
 
     async def _heartbeat_loop(self) -> None:
         while not self._closing:

@@ -205,11 +205,14 @@ class WeightPublisherActor:
         return {"version": self._version, "refs": list(self._refs), "collective": self._collective,
                 "published_ago_s": ago}
 
-    async def wait_newer(self, replica_id: str, version: int, timeout_s: float) -> dict[str, Any]:
+    async def wait_newer(self, replica_id: str, version: int, timeout_s: float,
+                         serving: int | None = None) -> dict[str, Any]:
         """Long poll: return :meth:`announcement` as soon as a version newer than ``version``
         is published, or after ``timeout_s`` (then with the current one). Doubles as the
-        replica's heartbeat."""
-        await self.heartbeat(replica_id, version)
+        replica's heartbeat, reporting ``serving`` (default: ``version``) as the version it
+        serves."""
+        serving = int(version) if serving is None else int(serving)
+        await self.heartbeat(replica_id, serving)
         if self._version <= int(version):
             async with self._cond:
                 try:
@@ -217,7 +220,7 @@ class WeightPublisherActor:
                                   max(0.0, float(timeout_s)))
                 except TimeoutError:
                     pass
-        return await self.announcement(replica_id, version)
+        return await self.announcement(replica_id, serving)
 
     async def ack(self, replica_id: str, version: int) -> None:
         """A replica now serves ``version`` (an unknown replica is registered by its ack)."""
