@@ -17,7 +17,7 @@ import torch
 from ray import serve
 
 from worldagent_ray.config import load_config
-from worldagent_ray.engines.base import StaleWeightsError, WeightSyncError
+from worldagent_ray.engines.base import EngineTimeoutError, StaleWeightsError, WeightSyncError
 from worldagent_ray.models import resolve_model
 from worldagent_ray.rl.weight_sync import load_base_weights
 from worldagent_ray.runtime.engine_deployment import RemoteEngine, engine_app, engine_call_timeout_s
@@ -77,6 +77,24 @@ def _one(handle):
 def test_engine_call_timeout_is_shorter_than_the_stage_timeout():
     assert engine_call_timeout_s(600) == 480 and engine_call_timeout_s(0.5) == 1.0
     assert RemoteEngine.for_stage(None, "m", 100).timeout_s == 80
+
+
+def test_remote_engine_timeout_aborts_the_request_in_the_replica():
+    """A call that times out is cancelled: its rows, queued behind a long batch, never run."""
+    handle = serve.run(engine_app(_cfg(60), "policy"), name="engine-abort", route_prefix=None)
+    stats = lambda: handle.info.remote().result(timeout_s=60)["stats"]  # noqa: E731
+    before = stats()
+    long = handle.generate.remote([PROMPT], SamplingParams(temperature=0.0, max_tokens=1500))
+    _until(lambda: stats()["running_rows"] >= 1, 60, "the long request is running")
+    remote = RemoteEngine(handle, "tiny-random-llama", timeout_s=1.0)
+    with pytest.raises(EngineTimeoutError, match=r"did not answer within 1s; the request was aborted"):
+        remote.generate([PROMPT], GREEDY)
+    _until(lambda: stats()["pending"] == 0, 60, "the abandoned request left the queue")
+    [[c]] = long.result(timeout_s=300)
+    assert len(c.token_ids) == 1500  # it was still running when the short call timed out
+    after = stats()
+    assert after["requests"] - before["requests"] == 1  # only the long request ever ran
+    serve.delete("engine-abort")
 
 
 def test_concurrent_generates_and_atomic_loads_through_one_replica(base):

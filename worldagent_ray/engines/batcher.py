@@ -63,6 +63,7 @@ class MicroBatcher(Generic[R, D]):
         self.requests = 0
         self.max_batch_rows = 0
         self.max_batch_requests = 0
+        self.running_rows = 0
         self._thread = threading.Thread(target=self._worker, name=name, daemon=True)
         self._thread.start()
 
@@ -82,10 +83,11 @@ class MicroBatcher(Generic[R, D]):
             return len(self._queue)
 
     def stats(self) -> dict[str, int]:
-        """``batches`` run, ``requests`` and ``rows`` served, and the most rows and requests
-        one batch gathered."""
+        """``batches`` run, ``requests`` and ``rows`` served, the most rows and requests one
+        batch gathered, and now: ``pending`` requests and ``running_rows``."""
         return {"batches": self.batches, "requests": self.requests, "rows": self.rows,
-                "max_batch_rows": self.max_batch_rows, "max_batch_requests": self.max_batch_requests}
+                "max_batch_rows": self.max_batch_rows, "max_batch_requests": self.max_batch_requests,
+                "pending": self.pending(), "running_rows": self.running_rows}
 
     def _take(self) -> list[_Request[R]]:
         """The next batch: the oldest live request and the compatible ones behind it."""
@@ -120,6 +122,7 @@ class MicroBatcher(Generic[R, D]):
 
     def _run_batch(self, batch: list[_Request[R]]) -> None:
         rows = [r for req in batch for r in req.rows]
+        self.running_rows = len(rows)
         try:
             results: list[Any] = self._run(batch[0].key, rows)
             if len(results) != len(rows):
@@ -128,6 +131,8 @@ class MicroBatcher(Generic[R, D]):
             for req in batch:
                 req.future.set_exception(e)
             return
+        finally:
+            self.running_rows = 0
         self.batches += 1
         self.requests += len(batch)
         self.rows += len(rows)

@@ -263,9 +263,11 @@ class VLLMEngine:
     def stats(self) -> dict[str, int]:
         """Batching counters: ``requests`` sent to vLLM, engine ``steps`` that ran requests,
         ``batched_steps`` that served more than one, and ``max_running`` (the most requests
-        one step served)."""
+        one step served), and ``unfinished`` requests now."""
+        llm = self._llm
         return {"requests": self._requests, "steps": self._steps.steps,
-                "batched_steps": self._steps.batched_steps, "max_running": self._steps.max_running}
+                "batched_steps": self._steps.batched_steps, "max_running": self._steps.max_running,
+                "unfinished": llm.get_num_unfinished_requests() if llm is not None else 0}
 
     def _encode(self, prompt: Prompt, index: int) -> tuple[dict[str, Any], int]:
         """The vLLM prompt for one of ours, and its (text) token count."""
