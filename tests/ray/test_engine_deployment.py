@@ -91,7 +91,7 @@ def test_remote_engine_timeout_aborts_the_request_in_the_replica():
         remote.generate([PROMPT], GREEDY)
     _until(lambda: stats()["pending"] == 0, 60, "the abandoned request left the queue")
     [[c]] = long.result(timeout_s=300)
-    assert len(c.token_ids) == 1500  # it was still running when the short call timed out
+    assert len(c.token_ids) == 1500  # no early EOS: it ran to the end
     after = stats()
     assert after["requests"] - before["requests"] == 1  # only the long request ever ran
     serve.delete("engine-abort")
