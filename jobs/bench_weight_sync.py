@@ -9,7 +9,9 @@ version) through the sender the learner uses (``make_weight_sender(cfg.learner, 
 Each measured sync is timed from the learner's ``sender.publish(version, tensors)`` call to
 ``sender.wait_synced(version)`` returning, i.e. until every replica serves the new version;
 after each, the replica is asked which version it serves and must answer the new one. One
-warm-up publish is not counted. Replicas serve no traffic meanwhile (the figure is the sync
+warm-up publish is not counted. ``bytes`` is what travels through the object store: the
+sender casts floating tensors to the replicas' weights dtype (bfloat16 for the local-cpu
+vLLM engine) first, as every engine would on load. Replicas serve no traffic meanwhile (the figure is the sync
 itself; under load a load also waits for the generations in flight to drain). Prints each
 sync's breakdown and ends with one line::
 
@@ -102,8 +104,9 @@ def main() -> None:
                   + "  ".join(f"{k}={v:.3f}" for k, v in info.items() if k != "bytes"))
         nbytes = int(rows[-1][2]["bytes"])
         sub = handle.info.remote().result(timeout_s=60)["subscriber"]
-        print(f"\n{len(times)} syncs of {nbytes / 2**20:.0f} MB ({args.payload_dtype}) to {args.replicas} replica(s) "
-              f"via {args.method}; replica's last load {sub['last_load_s']:.3f}s")
+        print(f"\n{len(times)} syncs to {args.replicas} replica(s) via {args.method}: the learner hands over "
+              f"{args.payload_dtype} tensors, {nbytes / 2**20:.0f} MB travel (cast to the replicas' weights dtype); "
+              f"replica's last load {sub['last_load_s']:.3f}s")
         print(f"RESULT sync_p50_s={statistics.median(times):.3f} sync_p95_s={percentile(times, 95):.3f} bytes={nbytes}")
     finally:
         try:
