@@ -1,8 +1,17 @@
 """Weight sync: the WeightPublisher actor, the engine-side WeightSubscriber (pause -> load ->
-resume, timeouts, LoRA merge, liveness), and the collective broadcast path on gloo.
+resume, timeouts, LoRA merge, liveness, long polls, retries after a failed first load,
+staleness reports), the sender interface the learner calls (object store and collective, with
+the object-store fallback for a replica outside the broadcast group), and the collective
+broadcast path on gloo.
 
 Real Ray (local), a real TransformersEngine on tiny-random-llama. The only test doubles are
-engine wrappers that inject a delay or a non-atomic load into ``load_weights``.
+engine wrappers that inject a delay or a non-atomic load into ``load_weights``, and payloads
+missing a tensor (refused by the engine).
+
+``test_wait_synced_times_out_naming_the_lagging_replica`` once hung for 300 s in the full
+suite: ``asyncio.wait_for`` on Python 3.11 swallows a cancellation that lands as its inner
+call completes, so the subscriber's cancelled heartbeat loop kept running and ``aclose()``
+awaited it forever (see ``worldagent_ray/engines/aio.py``).
 """
 
 from __future__ import annotations
