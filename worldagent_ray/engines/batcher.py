@@ -118,7 +118,7 @@ class MicroBatcher(Generic[R, D]):
                 with self._cond:
                     batch = self._take()
                 if batch:
-                    self._run_batch(batch)
+                    self._run_batch(batch)  # never raises: failures go to the batch's futures
 
     def _run_batch(self, batch: list[_Request[R]]) -> None:
         rows = [r for req in batch for r in req.rows]
