@@ -399,8 +399,10 @@ class WeightSender(Protocol):
     """What the learner's rank 0 calls to push weights (see :func:`make_weight_sender`)."""
 
     def publish(self, version: int, named_tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """Announce ``version`` and hand its tensors to the transport; returns ``bytes`` and
-        timings in seconds. Does not wait for the replicas (see :meth:`wait_synced`)."""
+        """Announce ``version`` and hand its tensors to the transport. First waits until the
+        previously published version is served everywhere (at most one sync in flight), but
+        not for this one (see :meth:`wait_synced`). Returns metrics: ``sync_s`` (this call),
+        ``published_version``, ``bytes`` sent, and the parts (``wait_previous_s``, ``put_s``...)."""
         ...
 
     def wait_synced(self, version: int, timeout_s: float) -> dict[str, int]:
@@ -428,6 +430,16 @@ class ObjectStoreSender:
     def __init__(self, publisher: Any, timeout_s: float = 120.0):
         self.publisher = publisher
         self.timeout_s = float(timeout_s)
+        self.last_published: int | None = None
+
+    def _one_in_flight(self) -> float:
+        """Wait until the previously published version is served everywhere (at most one sync
+        in flight: a replica that stops loading fails the learner loudly, ``WeightSyncError``,
+        instead of falling ever further behind). Returns the seconds waited."""
+        t0 = time.perf_counter()
+        if self.last_published is not None:
+            self.wait_synced(self.last_published, self.timeout_s)
+        return time.perf_counter() - t0
 
     def _wire(self, named_tensors: Mapping[str, torch.Tensor]) -> tuple[Mapping[str, torch.Tensor], float]:
         """The tensors as they travel: floating full-model tensors cast to the replicas'
@@ -453,10 +465,14 @@ class ObjectStoreSender:
         return ref, time.perf_counter() - t0
 
     def publish(self, version: int, named_tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        t0 = time.perf_counter()
+        waited = self._one_in_flight()
         wire, cast_s = self._wire(named_tensors)
         ref, put_s = self._put(wire)
         ray.get(self.publisher.publish.remote(int(version), [ref]), timeout=self.timeout_s)
-        return {"bytes": float(_nbytes(wire)), "cast_s": cast_s, "put_s": put_s}
+        self.last_published = int(version)
+        return {"sync_s": time.perf_counter() - t0, "published_version": float(version), "bytes": float(_nbytes(wire)),
+                "wait_previous_s": waited, "cast_s": cast_s, "put_s": put_s}
 
     def wait_synced(self, version: int, timeout_s: float) -> dict[str, int]:
         # the actor bounds its own wait; the margin only covers the call itself
@@ -494,6 +510,8 @@ class CollectiveSender(ObjectStoreSender):
 
     def publish(self, version: int, named_tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
         version = int(version)
+        t_start = time.perf_counter()
+        waited = self._one_in_flight()
         replicas = ray.get(self.publisher.live_replicas.remote(), timeout=self.timeout_s)
         refs, put_s = [], 0.0
         if self.fallback or not replicas:
@@ -501,7 +519,10 @@ class CollectiveSender(ObjectStoreSender):
             refs = [ref]
         if not replicas:  # nobody to broadcast to: the object-store copy is the payload
             ray.get(self.publisher.publish.remote(version, refs), timeout=self.timeout_s)
-            return {"bytes": float(_nbytes(named_tensors)), "put_s": put_s, "broadcast_s": 0.0}
+            self.last_published = version
+            return {"sync_s": time.perf_counter() - t_start, "published_version": float(version),
+                    "bytes": float(_nbytes(named_tensors)), "wait_previous_s": waited, "put_s": put_s,
+                    "broadcast_s": 0.0}
         ranks = {rid: i + 1 for i, rid in enumerate(replicas)}
         group = f"{self.prefix}-v{version}"
         manifest = tensor_manifest(named_tensors)
@@ -524,7 +545,10 @@ class CollectiveSender(ObjectStoreSender):
                 sync.destroy()
             except Exception as e:  # a failed setup leaves nothing to destroy
                 logger.debug("destroy %s: %s", group, e)
-        return {"bytes": float(_nbytes(named_tensors)), "put_s": put_s, "broadcast_s": time.perf_counter() - t0}
+        self.last_published = version
+        return {"sync_s": time.perf_counter() - t_start, "published_version": float(version),
+                "bytes": float(_nbytes(named_tensors)), "wait_previous_s": waited, "put_s": put_s,
+                "broadcast_s": time.perf_counter() - t0}
 
 
 def make_weight_sender(cfg: LearnerConfig, publisher: Any) -> WeightSender:
