@@ -101,7 +101,7 @@ def main() -> None:
                 times.append(dt)
             rows.append((version, dt, info))
             print(f"v{version:<3} {'(warm-up) ' if version == 1 else ''}sync {dt:.3f}s  "
-                  + "  ".join(f"{k}={v:.3f}" for k, v in info.items() if k != "bytes"))
+                  + "  ".join(f"{k}={v:.3f}" for k, v in info.items() if k.endswith("_s") and k != "sync_s"))
         nbytes = int(rows[-1][2]["bytes"])
         sub = handle.info.remote().result(timeout_s=60)["subscriber"]
         print(f"\n{len(times)} syncs to {args.replicas} replica(s) via {args.method}: the learner hands over "
