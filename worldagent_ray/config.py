@@ -75,6 +75,13 @@ class EngineConfig(_Section):
     startup_timeout_s: float = Field(
         default=600.0, gt=0, description="How long a replica may take to load its model before deploy fails."
     )
+    max_image_pixels: int = Field(
+        default=4096 * 4096, ge=1,
+        description="Prompt images with more pixels than this are refused (checked from the header, before decoding).",
+    )
+    image_fetch_timeout_s: float = Field(
+        default=30.0, gt=0, description="Most time to fetch one remote prompt image (s3://, http(s)://...)."
+    )
 
 
 # --------------------------------------------------------------------------- agents

@@ -1,8 +1,17 @@
 """Weight sync: the WeightPublisher actor, the engine-side WeightSubscriber (pause -> load ->
-resume, timeouts, LoRA merge, liveness), and the collective broadcast path on gloo.
+resume, timeouts, LoRA merge, liveness, long polls, retries after a failed first load,
+staleness reports), the sender interface the learner calls (object store and collective, with
+the object-store fallback for a replica outside the broadcast group), and the collective
+broadcast path on gloo.
 
 Real Ray (local), a real TransformersEngine on tiny-random-llama. The only test doubles are
-engine wrappers that inject a delay or a non-atomic load into ``load_weights``.
+engine wrappers that inject a delay or a non-atomic load into ``load_weights``, and payloads
+missing a tensor (refused by the engine).
+
+``test_wait_synced_times_out_naming_the_lagging_replica`` once hung for 300 s in the full
+suite: ``asyncio.wait_for`` on Python 3.11 swallows a cancellation that lands as its inner
+call completes, so the subscriber's cancelled heartbeat loop kept running and ``aclose()``
+awaited it forever (see ``worldagent_ray/engines/aio.py``).
 """
 
 from __future__ import annotations
@@ -392,3 +401,137 @@ def test_collective_sync_rejects_bad_roles():
     s = NcclBroadcastSync("g", 2, 1, backend="gloo")
     with pytest.raises(WeightSyncError, match="not set up"):
         s.receive([])
+
+
+# --------------------------------------------------------------------------- staleness and retries
+
+
+def test_failed_first_load_keeps_retrying_and_reports_staleness(engine, publisher, model_path):
+    """A replica whose first load fails still starts: its loop retries with backoff, the
+    publisher sees the version it really serves (heartbeats), the replica reports itself stale
+    after ``stale_after_s``, and it recovers when good weights are published."""
+
+    async def scenario():
+        v_old = engine.weights_version
+        broken = {k: v for k, v in list(load_base_weights(model_path).items())[1:]}  # refused by the engine
+        ray.get(publisher.publish.remote(v_old + 1, [ray.put(broken)]))
+        sub = WeightSubscriber(engine, publisher, "replica-retry", timeout_s=30, heartbeat_s=0.2,
+                               stale_after_s=1.0, retry_max_s=0.5)
+        with pytest.raises(WeightSyncError, match="missing"):
+            await sub.register()
+        sub.start(poll_s=0.5)
+        try:
+            assert sub.stale_reason() is None  # not yet past the limit
+            reason = None
+            for _ in range(300):  # bounded poll of a condition, not a timing margin
+                reason = sub.stale_reason()
+                if reason:
+                    break
+                await asyncio.sleep(0.05)
+            assert reason and f"serves weights v{v_old} but v{v_old + 1} was published" in reason
+            assert "missing" in reason and sub.status()["last_error"]
+            status = await call(publisher.status.remote())
+            assert status["replicas"]["replica-retry"]["acked"] == v_old
+            assert status["replicas"]["replica-retry"]["behind"] == 1
+            good = perturbed(engine, seed=9, scale=0.05)
+            ray.get(publisher.publish.remote(v_old + 2, [ray.put(good)]))
+            acked = await call(publisher.wait_synced.remote(v_old + 2, 30.0))
+            assert acked == {"replica-retry": v_old + 2} and sub.stale_reason() is None
+        finally:
+            await sub.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_long_poll_wakes_on_publish(publisher):
+    """``wait_newer`` returns as soon as a newer version is published (it does not sleep out
+    its timeout), and doubles as the replica's heartbeat."""
+
+    async def scenario():
+        ray.get(publisher.register.remote("replica-lp", 0))
+        waiting = asyncio.ensure_future(call(publisher.wait_newer.remote("replica-lp", 0, 60.0)))
+        await asyncio.sleep(0)
+        ray.get(publisher.publish.remote(1, [ray.put({"w": torch.ones(1)})]))
+        ann = await asyncio.wait_for(waiting, 30)  # far below the 60 s poll window
+        assert ann["version"] == 1 and len(ann["refs"]) == 1 and ann["collective"] is None
+        ann = await call(publisher.wait_newer.remote("replica-lp", 1, 0.2))  # nothing newer: times out
+        assert ann["version"] == 1
+
+    asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------- the sender interface
+
+
+@ray.remote(num_cpus=0)
+class _Replica:
+    """An engine replica outside Serve: a TransformersEngine plus its subscriber."""
+
+    def __init__(self, replica_id: str, publisher_name: str, collective: bool):
+        from worldagent_ray.engines.hf import TransformersEngine
+        from worldagent_ray.runtime.weight_publisher import collective_fetcher
+
+        self.engine = TransformersEngine(EngineConfig(model="tiny-random-llama", backend="transformers",
+                                                      dtype="float32"))
+        pub = ray.get_actor(publisher_name)
+        self.sub = WeightSubscriber(self.engine, pub, replica_id, timeout_s=60,
+                                    fetch=collective_fetcher(replica_id) if collective else None)
+
+    async def start(self) -> bool:
+        await self.sub.register()
+        self.sub.start(poll_s=1.0)
+        return True
+
+    async def state(self) -> tuple[int, float]:
+        w = self.engine._model.state_dict()["model.norm.weight"]
+        return self.engine.weights_version, float(w.double().sum())
+
+    async def close(self) -> None:
+        await self.sub.aclose()
+
+
+@ray.remote(num_cpus=0)
+class _Learner:
+    """The learner's rank 0: only the sender interface."""
+
+    def __init__(self, publisher_name: str, method: str):
+        from worldagent_ray.runtime.weight_publisher import make_weight_sender
+
+        self.sender = make_weight_sender(LearnerConfig(sync_method=method, backend="gloo", sync_timeout_s=60),
+                                         ray.get_actor(publisher_name))
+
+    def push(self, version: int, model_path: str, bump: float) -> tuple[dict, float]:
+        tensors = load_base_weights(model_path)
+        tensors["model.norm.weight"] = tensors["model.norm.weight"] + bump
+        info = self.sender.publish(version, tensors)
+        synced = self.sender.wait_synced(version, 60)
+        return {"info": info, "synced": synced}, float(tensors["model.norm.weight"].double().sum())
+
+
+@pytest.mark.parametrize("method", ["collective", "object_store"])
+def test_sender_interface_reaches_every_replica(method, model_path):
+    """``make_weight_sender(cfg.learner, publisher)`` for both ``sync_method``\\ s: after
+    ``publish`` + ``wait_synced`` every replica serves the version with exactly the sent
+    weights. With ``collective`` the tensors are broadcast (gloo) to the replicas that were
+    live at publish time; a replica started later loads the object-store fallback copy."""
+    name = f"pub-{method}-{uuid.uuid4().hex[:6]}"
+    publisher = create_publisher_actor(name)  # keep the handle: the actor lives while it is referenced
+    ray.get(publisher.latest.remote(), timeout=60)
+    collective = method == "collective"
+    replicas = [_Replica.remote(f"{method}-r{i}", name, collective) for i in range(2)]
+    learner = _Learner.remote(name, method)
+    try:
+        assert ray.get([r.start.remote() for r in replicas], timeout=120) == [True, True]
+        result, expected = ray.get(learner.push.remote(1, model_path, 0.25), timeout=180)
+        assert result["synced"] == {f"{method}-r0": 1, f"{method}-r1": 1}
+        if collective:
+            assert result["info"]["broadcast_s"] > 0
+        for version, total in ray.get([r.state.remote() for r in replicas], timeout=60):
+            assert version == 1 and total == pytest.approx(expected, abs=1e-6)
+        late = _Replica.remote(f"{method}-late", name, collective)  # not in v1's group
+        replicas.append(late)
+        assert ray.get(late.start.remote(), timeout=120)
+        version, total = ray.get(late.state.remote(), timeout=60)
+        assert version == 1 and total == pytest.approx(expected, abs=1e-6)
+    finally:
+        ray.get([r.close.remote() for r in replicas], timeout=60)

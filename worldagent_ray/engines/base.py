@@ -47,6 +47,15 @@ class WeightSyncError(EngineError):
     """A weight update failed or timed out; the engine keeps serving its previous version."""
 
 
+class StaleWeightsError(EngineError):
+    """A replica refuses to generate: it has lagged behind the published weights for longer
+    than the sync timeout (it is also reported unhealthy, so Serve replaces it)."""
+
+
+class EngineTimeoutError(EngineError, TimeoutError):
+    """An engine call did not answer in time; the request was aborted in the engine."""
+
+
 @runtime_checkable
 class InferenceEngine(Protocol):
     """What every engine offers.
@@ -55,6 +64,12 @@ class InferenceEngine(Protocol):
     returns, per prompt, ``params.n`` completions. With ``json_schema`` set, every returned
     text is valid JSON for that schema, or its completion has ``finish_reason="error"`` and
     ``rejected`` lists each failed attempt with its reason (never silently dropped).
+
+    ``agenerate`` is the same call for event loops: it never blocks the caller's loop, calls
+    made concurrently are batched together (vLLM: continuous batching; transformers: a
+    micro-batcher), and cancelling the caller aborts its work that has not run yet.
+    Every completion carries the ``weights_version`` it was generated with; a load
+    (``load_weights`` / ``aload_weights``) waits for running generations and is atomic.
     """
 
     @property
@@ -70,8 +85,21 @@ class InferenceEngine(Protocol):
         json_schema: Mapping[str, Any] | None = None,
     ) -> list[list[Completion]]: ...
 
+    async def agenerate(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams,
+        json_schema: Mapping[str, Any] | None = None,
+    ) -> list[list[Completion]]: ...
+
     def load_weights(self, named_tensors: Mapping[str, torch.Tensor], version: int) -> int:
         """Swap in a full state dict atomically; return the new version (must increase)."""
+        ...
+
+    async def aload_weights(self, named_tensors: Mapping[str, torch.Tensor], version: int) -> int: ...
+
+    def stats(self) -> dict[str, int]:
+        """Batching counters (backend-specific keys)."""
         ...
 
     def tokenizer(self) -> Any: ...

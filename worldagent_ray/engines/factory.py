@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import threading
 from pathlib import Path
+from typing import Callable
 
 from ..config import EngineConfig
 from .base import EngineStartupError, InferenceEngine
@@ -40,8 +42,8 @@ def vllm_supports(path: str) -> bool:
     return all(a in supported for a in archs)
 
 
-def build_engine(cfg: EngineConfig) -> InferenceEngine:
-    """Start the engine ``cfg`` asks for.
+def build_engine(cfg: EngineConfig, name: str = "engine") -> InferenceEngine:
+    """Start the engine ``cfg`` asks for, within ``cfg.startup_timeout_s``.
 
     ``backend="auto"`` picks vLLM when a vLLM build imports and supports the model's
     architecture, else transformers; if vLLM then fails to start, it logs the cause and falls
@@ -49,14 +51,58 @@ def build_engine(cfg: EngineConfig) -> InferenceEngine:
 
     Args:
         cfg: The engine config.
+        name: The engine's name in the config (``engines.<name>``), for messages.
 
     Returns:
         A started :class:`~worldagent_ray.engines.base.InferenceEngine`.
 
     Raises:
         UnknownModelError: The model cannot be resolved.
-        EngineStartupError: The chosen backend could not start (for ``"vllm"``: not installed).
+        EngineStartupError: The chosen backend could not start (for ``"vllm"``: not installed),
+            or did not start within ``startup_timeout_s`` (an engine that finishes starting
+            after that is shut down).
     """
+    return start_bounded(lambda: _build(cfg), cfg, name)
+
+
+def start_bounded(make: Callable[[], InferenceEngine], cfg: EngineConfig, name: str) -> InferenceEngine:
+    """Run ``make()`` on a helper thread and wait at most ``cfg.startup_timeout_s`` for it;
+    an engine that finishes starting after the caller gave up is shut down."""
+    lock = threading.Lock()
+    done = threading.Event()
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            result: tuple[str, object] = ("ok", make())
+        except BaseException as e:  # re-raised in the caller
+            result = ("error", e)
+        with lock:
+            if not box.get("abandoned"):
+                box["result"] = result
+                done.set()
+                return
+        if result[0] == "ok":
+            logger.warning("engine %r started after its startup timeout; shutting it down", name)
+            result[1].shutdown()  # type: ignore[attr-defined]
+
+    threading.Thread(target=run, name=f"start-engine-{name}", daemon=True).start()
+    done.wait(cfg.startup_timeout_s)
+    with lock:
+        if "result" not in box:
+            box["abandoned"] = True
+            raise EngineStartupError(
+                f"engine {name!r} (model {cfg.model!r}, backend {cfg.backend}) did not start within "
+                f"startup_timeout_s={cfg.startup_timeout_s:g}s; raise engines.{name}.startup_timeout_s "
+                f"or check the model and the replica's resources"
+            )
+    kind, value = box["result"]  # type: ignore[misc]
+    if kind == "error":
+        raise value  # type: ignore[misc]
+    return value  # type: ignore[return-value]
+
+
+def _build(cfg: EngineConfig) -> InferenceEngine:
     if cfg.backend == "transformers":
         return _transformers(cfg, "backend=transformers")
     if cfg.backend == "vllm":

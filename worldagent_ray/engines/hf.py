@@ -11,13 +11,21 @@ report the behaviour policy the learner's importance correction needs. With temp
 (greedy) no warper runs and the values are ``log_softmax`` of the raw logits. The learner
 recomputes its own logprobs; these are the behaviour-policy side.
 
+Batching. Concurrent calls are gathered by a micro-batcher
+(:class:`~worldagent_ray.engines.batcher.MicroBatcher`): rows of calls that arrive while a
+batch runs go into the next ``generate`` together, up to ``EngineConfig.batch_size`` rows.
+Each row samples with its own parameters and its own seeded stream
+(:class:`~worldagent_ray.engines.sampling.RowSampler`), so a seeded call gives the same
+tokens whatever it is batched with (up to floating-point effects of padding).
+
 JSON schemas. transformers has no grammar-constrained decoding, so a schema is enforced by
 validation and bounded retries: each sample whose text is not a valid document is redrawn,
 up to ``EngineConfig.max_json_retries`` times. Every rejected attempt is kept in
 ``Completion.rejected`` as ``{"text", "reason"}``; a sample that never validates is returned
 with ``finish_reason="error"`` (never dropped).
 
-Images. For a vision-language model (a config with a ``vision_config``), chat messages may
+Images. Prompt images are decoded through :func:`~worldagent_ray.engines.images.load_image`
+(pixel cap checked from the header, byte cap, timeout for remote URIs). For a vision-language model (a config with a ``vision_config``), chat messages may
 hold parts ``{"type": "image", "image": <path or PIL.Image>}``. They are encoded with the
 model's ``AutoProcessor`` or, where that cannot load (Qwen-VL processors need torchvision for
 their video half), with its image processor plus the tokenizer, expanding each image
@@ -26,13 +34,13 @@ placeholder to the number of merged patches as the Qwen-VL processors do.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Generator, Mapping, Sequence
 
 import torch
 
@@ -41,7 +49,10 @@ from ..models import builtin_models, resolve_model
 from ..schemas import Completion, SamplingParams
 from .base import (EngineStartupError, Prompt, PromptTooLongError, UnknownModelError,
                    WeightSyncError)
+from .batcher import MicroBatcher
+from .images import load_image, prompt_images
 from .json_check import check_supported, json_rejection
+from .sampling import RowSampler, RowSpec, row_seed
 
 logger = logging.getLogger(__name__)
 
@@ -60,37 +71,6 @@ def is_vision_config(config: Any) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
-def prompt_images(prompt: Prompt) -> list[Any]:
-    """The image parts of a chat conversation, in order (a raw string has none)."""
-    if isinstance(prompt, str):
-        return []
-    images = []
-    for msg in prompt:
-        content = msg.get("content")
-        if isinstance(content, list):
-            for part in content:
-                if isinstance(part, Mapping) and part.get("type") == "image":
-                    if "image" not in part:
-                        raise ValueError(f"image part {dict(part)!r:.80} has no 'image' (a path or PIL image)")
-                    images.append(part["image"])
-    return images
-
-
-def load_image(image: Any):
-    """Open an image given as a path or a PIL image, as RGB."""
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, (str, Path)):
-        p = Path(image)
-        if not p.exists():
-            raise FileNotFoundError(f"image {str(p)!r} does not exist")
-        with Image.open(p) as im:
-            return im.convert("RGB")
-    raise TypeError(f"an image part must be a path or a PIL.Image, got {type(image).__name__}")
-
-
 @dataclass
 class _Encoded:
     """One prompt, tokenised (plus its image tensors for a VL model)."""
@@ -107,6 +87,7 @@ class _Draw:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str
+    version: int = 0  # the weights version of the batch that drew it
 
 
 class TransformersEngine:
@@ -126,6 +107,8 @@ class TransformersEngine:
         >>> [[c]] = engine.generate(["Hello"], SamplingParams(max_tokens=8, seed=0))
         >>> len(c.token_ids) == len(c.logprobs)
         True
+
+    ``batch_size`` also bounds how many rows the micro-batcher gathers from concurrent calls.
     """
 
     def __init__(self, cfg: EngineConfig):
@@ -145,6 +128,8 @@ class TransformersEngine:
         if positions:
             self._max_len = min(self._max_len, int(positions))
         self._eos_ids = self._stop_token_ids()
+        self._batcher: MicroBatcher[tuple[_Encoded, RowSpec], _Draw] = MicroBatcher(
+            self._run_rows, max_rows=cfg.batch_size, lock=self._lock, name=f"hf-batcher-{cfg.model}")
         logger.info(
             "transformers engine ready: model=%s path=%s dtype=%s device=%s vision=%s (%.1f s)",
             cfg.model, self._path, self._dtype, self._device, self._vision, time.perf_counter() - t0,
@@ -223,6 +208,20 @@ class TransformersEngine:
     def tokenizer(self) -> Any:
         return self._tok
 
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        """The dtype the engine holds its weights in (loads are cast to it)."""
+        return self._dtype
+
+    def stats(self) -> dict[str, int]:
+        """Micro-batching counters (see :meth:`MicroBatcher.stats`)."""
+        return self._batcher.stats()
+
+    def paused(self) -> threading.Lock:
+        """A context manager that holds generation: no batch runs while it is held (calls
+        queue and are gathered into one batch afterwards). ``load_weights`` holds it too."""
+        return self._lock
+
     def generate(
         self,
         prompts: Sequence[Prompt],
@@ -248,6 +247,35 @@ class TransformersEngine:
             ValueError: A prompt has images but the model is text-only, or the schema uses an
                 unsupported keyword.
         """
+        encoded = self._prepare(prompts, params, json_schema)
+        steps = self._attempts(encoded, params, json_schema)
+        rows = next(steps)
+        while True:
+            try:
+                rows = steps.send(self._batcher.submit(self._key(params), rows).result())
+            except StopIteration as done:
+                return done.value
+
+    async def agenerate(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams,
+        json_schema: Mapping[str, Any] | None = None,
+    ) -> list[list[Completion]]:
+        """:meth:`generate` without blocking the caller's event loop. Cancelling the caller
+        drops its rows that have not started yet."""
+        encoded = await asyncio.to_thread(self._prepare, prompts, params, json_schema)
+        steps = self._attempts(encoded, params, json_schema)
+        rows = next(steps)
+        while True:
+            fut = self._batcher.submit(self._key(params), rows)
+            draws = await asyncio.wrap_future(fut)
+            try:
+                rows = steps.send(draws)
+            except StopIteration as done:
+                return done.value
+
+    def _prepare(self, prompts, params: SamplingParams, json_schema) -> list[_Encoded]:
         if isinstance(prompts, (str, bytes)):
             raise TypeError("prompts must be a sequence of prompts, not a single string")
         if json_schema is not None:
@@ -256,20 +284,29 @@ class TransformersEngine:
         for i, enc in enumerate(encoded):
             if len(enc.ids) + params.max_tokens > self._max_len:
                 raise PromptTooLongError(len(enc.ids), params.max_tokens, self._max_len, index=i)
-        with self._lock:
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            version = self._version
-            return self._generate_locked(encoded, params, json_schema, version)
+        return encoded
 
-    def _generate_locked(self, encoded, params, json_schema, version) -> list[list[Completion]]:
+    @staticmethod
+    def _key(params: SamplingParams) -> tuple:
+        """Rows batch together when they stop the same way (sampling is per row)."""
+        return (params.max_tokens, tuple(params.stop), params.logprobs)
+
+    def _spec(self, params: SamplingParams, i: int, j: int) -> RowSpec:
+        gen = None
+        if params.seed is not None and params.temperature > 0:
+            gen = torch.Generator(device=self._device).manual_seed(row_seed(params.seed, i, j))
+        return RowSpec(params.temperature, params.top_k, params.top_p, gen)
+
+    def _attempts(self, encoded, params, json_schema) -> Generator[list, list[_Draw], list[list[Completion]]]:
+        """Yields the rows to draw (each attempt), receives their draws, returns completions."""
         slots = [(i, j) for i in range(len(encoded)) for j in range(params.n)]
+        specs = {s: self._spec(params, *s) for s in slots}
         done: dict[tuple[int, int], _Draw] = {}
         rejected: dict[tuple[int, int], list[dict[str, str]]] = {s: [] for s in slots}
         pending = slots
         attempts = 1 + (self.cfg.max_json_retries if json_schema is not None else 0)
         for _ in range(attempts):
-            draws = self._draw([encoded[i] for i, _ in pending], params)
+            draws = yield [(encoded[i], specs[(i, j)]) for i, j in pending]
             retry = []
             for slot, draw in zip(pending, draws):
                 reason = json_rejection(draw.text, json_schema) if json_schema is not None else None
@@ -291,7 +328,7 @@ class TransformersEngine:
                     logprobs=d.logprobs,
                     finish_reason=d.finish_reason,
                     prompt_token_ids=encoded[i].ids,
-                    weights_version=version,
+                    weights_version=d.version,
                     rejected=rejected[(i, j)],
                 )
             )
@@ -306,7 +343,8 @@ class TransformersEngine:
             raise TypeError(
                 f"prompt {index} must be a string or a list of chat messages, got {type(prompt).__name__}"
             )
-        images = [load_image(im) for im in prompt_images(prompt)]
+        images = [load_image(im, self.cfg.max_image_pixels, self.cfg.image_fetch_timeout_s)
+                  for im in prompt_images(prompt)]
         if images and not self._vision:
             raise ValueError(
                 f"prompt {index} has {len(images)} image(s) but model {self.cfg.model!r} is text-only"
@@ -349,51 +387,53 @@ class TransformersEngine:
 
     # ------------------------------------------------------------------ decoding
 
-    def _draw(self, encoded: list[_Encoded], params: SamplingParams) -> list[_Draw]:
-        """One sample per entry: text-only prompts in left-padded batches, image prompts alone."""
-        draws: list[_Draw | None] = [None] * len(encoded)
-        plain = [k for k, e in enumerate(encoded) if not e.extra]
+    def _run_rows(self, key: tuple, rows: list[tuple[_Encoded, RowSpec]]) -> list[_Draw]:
+        """One micro-batch (the batcher holds the engine lock): text-only rows in left-padded
+        batches of ``batch_size``, image rows alone; every draw is stamped with the version."""
+        max_tokens, stop, _ = key
+        version = self._version
+        draws: list[_Draw | None] = [None] * len(rows)
+        plain = [k for k, (e, _) in enumerate(rows) if not e.extra]
         for start in range(0, len(plain), self.cfg.batch_size):
             chunk = plain[start : start + self.cfg.batch_size]
-            for k, d in zip(chunk, self._generate_batch([encoded[k] for k in chunk], params)):
+            for k, d in zip(chunk, self._generate_batch([rows[k] for k in chunk], max_tokens, list(stop))):
                 draws[k] = d
-        for k, e in enumerate(encoded):
-            if e.extra:
-                draws[k] = self._generate_batch([e], params)[0]
+        for k, row in enumerate(rows):
+            if row[0].extra:
+                draws[k] = self._generate_batch([row], max_tokens, list(stop))[0]
+        for d in draws:
+            d.version = version  # type: ignore[union-attr]
         return draws  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _generate_batch(self, batch: list[_Encoded], params: SamplingParams) -> list[_Draw]:
-        from transformers import GenerationConfig
+    def _generate_batch(self, batch: list[tuple[_Encoded, RowSpec]], max_tokens: int, stop: list[str]) -> list[_Draw]:
+        from transformers import GenerationConfig, LogitsProcessorList
 
-        width = max(len(e.ids) for e in batch)
+        width = max(len(e.ids) for e, _ in batch)
         pad = self._tok.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(e.ids)) + e.ids for e in batch], device=self._device)
-        mask = torch.tensor([[0] * (width - len(e.ids)) + [1] * len(e.ids) for e in batch], device=self._device)
-        greedy = params.temperature == 0.0
+        input_ids = torch.tensor([[pad] * (width - len(e.ids)) + e.ids for e, _ in batch], device=self._device)
+        mask = torch.tensor([[0] * (width - len(e.ids)) + [1] * len(e.ids) for e, _ in batch], device=self._device)
         gen = GenerationConfig(
-            max_new_tokens=params.max_tokens,
-            do_sample=not greedy,
-            temperature=None if greedy else params.temperature,
-            top_p=None if greedy else params.top_p,
-            top_k=None if greedy else max(params.top_k, 0),  # 0 disables (the default would be 50)
+            max_new_tokens=max_tokens,
+            do_sample=False,  # RowSampler picks every token; greedy decoding then emits it
             eos_token_id=sorted(self._eos_ids),
             pad_token_id=pad,
-            stop_strings=list(params.stop) or None,
+            stop_strings=stop or None,
             return_dict_in_generate=True,
-            output_scores=True,
         )
-        extra = {k: v.to(self._device) if torch.is_tensor(v) else v for k, v in batch[0].extra.items()}
+        sampler = RowSampler([spec for _, spec in batch])
+        extra = {k: v.to(self._device) if torch.is_tensor(v) else v for k, v in batch[0][0].extra.items()}
         out = self._model.generate(
             input_ids=input_ids, attention_mask=mask, generation_config=gen,
-            tokenizer=self._tok if params.stop else None, **extra,
+            logits_processor=LogitsProcessorList([sampler]),
+            tokenizer=self._tok if stop else None, **extra,
         )
         new = out.sequences[:, width:].cpu()
-        # scores[t][row]: processed logits of step t (after temperature / top-k / top-p).
-        logps = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1).cpu()
-        return [self._finish(new[r], logps[r], params) for r in range(len(batch))]
+        # logps[row, t]: log-prob of the token drawn at step t under its row's processed distribution
+        logps = torch.stack(sampler.logprobs, dim=1) if sampler.logprobs else torch.zeros(len(batch), 0)
+        return [self._finish(new[r], logps[r], stop) for r in range(len(batch))]
 
-    def _finish(self, tokens: torch.Tensor, logps: torch.Tensor, params: SamplingParams) -> _Draw:
+    def _finish(self, tokens: torch.Tensor, logps: torch.Tensor, stop: list[str]) -> _Draw:
         """Cut one row at its end (EOS included, stop string excluded from the text)."""
         ids = tokens.tolist()
         end, reason = len(ids), "length"
@@ -403,11 +443,11 @@ class TransformersEngine:
                 break
         ids = ids[:end]
         text = self._tok.decode(ids, skip_special_tokens=True)
-        if params.stop:
-            hit = self._first_stop(ids, params.stop)
+        if stop:
+            hit = self._first_stop(ids, stop)
             if hit is not None:
                 ids, text, reason = ids[: hit[0]], hit[1], "stop"
-        lp = logps[torch.arange(len(ids)), torch.tensor(ids, dtype=torch.long)].tolist() if ids else []
+        lp = logps[: len(ids)].tolist()
         return _Draw(text=text, token_ids=ids, logprobs=lp, finish_reason=reason)
 
     def _first_stop(self, ids: list[int], stops: list[str]) -> tuple[int, str] | None:
@@ -464,8 +504,13 @@ class TransformersEngine:
             self._version = int(version)
             return self._version
 
+    async def aload_weights(self, named_tensors: Mapping[str, torch.Tensor], version: int) -> int:
+        """:meth:`load_weights` on a worker thread (it waits for the running batch)."""
+        return await asyncio.to_thread(self.load_weights, named_tensors, version)
+
     def shutdown(self) -> None:
-        """Free the model (safe to call twice)."""
+        """Stop the batcher (waiting calls fail) and free the model (safe to call twice)."""
+        self._batcher.close()
         with self._lock:
             self._model = None
             gc.collect()

@@ -5,6 +5,11 @@ the vLLM engine double-checks what constrained decoding produced (a completion c
 ``max_tokens`` is not valid JSON even under a grammar). Model output is data: it is parsed
 with :func:`json.loads` only, never evaluated.
 
+:func:`json_rejection` is total: any input gives a reason or None, never an exception. A
+document nested deeper than :data:`MAX_JSON_DEPTH`, longer than :data:`MAX_JSON_CHARS`, with
+a lone surrogate (not encodable as UTF-8), an integer beyond Python's digit limit, or a
+non-finite number (``NaN``, ``Infinity``, ``1e999``) is rejected with its reason.
+
 Supported keywords: ``type``, ``properties``, ``required``, ``additionalProperties``
 (boolean or a schema), ``items``, ``minItems``, ``maxItems``, ``enum``, ``const``,
 ``minimum``, ``maximum``, ``minLength``, ``maxLength``. Annotations (``title``,
@@ -15,7 +20,13 @@ refused by :func:`check_supported`, so that nothing is silently left unenforced.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Mapping
+
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays and objects a document may have."""
+MAX_JSON_CHARS = 1_000_000
+"""Longest document (in characters) that is parsed at all."""
 
 _VALIDATING = {
     "type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
@@ -110,17 +121,69 @@ def schema_errors(value: Any, schema: Mapping[str, Any], path: str = "$") -> lis
     return errs
 
 
-def json_rejection(text: str, schema: Mapping[str, Any]) -> str | None:
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _problem(value: Any) -> str | None:
+    """Why a parsed document is unsafe to hand on (too deep, lone surrogate, non-finite), or None."""
+    stack: list[tuple[Any, int, str]] = [(value, 1, "$")]
+    while stack:
+        v, depth, path = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                return f"nested deeper than {MAX_JSON_DEPTH} levels at {path}"
+            items = v.items() if isinstance(v, dict) else enumerate(v)
+            for k, item in items:
+                if isinstance(k, str) and not _encodable(k):
+                    return f"object key at {path} has a lone surrogate (not valid UTF-8)"
+                stack.append((item, depth + 1, f"{path}[{k!r:.20}]"))
+        elif isinstance(v, str) and not _encodable(v):
+            return f"string at {path} has a lone surrogate (not valid UTF-8)"
+        elif isinstance(v, float) and not math.isfinite(v):
+            return f"number at {path} is not finite"
+    return None
+
+
+def _encodable(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _safe(reason: str) -> str:
+    """A reason that is valid UTF-8 whatever the document contained."""
+    return reason.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def json_rejection(text: Any, schema: Mapping[str, Any]) -> str | None:
     """Why ``text`` is not a JSON document valid for ``schema``, or None if it is.
 
+    Total: any input (not only strings) gives a reason or None; it never raises.
     Surrounding whitespace is allowed; anything else around the document is a rejection.
     """
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        return f"not valid JSON ({e.msg} at char {e.pos})"
-    errs = schema_errors(value, schema)
-    if errs:
-        more = f" (+{len(errs) - 3} more)" if len(errs) > 3 else ""
-        return "schema violation: " + "; ".join(errs[:3]) + more
-    return None
+        if not isinstance(text, str):
+            return f"not text (got {type(text).__name__})"
+        if len(text) > MAX_JSON_CHARS:
+            return f"document of {len(text)} characters is longer than {MAX_JSON_CHARS}"
+        try:
+            value = json.loads(text, parse_constant=_reject_constant)
+        except json.JSONDecodeError as e:
+            return _safe(f"not valid JSON ({e.msg} at char {e.pos})")
+        except RecursionError:
+            return f"not valid JSON (nested deeper than the parser allows; limit {MAX_JSON_DEPTH})"
+        except ValueError as e:  # huge integers, NaN/Infinity
+            return _safe(f"not valid JSON ({str(e)[:120]})")
+        problem = _problem(value)
+        if problem is not None:
+            return _safe(f"unsafe JSON: {problem}")
+        errs = schema_errors(value, schema)
+        if errs:
+            more = f" (+{len(errs) - 3} more)" if len(errs) > 3 else ""
+            return _safe("schema violation: " + "; ".join(errs[:3]) + more)
+        return None
+    except Exception as e:  # a checker bug must still not end the caller's batch
+        return _safe(f"document could not be checked ({type(e).__name__}: {str(e)[:120]})")

