@@ -46,10 +46,11 @@ from ..models import resolve_model
 from ..rl.learner import LearnerCore
 from ..rl.policy import fully_shard_policy
 from .metrics import LearnerMetrics
+from .weight_publisher import make_weight_sender
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["launch_learner", "make_weight_sender", "publish_weights", "train_loop_per_worker"]
+__all__ = ["launch_learner", "publish_weights", "train_loop_per_worker"]
 
 TRAINED_IDS_KEY = "trained_ids"
 """Key, in a checkpoint's ``extra``, of every group id whose training the checkpoint contains."""
@@ -244,48 +245,6 @@ def _restore(core: LearnerCore, buffer: Any, rank: int) -> set[str]:
 
 
 # --------------------------------------------------------------------------- weights
-
-
-class _ObjectStoreSender:
-    """Publishes the learner's weights through the :class:`WeightPublisherActor` (object-store
-    path): the payload is ``ray.put`` once (owned by this worker: if the learner dies, a
-    replica that has not fetched it yet gets a loud ``WeightSyncError`` until the restarted
-    learner republishes), and the *previous* version must be acked by every live replica before
-    the next is published, so that at most one sync is in flight and a replica that stops
-    acking fails the learner loudly (``WeightSyncError``) instead of serving ever-staler weights."""
-
-    def __init__(self, publisher: Any, sync_timeout_s: float):
-        self.publisher, self.sync_timeout_s = publisher, sync_timeout_s
-        self.last_published: int | None = None
-
-    def latest(self) -> int:
-        latest, _ = ray.get(self.publisher.latest.remote())
-        return int(latest)
-
-    def wait_synced(self, version: int, timeout_s: float) -> None:
-        ray.get(self.publisher.wait_synced.remote(version, timeout_s))
-
-    def publish(self, version: int, named_tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        t0 = time.monotonic()
-        if self.last_published is not None:
-            self.wait_synced(self.last_published, self.sync_timeout_s)
-        ref = ray.put(dict(named_tensors))
-        ray.get(self.publisher.publish.remote(version, [ref]))
-        self.last_published = version
-        return {"sync_s": time.monotonic() - t0, "published_version": float(version)}
-
-
-def make_weight_sender(cfg: LearnerConfig, publisher: Any) -> _ObjectStoreSender:
-    """The sender rank 0 publishes through, for ``cfg.sync_method``.
-
-    Raises:
-        ValueError: ``sync_method='collective'``: the collective sender is not wired here yet.
-    """
-    if cfg.sync_method == "object_store":
-        return _ObjectStoreSender(publisher, cfg.sync_timeout_s)
-    raise ValueError(
-        f"learner.sync_method={cfg.sync_method!r} has no sender in the learner yet; use 'object_store'"
-    )
 
 
 def publish_weights(core: LearnerCore, sender: Any, rank: int) -> dict[str, float]:
