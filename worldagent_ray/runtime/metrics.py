@@ -1,34 +1,164 @@
 """Every Ray metric WorldAgent-Ray exports, defined in this one module.
 
-Ray exports them to Prometheus (prefixed ``ray_``) and the Ray dashboard's Metrics view shows
-them. Each part of the system creates its own small set in the process it runs in:
+Ray exports them to Prometheus with the prefix ``ray_`` (histograms as ``_bucket``, ``_sum``
+and ``_count`` series), and the Grafana dashboard in ``deployments/grafana/`` (built by
+:mod:`worldagent_ray.runtime.grafana` from :data:`METRICS`) shows them. Each part of the
+system creates its own small set in the process it runs in:
 
-- :class:`LoopMetrics`: the driver (episodes, success, reward, stage latency, queue depths,
-  retries, curriculum phase);
-- :class:`WorldMetrics`: a world replica (rollouts, batch size, batch time);
+- :class:`LoopMetrics`: the driver (episodes, success, reward, the five critic scores, stage
+  latency, queue depths, retries, curriculum phase);
+- :class:`WorldMetrics`: a world replica (rollouts, batch size, batch time; the batch time
+  summed over time is the replica's busy time, i.e. its utilisation);
 - :class:`EngineMetrics`: an engine replica (the weights version it generates with);
 - :class:`BufferMetrics`: the rollout buffer actor (size, staleness, drops);
-- :class:`LearnerMetrics`: the learner's rank 0 (version, loss, reward, staleness, idle, steps).
+- :class:`LearnerMetrics`: the learner's rank 0 (version, loss, KL, grad norm, reward,
+  staleness, idle, steps).
 
-Latency histograms share :data:`LATENCY_BOUNDARIES_S`.
+:data:`METRICS` lists every definition (name, kind, description, tags, buckets); the classes
+build their Ray metrics from it, so a name cannot exist in one place only. Importing this
+module does not import Ray: the Ray metric objects are made when a class is instantiated.
 """
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict, deque
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Sequence
 
-from ray.util import metrics as m
+from ..schemas import SCORE_DIMENSIONS, Episode, Rollout
 
-from ..schemas import Episode, Rollout
+PROMETHEUS_PREFIX = "ray_"
+"""Ray prefixes every custom metric with this in the Prometheus export."""
 
-LATENCY_BOUNDARIES_S = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600]
+LATENCY_BOUNDARIES_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 """Bucket bounds (seconds) of every latency histogram."""
 
-STALENESS_BOUNDARIES = [0.5, 1.5, 2.5, 3.5, 4.5, 8.5, 16.5, 32.5]
+STALENESS_BOUNDARIES = (0.5, 1.5, 2.5, 3.5, 4.5, 8.5, 16.5, 32.5)
 """Staleness buckets: 0, 1, 2, 3, 4, 5-8, 9-16, 17-32, more (Ray wants positive bounds)."""
 
-BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
+BATCH_BOUNDARIES = (1, 2, 4, 8, 16, 32, 64)
+
+SCORE_BOUNDARIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+"""Buckets of the critic scores (each in [0, 1])."""
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric definition. ``series`` are the names Prometheus shows for it."""
+
+    name: str
+    kind: Literal["counter", "gauge", "histogram"]
+    description: str
+    tag_keys: tuple[str, ...] = ()
+    boundaries: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name.startswith("worldagent_"):
+            raise ValueError(f"metric {self.name!r}: every WorldAgent metric name starts with 'worldagent_'")
+        if self.kind == "counter" and not self.name.endswith("_total"):
+            # Ray's OpenTelemetry exporter appends _total to a counter that lacks it; name it
+            # as exported so that the dashboard and this registry agree.
+            raise ValueError(f"counter {self.name!r} must end with '_total'")
+        if (self.kind == "histogram") != (self.boundaries is not None):
+            raise ValueError(f"metric {self.name!r}: boundaries are given for histograms and only for them")
+
+    @property
+    def series(self) -> tuple[str, ...]:
+        base = PROMETHEUS_PREFIX + self.name
+        if self.kind == "histogram":
+            return (base + "_bucket", base + "_sum", base + "_count")
+        return (base,)
+
+
+METRICS: dict[str, MetricSpec] = {}
+"""Every metric WorldAgent-Ray defines, by name."""
+
+
+def _spec(name: str, kind: str, description: str, tag_keys: Sequence[str] = (),
+          boundaries: Sequence[float] | None = None) -> MetricSpec:
+    if name in METRICS:
+        raise ValueError(f"metric {name!r} is defined twice")
+    spec = MetricSpec(name, kind, description, tuple(tag_keys),  # type: ignore[arg-type]
+                      None if boundaries is None else tuple(boundaries))
+    METRICS[name] = spec
+    return spec
+
+
+def exported_series() -> dict[str, MetricSpec]:
+    """Every Prometheus series name WorldAgent-Ray can export, mapped to its definition."""
+    return {s: spec for spec in METRICS.values() for s in spec.series}
+
+
+# ---------------------------------------------------------------------------- the driver
+EPISODES = _spec("worldagent_episodes_total", "counter", "Episodes committed, by phase and status (ok, failed).",
+                 ("run", "phase", "status"))
+SUCCESSES = _spec("worldagent_success_total", "counter", "Successful episodes, by phase.", ("run", "phase"))
+CRITIC_SCORE = _spec("worldagent_critic_score", "histogram",
+                     "Critic score of each scored episode, by dimension (the five of seed 000) and phase.",
+                     ("run", "phase", "dimension"), SCORE_BOUNDARIES)
+STAGE_LATENCY = _spec("worldagent_stage_latency_s", "histogram", "Latency of one pipeline stage call (seconds).",
+                      ("run", "stage"), LATENCY_BOUNDARIES_S)
+QUEUE_DEPTH = _spec("worldagent_queue_depth", "gauge", "Groups waiting before a stage.", ("run", "stage"))
+REWARD_MEAN = _spec("worldagent_reward_mean", "gauge", "Mean reward over the last episodes, by phase.",
+                    ("run", "phase"))
+SUCCESS_RATE = _spec("worldagent_success_rate", "gauge", "Success rate over the last episodes, by phase.",
+                     ("run", "phase"))
+PHASE = _spec("worldagent_curriculum_phase", "gauge", "Current curriculum phase.", ("run",))
+RETRIES = _spec("worldagent_retries_total", "counter", "Stage calls retried, by stage.", ("run", "stage"))
+
+# ---------------------------------------------------------------------------- world replicas
+WORLD_ROLLOUTS = _spec("worldagent_world_rollouts_total", "counter", "Rollouts rendered, by outcome (ok, error).",
+                       ("world", "replica", "outcome"))
+WORLD_BATCH = _spec("worldagent_world_batch_requests", "histogram", "Requests per served batch.",
+                    ("world", "replica"), BATCH_BOUNDARIES)
+WORLD_BATCH_SECONDS = _spec("worldagent_world_batch_seconds", "histogram",
+                            "Wall time of one served batch (the sum's rate is the replica's utilisation).",
+                            ("world", "replica"), LATENCY_BOUNDARIES_S)
+
+# ---------------------------------------------------------------------------- engine replicas
+ENGINE_VERSION = _spec("worldagent_engine_weights_version", "gauge",
+                       "Weights version an engine replica generates with.", ("engine", "replica"))
+
+# ---------------------------------------------------------------------------- rollout buffer
+BUFFER_SIZE = _spec("worldagent_buffer_size", "gauge", "Groups queued in the rollout buffer.", ("buffer",))
+BUFFER_STALENESS = _spec("worldagent_buffer_staleness", "histogram",
+                         "Policy versions between generation and consumption of a group.",
+                         ("buffer",), STALENESS_BOUNDARIES)
+BUFFER_DROPPED = _spec("worldagent_buffer_dropped_total", "counter",
+                       "Groups refused or discarded by the buffer, by reason.", ("buffer", "reason"))
+
+# ---------------------------------------------------------------------------- learner (rank 0)
+LEARNER_VERSION = _spec("worldagent_learner_policy_version", "gauge", "Policy version of the learner.")
+LEARNER_IDLE = _spec("worldagent_learner_idle_fraction", "gauge",
+                     "Fraction of learner time spent waiting on the buffer.")
+LEARNER_LOSS = _spec("worldagent_learner_loss", "gauge", "GRPO loss of the last step.")
+LEARNER_KL = _spec("worldagent_learner_kl", "gauge",
+                   "Mean k3 KL to the reference model in the last step (exported when learner.beta > 0).")
+LEARNER_GRAD_NORM = _spec("worldagent_learner_grad_norm", "gauge", "Gradient norm of the last step (before clipping).")
+LEARNER_REWARD = _spec("worldagent_learner_reward_mean", "gauge", "Mean reward of the last batch.")
+LEARNER_STALENESS = _spec("worldagent_learner_staleness_mean", "gauge", "Mean staleness (versions) of the last batch.")
+LEARNER_STEPS = _spec("worldagent_learner_steps_total", "counter", "Optimizer steps taken.")
+
+
+def _make(spec: MetricSpec) -> Any:
+    from ray.util import metrics as m
+
+    if spec.kind == "counter":
+        return m.Counter(spec.name, spec.description, tag_keys=spec.tag_keys)
+    if spec.kind == "gauge":
+        return m.Gauge(spec.name, spec.description, tag_keys=spec.tag_keys)
+    return m.Histogram(spec.name, spec.description, boundaries=list(spec.boundaries or ()), tag_keys=spec.tag_keys)
+
+
+def replica_id() -> str:
+    """The Serve replica this process runs (its unique id), or ``pid<N>`` outside Serve."""
+    try:
+        from ray import serve
+
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # not inside a Serve replica
+        return f"pid{os.getpid()}"
 
 
 class LoopMetrics:
@@ -36,17 +166,15 @@ class LoopMetrics:
 
     def __init__(self, run_id: str, window: int = 64):
         self.tags = {"run": run_id}
-        keys = ("run",)
-        self.episodes_total = m.Counter("worldagent_episodes_total", "Episodes committed",
-                                        tag_keys=keys + ("phase", "status"))
-        self.success_total = m.Counter("worldagent_success_total", "Successful episodes", tag_keys=keys + ("phase",))
-        self.stage_latency = m.Histogram("worldagent_stage_latency_s", "Latency of one pipeline stage call",
-                                         boundaries=LATENCY_BOUNDARIES_S, tag_keys=keys + ("stage",))
-        self.queue_depth = m.Gauge("worldagent_queue_depth", "Items waiting before a stage", tag_keys=keys + ("stage",))
-        self.reward = m.Gauge("worldagent_reward_mean", "Mean reward over the last episodes", tag_keys=keys + ("phase",))
-        self.success = m.Gauge("worldagent_success_rate", "Success rate over the last episodes", tag_keys=keys + ("phase",))
-        self.phase = m.Gauge("worldagent_curriculum_phase", "Current curriculum phase", tag_keys=keys)
-        self.retries = m.Counter("worldagent_retries_total", "Stage calls retried", tag_keys=keys + ("stage",))
+        self.episodes_total = _make(EPISODES)
+        self.success_total = _make(SUCCESSES)
+        self.critic_score = _make(CRITIC_SCORE)
+        self.stage_latency = _make(STAGE_LATENCY)
+        self.queue_depth = _make(QUEUE_DEPTH)
+        self.reward = _make(REWARD_MEAN)
+        self.success = _make(SUCCESS_RATE)
+        self.phase = _make(PHASE)
+        self.retries = _make(RETRIES)
         self._recent: dict[int, deque] = defaultdict(lambda: deque(maxlen=window))
 
     def stage(self, stage: str, latency_s: float, depths: Mapping[str, int]) -> None:
@@ -58,6 +186,7 @@ class LoopMetrics:
         self.retries.inc(tags={**self.tags, "stage": stage})
 
     def episodes(self, eps: Sequence[Episode], phase: int) -> None:
+        """Count committed episodes; scored ones add their reward, success and five scores."""
         for e in eps:
             p = str(e.task.phase)
             self.episodes_total.inc(tags={**self.tags, "phase": p, "status": e.status})
@@ -65,6 +194,10 @@ class LoopMetrics:
                 self._recent[e.task.phase].append((e.reward, e.success))
                 if e.success:
                     self.success_total.inc(tags={**self.tags, "phase": p})
+                if e.verdict is not None:
+                    scores = e.verdict.scores.as_dict()
+                    for d in SCORE_DIMENSIONS:
+                        self.critic_score.observe(scores[d], tags={**self.tags, "phase": p, "dimension": d})
         for ph, q in self._recent.items():
             if q:
                 self.reward.set(sum(r for r, _ in q) / len(q), tags={**self.tags, "phase": str(ph)})
@@ -73,16 +206,13 @@ class LoopMetrics:
 
 
 class WorldMetrics:
-    """A world replica's metrics (tag ``world``: the backend's name)."""
+    """A world replica's metrics (tags ``world``: the backend's name, ``replica``: the Serve replica)."""
 
-    def __init__(self, world: str):
-        self.tags = {"world": world}
-        self.rollouts = m.Counter("worldagent_world_rollouts", "Rollouts rendered, by outcome.",
-                                  tag_keys=("world", "outcome"))
-        self.batch = m.Histogram("worldagent_world_batch_requests", "Requests per served batch.",
-                                 boundaries=BATCH_BOUNDARIES, tag_keys=("world",))
-        self.latency = m.Histogram("worldagent_world_batch_seconds", "Wall time of one served batch.",
-                                   boundaries=LATENCY_BOUNDARIES_S, tag_keys=("world",))
+    def __init__(self, world: str, replica: str | None = None):
+        self.tags = {"world": world, "replica": replica or replica_id()}
+        self.rollouts = _make(WORLD_ROLLOUTS)
+        self.batch = _make(WORLD_BATCH)
+        self.latency = _make(WORLD_BATCH_SECONDS)
 
     def record(self, n_requests: int, seconds: float, results: Sequence[Sequence[Rollout]]) -> None:
         self.batch.observe(n_requests, tags=self.tags)
@@ -93,12 +223,11 @@ class WorldMetrics:
 
 
 class EngineMetrics:
-    """An engine replica's metrics (tag ``engine``: the engine's name in the config)."""
+    """An engine replica's metrics (tags ``engine``: the engine's name in the config, ``replica``)."""
 
-    def __init__(self, engine: str):
-        self.tags = {"engine": engine}
-        self.version = m.Gauge("worldagent_engine_weights_version",
-                               "Weights version an engine replica generates with", tag_keys=("engine",))
+    def __init__(self, engine: str, replica: str | None = None):
+        self.tags = {"engine": engine, "replica": replica or replica_id()}
+        self.version = _make(ENGINE_VERSION)
 
     def weights_version(self, version: int) -> None:
         self.version.set(version, tags=self.tags)
@@ -109,19 +238,11 @@ class BufferMetrics:
 
     def __init__(self, name: str):
         tags = {"buffer": name}
-        self.size = m.Gauge("worldagent_buffer_size", description="Groups queued in the rollout buffer.",
-                            tag_keys=("buffer",))
+        self.size = _make(BUFFER_SIZE)
         self.size.set_default_tags(tags)
-        self.staleness = m.Histogram(
-            "worldagent_buffer_staleness",
-            description="Policy versions between generation and consumption of a group.",
-            boundaries=STALENESS_BOUNDARIES,
-            tag_keys=("buffer",),
-        )
+        self.staleness = _make(BUFFER_STALENESS)
         self.staleness.set_default_tags(tags)
-        self.dropped = m.Counter("worldagent_buffer_dropped_total",
-                                 description="Groups refused or discarded by the buffer, by reason.",
-                                 tag_keys=("buffer", "reason"))
+        self.dropped = _make(BUFFER_DROPPED)
         self.dropped.set_default_tags(tags)
 
 
@@ -129,17 +250,22 @@ class LearnerMetrics:
     """The learner's metrics (recorded on rank 0)."""
 
     def __init__(self) -> None:
-        self.version = m.Gauge("worldagent_learner_policy_version", "Policy version of the learner")
-        self.idle = m.Gauge("worldagent_learner_idle_fraction", "Fraction of learner time spent waiting on the buffer")
-        self.loss = m.Gauge("worldagent_learner_loss", "GRPO loss of the last step")
-        self.reward = m.Gauge("worldagent_learner_reward_mean", "Mean reward of the last batch")
-        self.staleness = m.Gauge("worldagent_learner_staleness_mean", "Mean staleness (versions) of the last batch")
-        self.steps = m.Counter("worldagent_learner_steps_total", "Optimizer steps taken")
+        self.version = _make(LEARNER_VERSION)
+        self.idle = _make(LEARNER_IDLE)
+        self.loss = _make(LEARNER_LOSS)
+        self.kl = _make(LEARNER_KL)
+        self.grad_norm = _make(LEARNER_GRAD_NORM)
+        self.reward = _make(LEARNER_REWARD)
+        self.staleness = _make(LEARNER_STALENESS)
+        self.steps = _make(LEARNER_STEPS)
 
     def record(self, version: int, metrics: Mapping[str, Any]) -> None:
+        """One optimizer step: ``metrics`` as :meth:`LearnerCore.step` returns them (a key that
+        is absent, e.g. ``kl`` when ``beta == 0``, leaves its gauge unset)."""
         self.version.set(version)
         self.idle.set(float(metrics.get("idle_frac", 0.0)))
-        for gauge, key in ((self.loss, "loss"), (self.reward, "reward_mean"), (self.staleness, "staleness_mean")):
+        for gauge, key in ((self.loss, "loss"), (self.kl, "kl"), (self.grad_norm, "grad_norm"),
+                           (self.reward, "reward_mean"), (self.staleness, "staleness_mean")):
             if key in metrics:
                 gauge.set(float(metrics[key]))
         self.steps.inc()
