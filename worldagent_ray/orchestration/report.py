@@ -109,7 +109,7 @@ def _svg_chart(rows: list[dict[str, Any]], events: list[dict[str, Any]], width: 
 def _svg_series(title: str, xs: Sequence[float], ys: Sequence[float], colour: str, width: int = 250,
                 height: int = 150, integer: bool = False) -> str:
     """One small line chart (x: learner step) with its min and max labelled."""
-    pad_l, pad_b, pad_t = 44, 22, 18
+    pad_l, pad_b, pad_t = 58, 22, 18
     iw, ih = width - pad_l - 8, height - pad_b - pad_t
     lo, hi = min(ys), max(ys)
     span = (hi - lo) or 1.0
