@@ -93,6 +93,15 @@ def _job_logs(base: str, sid: str) -> str:
     return _get(f"{base}/api/jobs/{sid}/logs").get("logs", "")
 
 
+def test_dashboard_json_installs_beside_rays_own(cluster):
+    from worldagent_ray.runtime.grafana import build_dashboard, install_for_this_session
+
+    path = install_for_this_session()
+    assert path is not None and path.name == DASHBOARD_FILE
+    assert (path.parent / "default_grafana_dashboard.json").exists(), sorted(p.name for p in path.parent.iterdir())
+    assert json.loads(path.read_text()) == build_dashboard()
+
+
 def test_dashboard_shows_serve_apps_job_and_every_panel_metric(cluster, tmp_path):
     base = cluster["dashboard"]
     wanted = panel_series(json.loads((ROOT / "deployments" / "grafana" / DASHBOARD_FILE).read_text()))
@@ -101,11 +110,15 @@ def test_dashboard_shows_serve_apps_job_and_every_panel_metric(cluster, tmp_path
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
                NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
     runtime_env = {"working_dir": str(ROOT), "excludes": ["test-artifacts", "runs", ".git", "*.png"]}
-    submit = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", base, "--no-wait",
-         "--submission-id", sid, "--runtime-env-json", json.dumps(runtime_env), "--",
-         sys.executable, "-m", "tests.ray.dashboard_job", "--root", str(tmp_path / "runs"), "--release", str(release)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", base, "--no-wait",
+           "--submission-id", sid, "--runtime-env-json", json.dumps(runtime_env), "--",
+           sys.executable, "-m", "tests.ray.dashboard_job", "--root", str(tmp_path / "runs"), "--release", str(release)]
+    deadline = time.monotonic() + 120
+    while True:  # the dashboard answers a little before the node's job agent has registered
+        submit = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+        if "No available agent" not in submit.stdout + submit.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2.0)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
 
     seen: set[str] = set()

@@ -143,7 +143,10 @@ def _learning_html(rows: Iterable[Mapping[str, Any]]) -> str:
     """Small multiples of the learner's curves, one per recorded quantity ("" without rows)."""
     by_step: dict[int, Mapping[str, Any]] = {}
     for r in rows:
-        by_step[int(r["step"])] = r  # a resumed learner may repeat a step: the last row wins
+        try:
+            by_step[int(r["step"])] = r  # a resumed learner may repeat a step: the last row wins
+        except (KeyError, TypeError, ValueError):
+            continue  # not a learner row written by learner_row(): skipped, never fatal to the report
     if not by_step:
         return ""
     steps = sorted(by_step)
@@ -157,7 +160,7 @@ def _learning_html(rows: Iterable[Mapping[str, Any]]) -> str:
         if pts:
             charts.append(_svg_series(title, [p[0] for p in pts], [p[1] for p in pts], colour, integer=integer))
     return (f'<section id="learning"><h2>Learning curve</h2><p class="sub">{len(steps)} optimizer steps, '
-            f'policy version {int(by_step[steps[-1]]["policy_version"])} at the end</p>'
+            f'policy version {by_step[steps[-1]].get("policy_version", "?")} at the end</p>'
             f'<div class="charts">{"".join(charts)}</div></section>')
 
 

@@ -252,6 +252,21 @@ def install_dashboard(session_dir: str | os.PathLike[str]) -> Path:
     return path
 
 
+def install_for_this_session() -> Path | None:
+    """:func:`install_dashboard` for the Ray session this process is connected to, when this
+    node holds that session's Grafana folder (the head node, where a ``ray job submit`` driver
+    runs by default); None elsewhere or when Ray's dashboard is off. Never raises."""
+    try:
+        import ray
+
+        session = ray._private.worker.global_worker.node.get_session_dir_path()
+        if not (ray_dashboard_dir(session).parent).is_dir():  # no Grafana config: not head, or no dashboard
+            return None
+        return install_dashboard(session)
+    except Exception:
+        return None
+
+
 def panel_series(dashboard: dict[str, Any]) -> set[str]:
     """Every ``ray_*`` series name the dashboard's queries read."""
     import re
