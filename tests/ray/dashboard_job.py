@@ -91,13 +91,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from worldagent_ray.runtime.apps import deploy
     from worldagent_ray.runtime.learning import start_learning
-    from worldagent_ray.runtime.lifecycle import orderly_shutdown
+    from worldagent_ray.runtime.lifecycle import job_dashboard_url, orderly_shutdown
     from worldagent_ray.runtime.memory_actor import create_memory_actor
     from worldagent_ray.runtime.metrics import LoopMetrics
 
     cfg = load_config("local-cpu", overrides=[*OVERRIDES, f"run.root={args.root}"], environ={})
     run = RunFolder.create(cfg, "dash")
     init_ray(cfg)  # joins the cluster of the job (RAY_ADDRESS)
+    print(f"JOB_URL {job_dashboard_url()}", flush=True)
     serve.start(proxy_location="Disabled")  # no HTTP proxy: port 8000 may be someone else's
     memory = create_memory_actor(cfg, run.artifacts, name=run.run_id, namespace=NAMESPACE)
     learner = start_learning(cfg, run, namespace=NAMESPACE, say=print)

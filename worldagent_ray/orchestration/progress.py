@@ -73,6 +73,7 @@ class RunProgress:
         self._recent: deque[bool] = deque(maxlen=window)
         self._first: tuple[float, int] | None = None  # (time, done) of the first report
         self._last_line = float("-inf")
+        self._last_done: int | None = None  # episodes at the last plain line (one line per count)
         self._bar: Any = None
         self._task: Any = None
         self.lines: list[str] = []  # plain lines written, for the caller's log
@@ -99,7 +100,7 @@ class RunProgress:
             self._refresh()
             self._bar.stop()
             self._bar = None
-        elif not self.interactive and self._first is not None and self.lines[-1:] != [self.line()]:
+        elif not self.interactive and self._first is not None and self._last_done != self.done:
             self._emit()
 
     def __enter__(self) -> "RunProgress":
@@ -185,12 +186,13 @@ class RunProgress:
                              facts=self.facts())
         elif not self.interactive and self._first is not None:
             now = self.clock()
-            if now - self._last_line >= self.every_s or (self.total and self.done >= self.total):
-                if not self.lines or self.lines[-1] != self.line():
-                    self._emit()
+            due = now - self._last_line >= self.every_s or (self.total and self.done >= self.total)
+            if due and self._last_done != self.done:
+                self._emit()
 
     def _emit(self) -> None:
         self._last_line = self.clock()
+        self._last_done = self.done
         text = self.line()
         self.lines.append(text)
         print(text, file=self.out, flush=True)

@@ -1,4 +1,5 @@
-"""Orderly shutdown of a run: Serve applications, then actors, then Ray.
+"""A run's start-up facts (the dashboard's links) and its orderly shutdown: Serve
+applications, then actors, then Ray.
 
 The noise a plain ``serve.shutdown()`` leaves on the driver's console ("Task
 ServeController.graceful_shutdown failed ... The actor is dead because it was killed by
@@ -9,9 +10,9 @@ Ray reports each failed call of an actor with infinite retries to the driver. So
    call) and awaited until gone, each wait bounded. The Serve controller itself is left
    alone: on a cluster it is shared with other jobs (``serve.shutdown()`` would end theirs),
    and on a Ray this process started, step 3 ends it.
-2. **Actors** (memory, buffer, weight publisher...) are asked to exit with
-   ``__ray_terminate__``, which runs after the calls already queued on them, so nothing of
-   theirs is cut off; one that has not exited when the deadline passes is ``ray.kill``-ed.
+2. **Actors** (memory, buffer, weight publisher...) are stopped once the calls already
+   queued on them have run (a ``__ray_ready__`` barrier, bounded), then ``ray.kill``-ed with
+   no call in flight, so nothing of theirs is cut off and nothing is reported as failed.
 3. **Ray**: ``ray.shutdown()`` (for a Ray this process started this stops the local cluster;
    for a cluster it only disconnects the driver).
 
@@ -28,6 +29,33 @@ from typing import Any, Callable, Sequence
 import ray
 
 log = logging.getLogger(__name__)
+
+
+def dashboard_url() -> str | None:
+    """``http://host:port`` of the Ray dashboard of the connected cluster (honours
+    ``RAY_OVERRIDE_DASHBOARD_URL``); None when the dashboard is off or Ray is not connected."""
+    try:
+        url = ray._private.worker.get_dashboard_url()
+    except Exception:
+        return None
+    if not url:
+        return None
+    return url if "://" in url else f"http://{url}"
+
+
+def job_dashboard_url() -> str | None:
+    """The dashboard page of this driver's job: by submission id under ``ray job submit``,
+    else by job id. None without a dashboard."""
+    base = dashboard_url()
+    if base is None:
+        return None
+    job = None
+    try:
+        meta = ray._private.worker.global_worker.core_worker.get_job_config().metadata
+        job = dict(meta).get("job_submission_id")
+    except Exception:
+        pass
+    return f"{base}/#/jobs/{job or ray.get_runtime_context().get_job_id()}"
 
 
 def delete_serve_apps(apps: Sequence[str], timeout_s: float = 60.0) -> list[str]:
@@ -68,30 +96,36 @@ def delete_serve_apps(apps: Sequence[str], timeout_s: float = 60.0) -> list[str]
 
 
 def stop_actors(actors: Sequence[Any], timeout_s: float = 30.0) -> list[str]:
-    """Ask each actor to exit after the calls already queued on it; ``ray.kill`` the ones
-    that have not exited within ``timeout_s``. Returns one line per actor killed."""
-    refs = {}
-    for a in actors:
-        if a is None:
-            continue
+    """Stop each actor once the calls queued on it before have run.
+
+    A ``__ray_ready__`` call is queued on each actor as a barrier (an actor runs the calls of
+    one caller in order), then the actor is ``ray.kill``-ed with no call of ours in flight, so
+    nothing fails visibly. (``__ray_terminate__`` would be the polite way, but on an actor
+    with task retries Ray reports its own exit to the driver as a failed, retried call.)
+
+    Returns:
+        `list[str]`: one line per actor whose barrier did not return within ``timeout_s``
+        (it is killed anyway).
+    """
+    live = [a for a in actors if a is not None]
+    barrier = {}
+    for a in live:
         try:
-            refs[a.__ray_terminate__.remote()] = a
-        except Exception as e:  # already dead
-            log.debug("__ray_terminate__: %s", e)
-    if not refs:
-        return []
-    # a terminate call "fails" when its actor exits: that is the success we wait for
-    done, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+            barrier[a.__ray_ready__.remote()] = a
+        except Exception as e:  # already gone
+            log.debug("__ray_ready__: %s", e)
+    done, pending = ray.wait(list(barrier), num_returns=len(barrier), timeout=timeout_s) if barrier else ([], [])
     for ref in done:
         try:
             ray.get(ref, timeout=0)
-        except Exception:
-            pass
-    problems = []
-    for ref in pending:
-        actor = refs[ref]
-        problems.append(f"actor {actor} did not exit within {timeout_s:.0f}s; killed")
-        ray.kill(actor, no_restart=True)
+        except Exception as e:  # the actor died on its own; nothing left to stop
+            log.debug("actor already dead: %s", e)
+    problems = [f"actor {barrier[ref]} still busy after {timeout_s:.0f}s; killed" for ref in pending]
+    for a in live:
+        try:
+            ray.kill(a, no_restart=True)
+        except Exception as e:
+            log.debug("ray.kill: %s", e)
     return problems
 
 

@@ -17,15 +17,29 @@ system creates its own small set in the process it runs in:
 :data:`METRICS` lists every definition (name, kind, description, tags, buckets); the classes
 build their Ray metrics from it, so a name cannot exist in one place only. Importing this
 module does not import Ray: the Ray metric objects are made when a class is instantiated.
+
+Gauges are re-reported every half export interval by a daemon thread (:class:`LiveGauge`):
+Ray's metrics agent drops a gauge series that was not reported for two export intervals, so
+a value set once (the learner's last loss, a replica's weights version, the curriculum phase)
+would otherwise vanish from Prometheus while it is still true. A series still ends with the
+process that reports it.
+
+Counters are declared at 0 for the tag sets known in advance (the statuses of a phase once
+it has episodes, a stage's retries once it ran, a world's error outcome, the buffer's drop
+reasons), as Prometheus advises: "0 successes" shows as 0, not as "no data".
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
+import weakref
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
+from ..rl.buffer import DROP_REASONS
 from ..schemas import SCORE_DIMENSIONS, Episode, Rollout
 
 PROMETHEUS_PREFIX = "ray_"
@@ -151,6 +165,94 @@ def _make(spec: MetricSpec) -> Any:
     return m.Histogram(spec.name, spec.description, boundaries=list(spec.boundaries or ()), tag_keys=spec.tag_keys)
 
 
+def _declare(counter: Any, tags: dict[str, str]) -> None:
+    """Export ``counter``'s series for ``tags`` at 0 before its first increment. (Ray's
+    ``Counter.inc`` refuses 0, so the metric's own record call is used; adding 0 to a
+    cumulative sum changes no value.)"""
+    try:
+        counter._record(0, tags=tags)
+    except AttributeError:  # another Ray: the series then appears at its first increment
+        pass
+
+
+class LiveGauge:
+    """A Ray ``Gauge`` whose last value per tag set is re-reported until the process ends
+    (see the module docstring). Same ``set`` / ``set_default_tags`` as Ray's gauge."""
+
+    def __init__(self, spec: MetricSpec):
+        if spec.kind != "gauge":
+            raise ValueError(f"LiveGauge needs a gauge, {spec.name!r} is a {spec.kind}")
+        self.spec = spec
+        self._gauge = _make(spec)
+        self._last: dict[tuple, tuple[float, dict[str, str] | None]] = {}
+        self._lock = threading.Lock()
+        _keeper().add(self)
+
+    def set_default_tags(self, tags: dict[str, str]) -> None:
+        self._gauge.set_default_tags(tags)
+
+    def set(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self._gauge.set(value, tags=tags)
+        with self._lock:
+            self._last[tuple(sorted((tags or {}).items()))] = (value, tags)
+
+    def refresh(self) -> None:
+        with self._lock:
+            last = list(self._last.values())
+        for value, tags in last:
+            self._gauge.set(value, tags=tags)
+
+
+class _Keeper:
+    """One daemon thread per process that re-reports every live gauge."""
+
+    def __init__(self) -> None:
+        self.gauges: "weakref.WeakSet[LiveGauge]" = weakref.WeakSet()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def add(self, g: LiveGauge) -> None:
+        with self.lock:
+            self.gauges.add(g)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="worldagent-gauges", daemon=True)
+                self.thread.start()
+
+    @staticmethod
+    def period_s() -> float:
+        """Half of Ray's export interval (which Ray floors at 1 s)."""
+        try:
+            import ray
+
+            return max(int(ray._config.metrics_report_interval_ms()), 1000) / 2000.0
+        except Exception:  # an older Ray without the config accessor: its default interval
+            return 5.0
+
+    def _run(self) -> None:
+        period = self.period_s()
+        while True:
+            time.sleep(period)
+            with self.lock:
+                gauges = list(self.gauges)
+            for g in gauges:
+                try:
+                    g.refresh()
+                except Exception:  # Ray is shutting down in this process; try again next time
+                    pass
+
+
+_KEEPER: _Keeper | None = None
+_KEEPER_LOCK = threading.Lock()
+
+
+def _keeper() -> _Keeper:
+    global _KEEPER
+    with _KEEPER_LOCK:
+        if _KEEPER is None:
+            _KEEPER = _Keeper()
+        return _KEEPER
+
+
 def replica_id() -> str:
     """The Serve replica this process runs (its unique id), or ``pid<N>`` outside Serve."""
     try:
@@ -170,25 +272,40 @@ class LoopMetrics:
         self.success_total = _make(SUCCESSES)
         self.critic_score = _make(CRITIC_SCORE)
         self.stage_latency = _make(STAGE_LATENCY)
-        self.queue_depth = _make(QUEUE_DEPTH)
-        self.reward = _make(REWARD_MEAN)
-        self.success = _make(SUCCESS_RATE)
-        self.phase = _make(PHASE)
+        self.queue_depth = LiveGauge(QUEUE_DEPTH)
+        self.reward = LiveGauge(REWARD_MEAN)
+        self.success = LiveGauge(SUCCESS_RATE)
+        self.phase = LiveGauge(PHASE)
         self.retries = _make(RETRIES)
         self._recent: dict[int, deque] = defaultdict(lambda: deque(maxlen=window))
+        self._declared: set[tuple[str, str]] = set()
+
+    def _declare_once(self, kind: str, value: str) -> None:
+        if (kind, value) in self._declared:
+            return
+        self._declared.add((kind, value))
+        if kind == "stage":
+            _declare(self.retries, {**self.tags, "stage": value})
+        else:
+            for status in ("ok", "failed"):
+                _declare(self.episodes_total, {**self.tags, "phase": value, "status": status})
+            _declare(self.success_total, {**self.tags, "phase": value})
 
     def stage(self, stage: str, latency_s: float, depths: Mapping[str, int]) -> None:
+        self._declare_once("stage", stage)
         self.stage_latency.observe(latency_s, tags={**self.tags, "stage": stage})
         for k, v in depths.items():
             self.queue_depth.set(v, tags={**self.tags, "stage": k})
 
     def retry(self, stage: str) -> None:
+        self._declare_once("stage", stage)
         self.retries.inc(tags={**self.tags, "stage": stage})
 
     def episodes(self, eps: Sequence[Episode], phase: int) -> None:
         """Count committed episodes; scored ones add their reward, success and five scores."""
         for e in eps:
             p = str(e.task.phase)
+            self._declare_once("phase", p)
             self.episodes_total.inc(tags={**self.tags, "phase": p, "status": e.status})
             if e.status == "ok":
                 self._recent[e.task.phase].append((e.reward, e.success))
@@ -213,6 +330,8 @@ class WorldMetrics:
         self.rollouts = _make(WORLD_ROLLOUTS)
         self.batch = _make(WORLD_BATCH)
         self.latency = _make(WORLD_BATCH_SECONDS)
+        for outcome in ("ok", "error"):
+            _declare(self.rollouts, {**self.tags, "outcome": outcome})
 
     def record(self, n_requests: int, seconds: float, results: Sequence[Sequence[Rollout]]) -> None:
         self.batch.observe(n_requests, tags=self.tags)
@@ -227,7 +346,7 @@ class EngineMetrics:
 
     def __init__(self, engine: str, replica: str | None = None):
         self.tags = {"engine": engine, "replica": replica or replica_id()}
-        self.version = _make(ENGINE_VERSION)
+        self.version = LiveGauge(ENGINE_VERSION)
 
     def weights_version(self, version: int) -> None:
         self.version.set(version, tags=self.tags)
@@ -238,25 +357,27 @@ class BufferMetrics:
 
     def __init__(self, name: str):
         tags = {"buffer": name}
-        self.size = _make(BUFFER_SIZE)
+        self.size = LiveGauge(BUFFER_SIZE)
         self.size.set_default_tags(tags)
         self.staleness = _make(BUFFER_STALENESS)
         self.staleness.set_default_tags(tags)
         self.dropped = _make(BUFFER_DROPPED)
         self.dropped.set_default_tags(tags)
+        for reason in DROP_REASONS:
+            _declare(self.dropped, {"reason": reason})
 
 
 class LearnerMetrics:
     """The learner's metrics (recorded on rank 0)."""
 
     def __init__(self) -> None:
-        self.version = _make(LEARNER_VERSION)
-        self.idle = _make(LEARNER_IDLE)
-        self.loss = _make(LEARNER_LOSS)
-        self.kl = _make(LEARNER_KL)
-        self.grad_norm = _make(LEARNER_GRAD_NORM)
-        self.reward = _make(LEARNER_REWARD)
-        self.staleness = _make(LEARNER_STALENESS)
+        self.version = LiveGauge(LEARNER_VERSION)
+        self.idle = LiveGauge(LEARNER_IDLE)
+        self.loss = LiveGauge(LEARNER_LOSS)
+        self.kl = LiveGauge(LEARNER_KL)
+        self.grad_norm = LiveGauge(LEARNER_GRAD_NORM)
+        self.reward = LiveGauge(LEARNER_REWARD)
+        self.staleness = LiveGauge(LEARNER_STALENESS)
         self.steps = _make(LEARNER_STEPS)
 
     def record(self, version: int, metrics: Mapping[str, Any]) -> None:
