@@ -99,15 +99,6 @@ def finished_run(tmp_path_factory, tiny_llama_path) -> RunFolder:
     return run
 
 
-def test_learner_row_keeps_the_curve_keys_and_refuses_bad_ones():
-    row = learner_row({"step": 3.0, "policy_version": 3.0, "loss": 0.5, "kl": 0.01, "lr": 1e-5}, t=1.0)
-    assert row == {"kind": "learner", "t": 1.0, "step": 3, "policy_version": 3, "loss": 0.5, "kl": 0.01}
-    with pytest.raises(ValueError, match="policy_version"):
-        learner_row({"step": 1})
-    with pytest.raises(ValueError, match="'loss' must be a number"):
-        learner_row({"step": 1, "policy_version": 1, "loss": "x"})
-
-
 # ----------------------------------------------------------------------------- Chromium over CDP
 
 

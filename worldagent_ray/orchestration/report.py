@@ -20,6 +20,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from pydantic import ValidationError
+
+from ..schemas import LearnerStep
 from .run_folder import RunFolder
 
 DIMS = ("action_following", "temporal_consistency", "object_interaction", "goal_achievement", "physics")
@@ -27,31 +30,17 @@ SHORT = {"action_following": "follow", "temporal_consistency": "order", "object_
          "goal_achievement": "goal", "physics": "physics"}
 
 
-LEARNER_KEYS = ("step", "policy_version", "loss", "reward_mean", "kl", "grad_norm", "staleness_mean", "idle_frac")
-"""The learner metrics a ``kind: "learner"`` ledger row keeps (those present in a step's metrics)."""
-
-
 def learner_row(metrics: Mapping[str, Any], t: float | None = None) -> dict[str, Any]:
-    """The ledger row of one learner step, from the metrics dict the learner reports
+    """The ledger row of one learner step (a :class:`~worldagent_ray.schemas.LearnerStep`
+    dumped to a dict), from the metrics dict the learner reports
     (:meth:`~worldagent_ray.rl.learner.LearnerCore.step` plus ``idle_frac``).
 
     Raises:
-        ValueError: ``step`` or ``policy_version`` is missing or not a number.
+        pydantic.ValidationError: ``step`` or ``policy_version`` is missing, or a value is
+            not a number (the error names the field).
     """
-    row: dict[str, Any] = {"kind": "learner", "t": time.time() if t is None else float(t)}
-    for k in LEARNER_KEYS:
-        v = metrics.get(k)
-        if v is None:
-            continue
-        try:
-            row[k] = float(v)
-        except (TypeError, ValueError):
-            raise ValueError(f"learner metric {k!r} must be a number, got {v!r}") from None
-    for k in ("step", "policy_version"):
-        if k not in row:
-            raise ValueError(f"a learner row needs {k!r}; got keys {sorted(metrics)}")
-        row[k] = int(row[k])
-    return row
+    step = LearnerStep.from_metrics(dict(metrics), time.time() if t is None else float(t))
+    return step.model_dump(exclude_none=True)
 
 
 def _rolling(xs: Sequence[float], w: int) -> list[float]:
@@ -141,12 +130,13 @@ def _svg_series(title: str, xs: Sequence[float], ys: Sequence[float], colour: st
 
 def _learning_html(rows: Iterable[Mapping[str, Any]]) -> str:
     """Small multiples of the learner's curves, one per recorded quantity ("" without rows)."""
-    by_step: dict[int, Mapping[str, Any]] = {}
+    by_step: dict[int, dict[str, Any]] = {}
     for r in rows:
         try:
-            by_step[int(r["step"])] = r  # a resumed learner may repeat a step: the last row wins
-        except (KeyError, TypeError, ValueError):
-            continue  # not a learner row written by learner_row(): skipped, never fatal to the report
+            s = LearnerStep.model_validate(r)
+        except ValidationError:
+            continue  # not a row written by learner_row(): skipped, never fatal to the report
+        by_step[s.step] = s.model_dump()  # a resumed learner may repeat a step: the last row wins
     if not by_step:
         return ""
     steps = sorted(by_step)
@@ -156,11 +146,11 @@ def _learning_html(rows: Iterable[Mapping[str, Any]]) -> str:
                                         ("kl", "KL to reference", "#ea580c", False), ("grad_norm", "grad norm", "#0d9488", False),
                                         ("staleness_mean", "staleness (versions)", "#6b7280", False)):
         pts = [(s, float(by_step[s][key])) for s in steps
-               if isinstance(by_step[s].get(key), (int, float)) and math.isfinite(by_step[s][key])]
+               if by_step[s].get(key) is not None and math.isfinite(by_step[s][key])]
         if pts:
             charts.append(_svg_series(title, [p[0] for p in pts], [p[1] for p in pts], colour, integer=integer))
     return (f'<section id="learning"><h2>Learning curve</h2><p class="sub">{len(steps)} optimizer steps, '
-            f'policy version {by_step[steps[-1]].get("policy_version", "?")} at the end</p>'
+            f'policy version {by_step[steps[-1]]["policy_version"]} at the end</p>'
             f'<div class="charts">{"".join(charts)}</div></section>')
 
 

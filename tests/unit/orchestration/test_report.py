@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+from pydantic import ValidationError
+
 from worldagent_ray.config import load_config
 from worldagent_ray.orchestration.evolve import WorkItem, _episode_row, summarize
 from worldagent_ray.orchestration.report import learner_row, write_report
@@ -41,3 +44,12 @@ def test_learning_curve_from_learner_rows_and_bad_rows_are_skipped(tmp_path):
     assert "3 optimizer steps, policy version 3 at the end" in section
     assert section.count('class="lc"') == 3  # loss, reward, version; grad norm was never finite
     assert "grad norm" not in section and "nan" not in section.lower()
+
+
+def test_learner_row_keeps_the_curve_keys_and_refuses_bad_ones():
+    row = learner_row({"step": 3.0, "policy_version": 3.0, "loss": 0.5, "kl": 0.01, "lr": 1e-5}, t=1.0)
+    assert row == {"kind": "learner", "t": 1.0, "step": 3, "policy_version": 3, "loss": 0.5, "kl": 0.01}
+    with pytest.raises(ValidationError, match="policy_version"):
+        learner_row({"step": 1})
+    with pytest.raises(ValidationError, match="loss"):
+        learner_row({"step": 1, "policy_version": 1, "loss": "x"})
