@@ -813,3 +813,38 @@ class PlanResult(_Message):
 
 
 Rollout.model_rebuild()
+
+
+# --------------------------------------------------------------------------- dashboard and report
+
+
+class LearnerStep(_Message):
+    """What the learner reports of one optimizer step, as the run's ledger keeps it
+    (a ``kind: "learner"`` line of ``metrics.jsonl``; the report draws the learning curve
+    from these). Built from the metrics dict the learner reports with :meth:`from_metrics`."""
+
+    kind: Literal["learner"] = "learner"
+    t: float = Field(description="Wall-clock time of the step (seconds since the epoch).")
+    step: int = Field(ge=0, description="Optimizer steps taken so far.")
+    policy_version: int = Field(ge=0, description="Policy version after the step.")
+    loss: float | None = None
+    reward_mean: float | None = None
+    kl: float | None = Field(default=None, description="k3 KL to the reference (only when beta > 0).")
+    grad_norm: float | None = None
+    staleness_mean: float | None = None
+    idle_frac: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, Any], t: float) -> "LearnerStep":
+        """Keep the fields of this model that ``metrics`` has (other keys are ignored).
+
+        Raises:
+            pydantic.ValidationError: ``step`` or ``policy_version`` missing, or a value of
+                the wrong type (the error names the field and the value).
+        """
+        fields = set(cls.model_fields) - {"kind", "t"}
+        kept = {k: metrics[k] for k in fields if metrics.get(k) is not None}
+        for k in ("step", "policy_version"):  # reported as floats by the learner
+            if isinstance(kept.get(k), float) and kept[k].is_integer():
+                kept[k] = int(kept[k])
+        return cls(t=t, **kept)

@@ -1,23 +1,46 @@
 """The run report: one self-contained HTML file (inline SVG, no JavaScript, no CDN).
 
-It shows reward and success over time (rolling means, with the curriculum's phase changes
-marked), a summary by phase, and one card per task group with each sample's GIF, plan and
-verdict. All text from models is HTML-escaped: model output is data.
+It shows reward and success over time (rolling means, with each episode's curriculum phase as
+a coloured strip), the learner's curves (loss, reward, policy version; KL and grad norm when
+recorded) when the run learned, a summary by phase, the run's config, and one card per task
+group with each sample's GIF, a link to its video file, its plan and verdict. All text from
+models is HTML-escaped: model output is data.
+
+Ledger rows it reads from ``metrics.jsonl``: ``kind: "episode"`` (the driver's), ``kind:
+"event"`` and ``kind: "learner"`` (one per optimizer step, see :func:`learner_row`).
 """
 
 from __future__ import annotations
 
 import html
+import math
 import os
+import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
+from pydantic import ValidationError
+
+from ..schemas import LearnerStep
 from .run_folder import RunFolder
 
 DIMS = ("action_following", "temporal_consistency", "object_interaction", "goal_achievement", "physics")
 SHORT = {"action_following": "follow", "temporal_consistency": "order", "object_interaction": "objects",
          "goal_achievement": "goal", "physics": "physics"}
+
+
+def learner_row(metrics: Mapping[str, Any], t: float | None = None) -> dict[str, Any]:
+    """The ledger row of one learner step (a :class:`~worldagent_ray.schemas.LearnerStep`
+    dumped to a dict), from the metrics dict the learner reports
+    (:meth:`~worldagent_ray.rl.learner.LearnerCore.step` plus ``idle_frac``).
+
+    Raises:
+        pydantic.ValidationError: ``step`` or ``policy_version`` is missing, or a value is
+            not a number (the error names the field).
+    """
+    step = LearnerStep.from_metrics(dict(metrics), time.time() if t is None else float(t))
+    return step.model_dump(exclude_none=True)
 
 
 def _rolling(xs: Sequence[float], w: int) -> list[float]:
@@ -72,6 +95,74 @@ def _svg_chart(rows: list[dict[str, Any]], events: list[dict[str, Any]], width: 
             f'xmlns="http://www.w3.org/2000/svg">{grid}{strip}{lines}{legend}</svg>')
 
 
+def _svg_series(title: str, xs: Sequence[float], ys: Sequence[float], colour: str, width: int = 250,
+                height: int = 150, integer: bool = False) -> str:
+    """One small line chart (x: learner step) with its min and max labelled."""
+    pad_l, pad_b, pad_t = 58, 22, 18
+    iw, ih = width - pad_l - 8, height - pad_b - pad_t
+    lo, hi = min(ys), max(ys)
+    span = (hi - lo) or 1.0
+    x0, x1 = min(xs), max(xs)
+    xspan = (x1 - x0) or 1.0
+
+    def pt(x: float, y: float) -> str:
+        return f"{pad_l + iw * (x - x0) / xspan:.1f},{pad_t + ih * (1 - (y - lo) / span):.1f}"
+
+    fmt = (lambda v: f"{v:.0f}") if integer else (lambda v: f"{v:.3g}")
+    if len(xs) > 1:
+        body = (f'<polyline fill="none" stroke="{colour}" stroke-width="2" '
+                f'points="{" ".join(pt(x, y) for x, y in zip(xs, ys))}"/>')
+    else:  # one step: a dot (a polyline of one point is invisible)
+        cx, cy = pt(xs[0], ys[0]).split(",")
+        body = f'<circle cx="{cx}" cy="{cy}" r="3" fill="{colour}"/>'
+    return (
+        f'<svg class="lc" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+        f'xmlns="http://www.w3.org/2000/svg"><text x="{pad_l}" y="12" font-size="12" fill="#111">{html.escape(title)}</text>'
+        f'<line x1="{pad_l}" x2="{pad_l}" y1="{pad_t}" y2="{pad_t + ih}" stroke="#e5e7eb"/>'
+        f'<line x1="{pad_l}" x2="{pad_l + iw}" y1="{pad_t + ih}" y2="{pad_t + ih}" stroke="#e5e7eb"/>'
+        f'<text x="{pad_l - 4}" y="{pad_t + 8}" font-size="10" text-anchor="end" fill="#6b7280">{fmt(hi)}</text>'
+        f'<text x="{pad_l - 4}" y="{pad_t + ih}" font-size="10" text-anchor="end" fill="#6b7280">{fmt(lo)}</text>'
+        f'<text x="{pad_l}" y="{height - 6}" font-size="10" fill="#6b7280">step {x0:.0f}</text>'
+        f'<text x="{pad_l + iw}" y="{height - 6}" font-size="10" text-anchor="end" fill="#6b7280">{x1:.0f}</text>'
+        f"{body}</svg>"
+    )
+
+
+def _learning_html(rows: Iterable[Mapping[str, Any]]) -> str:
+    """Small multiples of the learner's curves, one per recorded quantity ("" without rows)."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        try:
+            s = LearnerStep.model_validate(r)
+        except ValidationError:
+            continue  # not a row written by learner_row(): skipped, never fatal to the report
+        by_step[s.step] = s.model_dump()  # a resumed learner may repeat a step: the last row wins
+    if not by_step:
+        return ""
+    steps = sorted(by_step)
+    charts = []
+    for key, title, colour, integer in (("loss", "loss", "#dc2626", False), ("reward_mean", "reward (batch mean)", "#2563eb", False),
+                                        ("policy_version", "policy version", "#7c3aed", True),
+                                        ("kl", "KL to reference", "#ea580c", False), ("grad_norm", "grad norm", "#0d9488", False),
+                                        ("staleness_mean", "staleness (versions)", "#6b7280", False)):
+        pts = [(s, float(by_step[s][key])) for s in steps
+               if by_step[s].get(key) is not None and math.isfinite(by_step[s][key])]
+        if pts:
+            charts.append(_svg_series(title, [p[0] for p in pts], [p[1] for p in pts], colour, integer=integer))
+    return (f'<section id="learning"><h2>Learning curve</h2><p class="sub">{len(steps)} optimizer steps, '
+            f'policy version {by_step[steps[-1]]["policy_version"]} at the end</p>'
+            f'<div class="charts">{"".join(charts)}</div></section>')
+
+
+def _config_html(run: RunFolder) -> str:
+    p = run.local / "config.yaml"
+    if not p.exists():
+        return ""
+    return (f'<section id="config"><h2>Run config</h2><details><summary>config.yaml '
+            f'({len(p.read_text().splitlines())} lines)</summary><pre>{html.escape(p.read_text())}</pre>'
+            f"</details></section>")
+
+
 def _media_src(uri: str | None, report_dir: Path) -> str | None:
     if not uri:
         return None
@@ -99,6 +190,8 @@ def _episode_html(r: dict[str, Any], report_dir: Path) -> str:
     e = html.escape
     src = _media_src(r.get("gif"), report_dir)
     img = f'<img src="{e(src)}" alt="episode video" loading="lazy">' if src else '<div class="noimg">no video</div>'
+    video = _media_src(r.get("video"), report_dir)
+    link = f' · <a class="video" href="{e(video)}">video</a>' if video else ""
     if r["status"] == "failed":
         badge, body = '<span class="b fail">FAILED</span>', f'<p class="err">{e(r.get("failure") or "")}</p>'
     else:
@@ -112,7 +205,7 @@ def _episode_html(r: dict[str, Any], report_dir: Path) -> str:
         body += _scores_html(r.get("scores"))
         if r.get("caption"):
             body += f'<p class="cap">“{e(r["caption"][:300])}”</p>'
-    return f'<div class="ep">{img}<div class="meta">{badge} <small>sample {r["sample"]} · v{r.get("policy_version", 0)}</small>{body}</div></div>'
+    return f'<div class="ep">{img}<div class="meta">{badge} <small>sample {r["sample"]} · v{r.get("policy_version", 0)}{link}</small>{body}</div></div>'
 
 
 CSS = """
@@ -132,12 +225,15 @@ th:first-child,td:first-child{text-align:left}
 .scores{display:grid;grid-template-columns:1fr;gap:1px;margin-top:4px;max-width:170px}
 .s{font-size:10px;display:flex;gap:4px;align-items:center}.s b{width:42px;font-weight:500}
 .t{flex:1;height:6px;background:#e5e7eb;border-radius:3px;overflow:hidden}.t i{display:block;height:6px;background:#60a5fa}
+.charts{display:flex;flex-wrap:wrap;gap:12px}.lc{border:1px solid #e5e7eb;border-radius:6px;background:#fff}
+pre{background:#f9fafb;border:1px solid #e5e7eb;border-radius:6px;padding:8px;font-size:12px;overflow:auto;max-height:480px}
 """
 
 
 def write_report(run: RunFolder, summary: dict[str, Any], max_groups: int = 120) -> Path:
     rows = [r.model_dump() for r in {r.id: r for r in run.episode_rows()}.values()]  # latest attempt per id
     events = run.events()
+    learning = _learning_html(s.model_dump() for s in run.learner_steps())
     out = run.local / "report.html"
     e = html.escape
     groups: "OrderedDict[str, list[dict[str, Any]]]" = OrderedDict()
@@ -165,10 +261,12 @@ def write_report(run: RunFolder, summary: dict[str, Any], max_groups: int = 120)
 <h1>WorldAgent-Ray · {e(run.run_id)}</h1>
 <p class="sub">{summary['episodes']} episodes · {summary['failed']} failed · {summary['episodes_per_s']:.2f} episodes/s ·
 {summary['elapsed_s']:.0f} s · current phase {summary.get('phase')}</p>
-<h2>Reward and success over time</h2>{_svg_chart(rows, events)}
+<section id="curve"><h2>Reward and success over time</h2>{_svg_chart(rows, events)}</section>
+{learning}
 <h2>By phase</h2><table><tr><th>phase</th><th>episodes</th><th>failed</th><th>success</th><th>mean reward</th></tr>
 {phase_rows}</table>
 <p>Curriculum changes:</p><ul>{promos}</ul>
+{_config_html(run)}
 <h2>Episodes (newest first)</h2>{''.join(cards)}
 </body></html>"""
     out.write_text(doc, encoding="utf-8")

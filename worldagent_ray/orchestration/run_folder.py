@@ -24,7 +24,7 @@ import yaml
 from pydantic import ValidationError
 
 from ..config import Config, dump_config, validate_tree
-from ..schemas import CurriculumState, EpisodeRow, EventRow, RoundRow, Task
+from ..schemas import CurriculumState, EpisodeRow, EventRow, LearnerStep, RoundRow, Task
 
 
 def is_uri(p: str) -> bool:
@@ -209,6 +209,23 @@ class RunFolder:
     def events(self, event: str | None = None) -> list[dict[str, Any]]:
         return [r for r in self.metrics_ledger.rows()
                 if r.get("kind") == "event" and (event is None or r.get("event") == event)]
+
+    def record_learner_steps(self, steps: list[LearnerStep]) -> None:
+        """The learner's per-step records (``kind: "learner"`` rows; the report's learning curve)."""
+        if steps:
+            self.metrics_ledger.append([s.model_dump(mode="json", exclude_none=True) for s in steps])
+
+    def learner_steps(self) -> list[LearnerStep]:
+        """Every learner step recorded, in order (a resumed learner may repeat a step)."""
+        out = []
+        for r in self.metrics_ledger.rows():
+            if r.get("kind") != "learner":
+                continue
+            try:
+                out.append(LearnerStep.model_validate(r))
+            except ValidationError:
+                self.metrics_ledger.skipped += 1
+        return out
 
     # ------------------------------------------------------------------ curriculum
     def save_curriculum(self, state: CurriculumState) -> None:

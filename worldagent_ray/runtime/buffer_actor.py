@@ -39,6 +39,7 @@ zero_variance, full, stale).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from typing import Any, Literal, Mapping
@@ -108,6 +109,9 @@ class BufferActor:
         self._name = name
         self._m = BufferMetrics(name)
         self._m.size.set(0)
+        # the learner's per-step metrics, kept for the driver's ledger (bounded: the oldest go)
+        self._steps: collections.deque[tuple[int, float, dict[str, float]]] = collections.deque(maxlen=10_000)
+        self._steps_total = 0
 
     # ------------------------------------------------------------------ helpers
 
@@ -263,6 +267,19 @@ class BufferActor:
             self._advance(version)
             self._publish(before)
             return len(self._core)
+
+    async def record_step(self, metrics: dict[str, float]) -> int:
+        """Keep one optimizer step's metrics (the learner's rank 0 calls it after each step)
+        for :meth:`steps_since`; returns the step record's sequence number."""
+        self._steps.append((self._steps_total, time.time(), {k: float(v) for k, v in metrics.items()
+                                                              if isinstance(v, (int, float)) and not isinstance(v, bool)}))
+        self._steps_total += 1
+        return self._steps_total - 1
+
+    async def steps_since(self, seq: int) -> tuple[list[tuple[float, dict[str, float]]], int]:
+        """The step records from sequence number ``seq`` on (``(time, metrics)`` each; older ones
+        than the last 10,000 are gone) and the next sequence number to ask for."""
+        return [(t, m) for i, t, m in self._steps if i >= seq], self._steps_total
 
     async def size(self) -> int:
         return len(self._core)

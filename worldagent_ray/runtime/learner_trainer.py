@@ -152,6 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics["idle_frac"] = t_idle / max(1e-9, time.monotonic() - t_start)
         if gauges is not None:
             gauges.record(core.policy_version, metrics)
+            buffer.record_step.remote(dict(metrics))  # for the run's ledger; not awaited
         if core.step_count % cfg.checkpoint_every == 0 or core.step_count >= cfg.max_steps:
             _checkpoint(core, buffer, metrics, rank, trained, pending)
         else:

@@ -30,10 +30,12 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
+from pydantic import ValidationError
+
 from ..config import Config
 from ..orchestration.run_folder import RunFolder
 from ..rl.groups import scored_group
-from ..schemas import PlanSample, ScoredGroup, Task, Verdict
+from ..schemas import LearnerStep, PlanSample, ScoredGroup, Task, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +170,7 @@ class LearningSession:
                                       storage_filesystem=storage_filesystem)
         self.result = None
         self.error: BaseException | None = None
+        self._steps_seq = 0  # next learner step record to copy into the ledger
         self._thread = threading.Thread(target=self._fit, name="grpo-learner", daemon=True)
         self._thread.start()
         say(f"  learner started (Ray Train, {cfg.learner.num_workers} worker(s), {cfg.learner.backend}, "
@@ -190,8 +193,24 @@ class LearningSession:
         return await self.feeder.feed_group(group)
 
     async def healthy(self) -> str | None:
-        """The driver's ``Learner.healthy``: see :meth:`health`."""
+        """The driver's ``Learner.healthy``: see :meth:`health`. Also copies the learner's new
+        step records into the run's ledger (bounded; a slow buffer only delays them)."""
+        try:
+            steps, nxt = await asyncio.wait_for(self.buffer.steps_since.remote(self._steps_seq), 10.0)
+            self._record_steps(steps, nxt)
+        except Exception as e:  # the curve is best effort; health below is what counts
+            log.debug("learner steps not copied: %s", e)
         return self.health()
+
+    def _record_steps(self, steps: list[tuple[float, dict[str, float]]], nxt: int) -> None:
+        rows = []
+        for t, m in steps:
+            try:
+                rows.append(LearnerStep.from_metrics(m, t))
+            except ValidationError as e:
+                log.warning("learner step record skipped: %s", e)
+        self.run.record_learner_steps(rows)
+        self._steps_seq = nxt
 
     def health(self) -> str | None:
         """``None`` while the learner runs (Ray Train restarting a failed worker counts as
@@ -218,6 +237,10 @@ class LearningSession:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 self.error = TimeoutError(f"learner still running {timeout_s:.0f}s after the rollouts ended")
+        try:
+            self._record_steps(*ray.get(self.buffer.steps_since.remote(self._steps_seq), timeout=30))
+        except Exception as e:
+            log.warning("learner steps not copied into the ledger: %s", e)
         try:
             stats = ray.get(self.buffer.stats.remote(), timeout=30)
         except Exception as e:
