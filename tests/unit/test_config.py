@@ -121,7 +121,7 @@ def _leaf_fields(model_cls, prefix=""):
 
 def test_every_config_field_is_read_by_the_code():
     """A static check: each leaf field's name is read as an attribute (``.name``) or key
-    (``["name"]``) somewhere in the package or the jobs, outside config.py. A field nobody reads
+    (``["name"]``) somewhere in the package or the jobs, outside ``config/``. A field nobody reads
     is config that lies."""
     import re
     from pathlib import Path
@@ -130,7 +130,7 @@ def test_every_config_field_is_read_by_the_code():
 
     root = Path(__file__).resolve().parents[2]
     sources = [p for p in [*(root / "worldagent_ray").rglob("*.py"), *(root / "jobs").glob("*.py")]
-               if p.name != "config.py"]
+               if p.parent.name != "config"]
     text = "\n".join(p.read_text() for p in sources)
     unread = []
     for path, name in _leaf_fields(Config):

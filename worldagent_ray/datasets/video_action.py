@@ -66,7 +66,7 @@ class ExportSelectionError(ValueError):
 def selection_where(phases: Sequence[int], success: bool | None, min_reward: float) -> str:
     """SQL pushed down to the memory table: finished (``status = 'ok'``) episodes of ``phases``,
     with ``success`` when set and ``reward >= min_reward``. Values are validated, never pasted."""
-    from ..memory.store import build_where
+    from ..memory.filters import build_where
 
     bad = [p for p in phases if isinstance(p, bool) or p not in (1, 2, 3)]
     if bad or not phases:

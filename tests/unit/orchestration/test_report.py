@@ -6,10 +6,10 @@ import pytest
 from pydantic import ValidationError
 
 from worldagent_ray.config import load_config
-from worldagent_ray.orchestration.evolve import WorkItem, _episode_row, summarize
+from worldagent_ray.orchestration.evolve import summarize
 from worldagent_ray.orchestration.report import learner_row, write_report
 from worldagent_ray.orchestration.run_folder import RunFolder
-from worldagent_ray.schemas import Episode, Plan, Rollout, Scores, Task, Verdict
+from worldagent_ray.schemas import Episode, EpisodeRow, LearnerStep, Plan, Rollout, Scores, Task, Verdict
 
 
 def _run(tmp_path, learner_rows=()):
@@ -21,8 +21,8 @@ def _run(tmp_path, learner_rows=()):
                  gif_uri=str(tmp_path / "v.gif"))
     ep = Episode.new(run.run_id, task, 0, plan=Plan.from_actions(["<img src=x onerror=alert(1)>"]), rollout=ro,
                      verdict=v)
-    run.record_episodes([_episode_row(ep, run, WorkItem(0, 0, task, {0}))])
-    run.record_episodes(list(learner_rows))
+    run.record_episodes([EpisodeRow(**ep.summary().model_dump(), t=1.0)])
+    run.metrics_ledger.append(list(learner_rows))  # as written, bad rows included
     return run, write_report(run, summarize(run.episode_rows(), 1.0)).read_text()
 
 
