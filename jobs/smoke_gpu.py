@@ -50,14 +50,13 @@ def _default_llm() -> str:
 
 def part_vllm(args: argparse.Namespace) -> str:
     from PIL import Image
+    from vllm.platforms import current_platform
 
     from worldagent_ray.config import EngineConfig
     from worldagent_ray.engines.factory import model_architectures
     from worldagent_ray.engines.vllm_engine import VLLMEngine
     from worldagent_ray.models import resolve_model
     from worldagent_ray.schemas import SamplingParams
-
-    from vllm.platforms import current_platform
 
     if not current_platform.is_cuda():
         raise RuntimeError(f"vLLM's platform is {type(current_platform).__name__}, not CUDA (the CPU build?)")
@@ -132,7 +131,10 @@ def part_nccl(args: argparse.Namespace) -> str:
 
     if torch.cuda.device_count() < 2:
         raise _Skip(f"needs 2 GPUs (NCCL refuses two ranks on one GPU); found {torch.cuda.device_count()}")
-    from worldagent_ray.runtime.weight_publisher import NcclBroadcastSync, tensor_manifest
+    from worldagent_ray.runtime.weight_publisher import (
+        NcclBroadcastSync,
+        tensor_manifest,
+    )
 
     @ray.remote(num_gpus=1)
     class Rank:
@@ -189,7 +191,11 @@ def part_learner(args: argparse.Namespace) -> str:
     from worldagent_ray.config import LearnerConfig
     from worldagent_ray.models import resolve_model
     from worldagent_ray.rl.learner import LearnerCore
-    from worldagent_ray.rl.weight_sync import is_lora_payload, load_base_weights, merge_lora
+    from worldagent_ray.rl.weight_sync import (
+        is_lora_payload,
+        load_base_weights,
+        merge_lora,
+    )
     from worldagent_ray.schemas import ScoredGroup
 
     path = resolve_model(args.llm)

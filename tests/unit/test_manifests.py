@@ -17,12 +17,17 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
+from tests.factories import (
+    GROUP_LABEL,
+    gpus_by_part,
+    launcher_groups,
+    pack,
+    profile_bundles,
+    rayjob_groups,
+    sim_nodes,
+)
 from worldagent_ray.config import load_config
 from worldagent_ray.models import is_builtin
-
-from tests.factories import (
-    GROUP_LABEL, launcher_groups, gpus_by_part, pack, profile_bundles, rayjob_groups, sim_nodes,
-)
 
 ROOT = Path(__file__).resolve().parents[2]
 RAYJOB = ROOT / "cluster" / "rayjob.yaml"
@@ -100,11 +105,11 @@ def test_rayjob_and_launcher_have_the_same_worker_groups():
     assert set(job) == set(launch) == {"head", "llm", "video"}
     assert job["head"].resources["CPU"] == launch["head"].resources["CPU"] == 0  # no work on the head
     for name in ("llm", "video"):
-        j, l = job[name], launch[name]
-        assert j.labels == l.labels == {GROUP_LABEL: name}
-        assert j.custom() == l.custom() == {f"{name}_gpu": j.resources["GPU"]}
-        assert j.resources["GPU"] == l.resources["GPU"] and j.resources["CPU"] <= l.resources["CPU"]
-        assert (j.count_min, j.count_max) == (l.count_min, l.count_max)
+        j, lw = job[name], launch[name]
+        assert j.labels == lw.labels == {GROUP_LABEL: name}
+        assert j.custom() == lw.custom() == {f"{name}_gpu": j.resources["GPU"]}
+        assert j.resources["GPU"] == lw.resources["GPU"] and j.resources["CPU"] <= lw.resources["CPU"]
+        assert (j.count_min, j.count_max) == (lw.count_min, lw.count_max)
 
 
 def test_video_group_scales_like_the_world(gpu):
@@ -316,3 +321,53 @@ def test_strict_schema_helper_leaves_open_maps_open():
     assert _errors(_strict(schema), {"a": {"anything": "x"}}) == []
     assert _errors(_strict(schema), {"b": 1}) != []
     assert copy.deepcopy(schema) == schema
+
+
+# --------------------------------------------------------------------------- documented commands = tested ones
+
+
+def _doc_block(heading: str) -> list[str]:
+    text = (ROOT / "cluster" / "local.md").read_text()
+    block = text.split(heading, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [ln for ln in block.splitlines() if ln.strip()]
+
+
+def _env_and_argv(line: str) -> tuple[dict[str, str], list[str]]:
+    words = shlex.split(line)
+    env = {}
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
+        k, v = words.pop(0).split("=", 1)
+        env[k] = v
+    return env, words
+
+
+def test_local_md_documents_the_commands_the_simulated_cluster_runs(sim):
+    """cluster/local.md's `ray start` lines are exactly the commands tests.factories.start_sim_cluster
+    runs (it adds only free ports, temp folders and --block), and its `ray job submit` runs the
+    job of tests/e2e/test_cluster_sim.py."""
+    from tests.factories import SIM_JOB, sim_start_commands
+
+    lines = [_env_and_argv(ln) for ln in _doc_block("## The gpu-cluster shape, simulated")]
+    starts = [(env, argv) for env, argv in lines if argv[:2] == ["ray", "start"]]
+    expected = [(extra, argv) for _, argv, extra in sim_start_commands(sim_nodes(sim, rayjob_groups(_yaml(RAYJOB))))]
+    assert starts == expected
+    submits = [argv for _, argv in lines if argv[:3] == ["ray", "job", "submit"]]
+    assert submits == [["ray", "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", ".", "--",
+                        *SIM_JOB]]
+    assert ({}, ["export", "RAY_AUTH_MODE=token"]) in lines
+
+
+def test_the_documented_token_command_creates_the_cluster_token(tmp_path):
+    """`ray get-auth-token --generate` (cluster/local.md, cluster/launcher.yaml) writes the token
+    every node and client shares; run here with a throw-away HOME."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path)
+    p = subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    token = (tmp_path / ".ray" / "auth_token").read_text()
+    assert len(token) >= 32 and p.stdout.strip() == token
