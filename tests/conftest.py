@@ -32,3 +32,35 @@ def tiny_engine(tiny_llama_path):
     )
     yield engine
     engine.shutdown()
+
+
+# --------------------------------------------------------------------------- simulated multi-node cluster (cluster shape)
+# The gpu-cluster shape on this machine: a head with no work and one node per worker group of
+# cluster/rayjob.yaml (labels and custom resources of the group, sized for the cluster-sim
+# profile; see tests.factories.sim_nodes / start_sim_cluster). One cluster per test module
+# (about 1 GB and 10 s to start); always torn down.
+
+
+@pytest.fixture(scope="module")
+def sim_cluster():
+    """A running simulated cluster (:class:`tests.factories.SimCluster`): ``gcs``,
+    ``dashboard``, ``env`` (token auth for client processes) and ``nodes`` ({"head", "llm",
+    "video"}: node id)."""
+    import os
+    from pathlib import Path
+
+    import yaml
+
+    from tests.factories import rayjob_groups, sim_nodes, start_sim_cluster, stop_sim_cluster
+    from worldagent_ray.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    groups = rayjob_groups(yaml.safe_load((root / "cluster" / "rayjob.yaml").read_text()))
+    nodes = sim_nodes(load_config("cluster-sim", environ={}), groups)
+    # Ray workers import this checkout (also when the test runs from another folder)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    cluster = start_sim_cluster(nodes, env=env)
+    try:
+        yield cluster
+    finally:
+        stop_sim_cluster(cluster)

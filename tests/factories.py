@@ -53,7 +53,7 @@ def sandbox_episode(task, sample: int, actions, *, success: bool, reward: float,
     )
 
 
-# --------------------------------------------------------------------------- cluster shape (manifests, simulated cluster)
+# ------------------------------------------------------------------ cluster shape (manifests, simulated cluster)
 # What a profile reserves (one bundle per replica or worker), what a manifest provides (node
 # groups), and a first-fit packing of one into the other: used by tests/unit/test_manifests.py
 # and by the simulated multi-node cluster in tests/conftest.py.
@@ -262,16 +262,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+SIM_JOB = ["python", "jobs/evolve.py", "--profile", "cluster-sim", "--learn"]
+"""The job the simulated cluster runs (cluster/local.md, tests/e2e/test_cluster_sim.py)."""
+
+
+def sim_start_commands(nodes: dict[str, dict], gcs_port: int = 6379) -> list[tuple[str, list[str], dict[str, str]]]:
+    """``(group, argv, extra env)`` of each ``ray start`` of the simulated cluster, as
+    cluster/local.md documents them: a head with no work (``--num-cpus 0``, dashboard on
+    127.0.0.1) and one node per entry of ``nodes`` ({group: {"resources": {"CPU": n,
+    custom...}, "labels": {...}}}, from :func:`sim_nodes`) with ``RAY_NODE_TYPE_NAME=<group>``,
+    which KubeRay sets in every pod, so Ray labels it ``ray.io/node-group=<group>``."""
+    import json
+
+    out = [("head", ["ray", "start", "--head", "--num-cpus", "0", "--num-gpus", "0", "--port", str(gcs_port),
+                     "--dashboard-host", "127.0.0.1", "--disable-usage-stats"], {})]
+    for group, spec in nodes.items():
+        res = dict(spec["resources"])
+        cpus = int(res.pop("CPU"))
+        labels = ",".join(f"{k}={v}" for k, v in spec.get("labels", {}).items())
+        out.append((group, ["ray", "start", "--address", f"127.0.0.1:{gcs_port}", "--num-cpus", str(cpus),
+                            "--num-gpus", "0", "--resources", json.dumps(res), "--labels", labels,
+                            "--disable-usage-stats"], {"RAY_NODE_TYPE_NAME": group}))
+    return out
+
+
 def start_sim_cluster(nodes: dict[str, dict], *, env: dict[str, str] | None = None,
                       timeout_s: float = 180.0) -> SimCluster:
-    """Start a multi-node Ray cluster on this machine with ``ray start`` (one process group per
-    node, every port chosen free, bound to 127.0.0.1): a head with no work (``--num-cpus 0``,
-    dashboard on 127.0.0.1, token auth) and one node per entry of ``nodes`` ({group:
-    {"resources": {"CPU": n, custom...}, "labels": {...}}}, e.g. from :func:`sim_nodes`). Each
-    node also gets ``RAY_NODE_TYPE_NAME=<group>``, which KubeRay sets in every pod, so Ray labels
-    it ``ray.io/node-group=<group>`` as on Kubernetes. ``env`` is the nodes' environment (e.g.
-    S3 endpoint and credentials: Ray workers inherit them; jobs never forward them).
-    Stop it with :func:`stop_sim_cluster` (never ``ray stop``, which kills every Ray here)."""
+    """Start the simulated multi-node cluster of :func:`sim_start_commands` on this machine,
+    with token auth (``RAY_AUTH_MODE=token``; the token is ``~/.ray/auth_token``). Added for
+    tests: every port chosen free and bound to 127.0.0.1, a temp folder per node, a small object
+    store, ``--block`` in its own process group. ``env`` is the nodes' environment (e.g. S3
+    endpoint and credentials: Ray workers inherit them; jobs never forward them). Returns once
+    every node is alive (``timeout_s``). Stop it with :func:`stop_sim_cluster` (never
+    ``ray stop``, which kills every Ray on the machine)."""
     import json
     import os
     import subprocess
@@ -286,27 +309,19 @@ def start_sim_cluster(nodes: dict[str, dict], *, env: dict[str, str] | None = No
     base.pop("RAY_ADDRESS", None)
     log_dir = Path(tempfile.mkdtemp(prefix="wa-sim-"))  # short: Ray's socket paths must stay < 108 chars
     gcs, dash = _free_port(), _free_port()
-
-    def ports() -> list[str]:
-        return [f"--{flag}={_free_port()}" for flag in (
-            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-            "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
-
-    common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats", "--object-store-memory=300000000",
-              "--min-worker-port=0", "--max-worker-port=0"]
     cluster = SimCluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", base, log_dir)
     cluster._procs = []
-    specs = [("head", [ray_bin, "start", "--head", f"--port={gcs}", "--num-cpus=0", "--num-gpus=0",
-                       "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                       f"--ray-client-server-port={_free_port()}", f"--temp-dir={log_dir / 'head'}", *common, *ports()],
-              base)]
-    for group, spec in nodes.items():
-        res = dict(spec["resources"])
-        labels = ",".join(f"{k}={v}" for k, v in spec.get("labels", {}).items())
-        specs.append((group, [ray_bin, "start", f"--address=127.0.0.1:{gcs}", f"--num-cpus={int(res.pop('CPU'))}",
-                              "--num-gpus=0", f"--resources={json.dumps(res)}", f"--labels={labels}",
-                              f"--temp-dir={log_dir / group}", *common, *ports()],
-                      {**base, "RAY_NODE_TYPE_NAME": group}))
+    specs = []
+    for group, argv, extra in sim_start_commands(nodes, gcs):
+        test_flags = ["--block", "--node-ip-address=127.0.0.1", "--object-store-memory=300000000",
+                      "--min-worker-port=0", "--max-worker-port=0", f"--temp-dir={log_dir / group}",
+                      *(f"--{flag}={_free_port()}" for flag in (
+                          "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                          "runtime-env-agent-port", "node-manager-port", "object-manager-port"))]
+        if group == "head":
+            test_flags += ["--include-dashboard=true", f"--dashboard-port={dash}",
+                           f"--ray-client-server-port={_free_port()}"]
+        specs.append((group, [ray_bin, *argv[1:], *test_flags], {**base, **extra}))
     try:
         for group, cmd, node_env in specs:
             log = open(log_dir / f"{group}.log", "w")
@@ -331,8 +346,10 @@ def start_sim_cluster(nodes: dict[str, dict], *, env: dict[str, str] | None = No
 
 
 def stop_sim_cluster(cluster: SimCluster, timeout_s: float = 30.0) -> None:
-    """SIGTERM every node's process group (workers first, the head last), SIGKILL what is left."""
+    """SIGTERM every node's process group (workers first, the head last), SIGKILL what is left,
+    then delete the cluster's temp folder (its logs)."""
     import os
+    import shutil
     import signal
     import subprocess
 
@@ -347,3 +364,4 @@ def stop_sim_cluster(cluster: SimCluster, timeout_s: float = 30.0) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+    shutil.rmtree(cluster.log_dir, ignore_errors=True)
