@@ -3,6 +3,8 @@ Shared plain helpers (test data factories) live in ``tests/factories.py``."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from worldagent_ray.env import apply_env_defaults
@@ -39,6 +41,12 @@ def tiny_engine(tiny_llama_path):
 # cluster/rayjob.yaml (labels and custom resources of the group, sized for the cluster-sim
 # profile; see tests.factories.sim_nodes / start_sim_cluster). One cluster per test module
 # (about 1 GB and 10 s to start); always torn down.
+#
+# Token auth everywhere: Ray 2.60 reads RAY_AUTH_MODE once per process (later changes are not
+# seen) and turns token auth on only for clusters it starts itself, never when joining an
+# address; so it is set here, before any test imports Ray. Local `ray.init()` clusters use token
+# auth by default in 2.60 anyway, with the same ~/.ray/auth_token.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +54,6 @@ def sim_cluster():
     """A running simulated cluster (:class:`tests.factories.SimCluster`): ``gcs``,
     ``dashboard``, ``env`` (token auth for client processes) and ``nodes`` ({"head", "llm",
     "video"}: node id)."""
-    import os
     from pathlib import Path
 
     import yaml

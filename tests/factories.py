@@ -345,23 +345,35 @@ def start_sim_cluster(nodes: dict[str, dict], *, env: dict[str, str] | None = No
     return cluster
 
 
-def stop_sim_cluster(cluster: SimCluster, timeout_s: float = 30.0) -> None:
-    """SIGTERM every node's process group (workers first, the head last), SIGKILL what is left,
-    then delete the cluster's temp folder (its logs)."""
+def stop_sim_cluster(cluster: SimCluster, timeout_s: float = 10.0) -> None:
+    """SIGTERM every node's process group (workers first, the head last), give them ``timeout_s``
+    in all to exit, SIGKILL whatever is left in those groups, then delete the cluster's temp
+    folder (its logs)."""
     import os
     import shutil
     import signal
     import subprocess
+    import time
 
-    for proc in reversed(getattr(cluster, "_procs", [])):
+    procs = list(reversed(getattr(cluster, "_procs", [])))
+    for proc in procs:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    for proc in reversed(getattr(cluster, "_procs", [])):
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
         try:
-            proc.wait(timeout_s)
+            proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            pass
+    for proc in procs:  # stragglers (raylet, workers) in the node's group
+        try:
             os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
             proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
     shutil.rmtree(cluster.log_dir, ignore_errors=True)
