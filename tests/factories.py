@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 from worldagent_ray.schemas import ScoredGroup
@@ -104,3 +105,329 @@ def make_memory_episode(
         ),
         created_at=time.time() if created_at is None else created_at,
     )
+
+
+# ------------------------------------------------------------------ cluster shape (manifests, simulated cluster)
+# What a profile reserves (one bundle per replica or worker), what a manifest provides (node
+# groups), and a first-fit packing of one into the other: used by tests/unit/test_manifests.py
+# and by the simulated multi-node cluster in tests/conftest.py.
+
+GROUP_LABEL = "worldagent-ray/group"
+"""The node label every worker group of cluster/rayjob.yaml and cluster/launcher.yaml sets."""
+
+
+class Bundle:
+    """What one replica or worker reserves: ``part`` (e.g. ``engine-policy``, ``world``), CPUs,
+    GPUs and Ray custom resources."""
+
+    def __init__(self, part: str, cpus: float, gpus: float, custom: dict[str, float]):
+        self.part, self.cpus, self.gpus, self.custom = part, float(cpus), float(gpus), dict(custom)
+
+    def demand(self) -> dict[str, float]:
+        return {"CPU": self.cpus, "GPU": self.gpus, **self.custom}
+
+    def __repr__(self) -> str:
+        return f"Bundle({self.part}, {self.demand()})"
+
+
+def used_engines(cfg) -> list[str]:
+    """The engines a run starts (the same rule as ``runtime.apps.used_engines``, which imports
+    Ray; tests/ray/test_cluster_placement.py checks that both agree)."""
+    a = cfg.agents
+    names = [a.action.engine]
+    if any(s in ("text_judge", "vlm_judge") for s in a.critic.scorers):
+        names.append(a.critic.engine)
+    if a.curriculum.use_llm:
+        names.append(a.curriculum.engine)
+    return list(dict.fromkeys(names))
+
+
+def profile_bundles(cfg, *, learn: bool = True, world: str = "min") -> list[Bundle]:
+    """Every replica and worker a run of ``cfg`` reserves: engines (fixed replicas), the Serve
+    parts (autoscaled parts at their ``min`` or ``max`` replicas), the memory actor and, with
+    ``learn`` (or ``learner.enabled``), the learner workers (a GPU each when ``use_gpu``, as the
+    Ray Train scaling config asks)."""
+    from worldagent_ray.config import PartResources
+
+    r = cfg.resources
+
+    def count(res, which: str) -> int:
+        if res.autoscaling is None:
+            return res.replicas
+        return res.autoscaling.min_replicas if which == "min" else res.autoscaling.max_replicas
+
+    out = []
+    for name in used_engines(cfg):
+        res = r.engines.get(name) or PartResources()
+        out += [Bundle(f"engine-{name}", res.num_cpus, res.num_gpus, res.custom)] * count(res, "min")
+    for part in ("action", "curriculum", "critic", "world"):
+        res = getattr(r, part)
+        out += [Bundle(part, res.num_cpus, res.num_gpus, res.custom)] * count(res, world if part == "world" else "min")
+    if cfg.memory.enabled:
+        out.append(Bundle("memory", r.memory.num_cpus, r.memory.num_gpus, r.memory.custom))
+    if learn or cfg.learner.enabled:
+        lr = r.learner
+        gpus = (lr.num_gpus or 1) if cfg.learner.use_gpu else 0.0
+        out += [Bundle("learner", lr.num_cpus, gpus, lr.custom)] * cfg.learner.num_workers
+    return out
+
+
+def gpus_by_part(bundles: list[Bundle]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for b in bundles:
+        out[b.part] = out.get(b.part, 0.0) + b.gpus
+    return {k: v for k, v in out.items() if v}
+
+
+class NodeGroup:
+    """Nodes of one kind in a manifest: ``count_min``..``count_max`` nodes, each with
+    ``resources`` (CPU, GPU and custom resources) and ``labels``."""
+
+    def __init__(self, name: str, count_min: int, count_max: int, resources: dict[str, float],
+                 labels: dict[str, str]):
+        self.name, self.count_min, self.count_max = name, count_min, count_max
+        self.resources, self.labels = dict(resources), dict(labels)
+
+    def custom(self) -> dict[str, float]:
+        return {k: v for k, v in self.resources.items() if k not in ("CPU", "GPU", "memory")}
+
+    def __repr__(self) -> str:
+        return f"NodeGroup({self.name}, {self.count_min}..{self.count_max} x {self.resources}, {self.labels})"
+
+
+def _k8s_quantity(q) -> float:
+    """A Kubernetes CPU/GPU quantity ("44", 4, "500m") as a number."""
+    s = str(q)
+    return float(s[:-1]) / 1000 if s.endswith("m") else float(s)
+
+
+def rayjob_groups(job: dict) -> list[NodeGroup]:
+    """The node groups of a KubeRay RayJob: the head (one node, CPUs from ``num-cpus``) and
+    each worker group (``minReplicas``..``maxReplicas`` nodes; CPU/GPU from the Ray container's
+    limits unless ``rayStartParams`` overrides them; custom resources from the group's
+    ``resources`` and ``rayStartParams.resources``; the group's ``labels``)."""
+    import json
+
+    spec = job["spec"]["rayClusterSpec"]
+
+    def node(group: dict) -> dict[str, float]:
+        limits = group["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
+        params = group.get("rayStartParams") or {}
+        res = {"CPU": _k8s_quantity(params.get("num-cpus", limits.get("cpu", 0))),
+               "GPU": _k8s_quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))}
+        res.update({k: float(v) for k, v in (group.get("resources") or {}).items()})
+        if "resources" in params:  # the rayStartParams way: JSON, often quoted once more for the shell
+            extra = json.loads(params["resources"])
+            res.update({k: float(v) for k, v in (json.loads(extra) if isinstance(extra, str) else extra).items()})
+        return res
+
+    head = spec["headGroupSpec"]
+    out = [NodeGroup("head", 1, 1, node(head), head.get("labels") or {})]
+    for g in spec.get("workerGroupSpecs") or []:
+        out.append(NodeGroup(g["groupName"], int(g.get("minReplicas", 0)), int(g.get("maxReplicas", 2**31 - 1)),
+                             node(g), g.get("labels") or {}))
+    return out
+
+
+def launcher_groups(conf: dict) -> list[NodeGroup]:
+    """The node types of a Ray cluster launcher config (the head type: exactly one node)."""
+    out = []
+    for name, t in conf["available_node_types"].items():
+        head = name == conf["head_node_type"]
+        out.append(NodeGroup(name, 1 if head else int(t.get("min_workers", 0)),
+                             1 if head else int(t.get("max_workers", 0)),
+                             {k: float(v) for k, v in t.get("resources", {}).items()}, t.get("labels") or {}))
+    return out
+
+
+def pack(bundles: list[Bundle], groups: list[NodeGroup], *, at: str = "min") -> list[Bundle]:
+    """First-fit-decreasing packing of ``bundles`` onto the nodes of ``groups`` (each group at
+    its ``min`` or ``max`` node count), the way Ray must place them: every bundle on ONE node
+    with enough of each resource it asks for. Returns the bundles that found no node ([] when
+    everything fits)."""
+    free = [dict(g.resources) for g in groups for _ in range(g.count_min if at == "min" else g.count_max)]
+    left = []
+    order = sorted(bundles, key=lambda b: (b.gpus, sum(b.custom.values()), b.cpus), reverse=True)
+    for b in order:
+        need = {k: v for k, v in b.demand().items() if v > 0}
+        for node in free:
+            if all(node.get(k, 0.0) >= v - 1e-9 for k, v in need.items()):
+                for k, v in need.items():
+                    node[k] -= v
+                break
+        else:
+            left.append(b)
+    return left
+
+
+def sim_nodes(cfg, groups: list[NodeGroup]) -> dict[str, dict]:
+    """One simulated node per worker group of a manifest, sized for ``cfg`` (the cluster-sim
+    profile): the group's labels and custom resources, each custom resource as much as the
+    profile asks for at the world's MAX replicas, and CPUs for the parts pinned there plus every
+    unpinned part (Serve agents, memory), which may land on any node. No GPUs: the custom
+    resources stand in for them. ``{group name: {"resources": {...}, "labels": {...}}}``."""
+    bundles = profile_bundles(cfg, learn=True, world="max")
+    floating = sum(b.cpus for b in bundles if not b.custom)
+    out = {}
+    for g in groups:
+        if g.name == "head":
+            continue
+        names = set(g.custom())
+        mine = [b for b in bundles if names & set(b.custom)]
+        res = {"CPU": float(math.ceil(sum(b.cpus for b in mine) + floating))}  # `ray start --num-cpus` takes an int
+        for n in sorted(names):
+            res[n] = sum(b.custom.get(n, 0.0) for b in bundles)
+        out[g.name] = {"resources": res, "labels": dict(g.labels)}
+    return out
+
+
+class SimCluster:
+    """A running simulated cluster: ``gcs`` (``127.0.0.1:port``), ``dashboard`` (its URL),
+    ``env`` (what a client process needs: token auth, no proxy), ``nodes`` ({group: node id},
+    ``head`` included, read through Ray's state API once every node was up) and ``log_dir``."""
+
+    def __init__(self, gcs: str, dashboard: str, env: dict[str, str], log_dir):
+        self.gcs, self.dashboard, self.env, self.log_dir = gcs, dashboard, env, log_dir
+        self.nodes: dict[str, str] = {}
+
+
+_NODES_UP = """
+import json, sys, time
+from ray.util.state import list_nodes
+want, deadline = int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+while True:
+    try:
+        alive = [n for n in list_nodes(address=sys.argv[1], timeout=10) if n.state == "ALIVE"]
+    except Exception as e:  # the dashboard is still starting
+        alive, err = [], e
+    if len(alive) >= want or time.monotonic() > deadline:
+        break
+    time.sleep(0.5)
+print("NODES " + json.dumps([{"id": n.node_id, "head": n.is_head_node, "labels": n.labels,
+                              "resources": n.resources_total} for n in alive]))
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SIM_JOB = ["python", "jobs/evolve.py", "--profile", "cluster-sim", "--learn"]
+"""The job the simulated cluster runs (cluster/local.md, tests/e2e/test_cluster_sim.py)."""
+
+
+def sim_start_commands(nodes: dict[str, dict], gcs_port: int = 6379) -> list[tuple[str, list[str], dict[str, str]]]:
+    """``(group, argv, extra env)`` of each ``ray start`` of the simulated cluster, as
+    cluster/local.md documents them: a head with no work (``--num-cpus 0``, dashboard on
+    127.0.0.1) and one node per entry of ``nodes`` ({group: {"resources": {"CPU": n,
+    custom...}, "labels": {...}}}, from :func:`sim_nodes`) with ``RAY_NODE_TYPE_NAME=<group>``,
+    which KubeRay sets in every pod, so Ray labels it ``ray.io/node-group=<group>``."""
+    import json
+
+    out = [("head", ["ray", "start", "--head", "--num-cpus", "0", "--num-gpus", "0", "--port", str(gcs_port),
+                     "--dashboard-host", "127.0.0.1", "--disable-usage-stats"], {})]
+    for group, spec in nodes.items():
+        res = dict(spec["resources"])
+        cpus = int(res.pop("CPU"))
+        labels = ",".join(f"{k}={v}" for k, v in spec.get("labels", {}).items())
+        out.append((group, ["ray", "start", "--address", f"127.0.0.1:{gcs_port}", "--num-cpus", str(cpus),
+                            "--num-gpus", "0", "--resources", json.dumps(res), "--labels", labels,
+                            "--disable-usage-stats"], {"RAY_NODE_TYPE_NAME": group}))
+    return out
+
+
+def start_sim_cluster(nodes: dict[str, dict], *, env: dict[str, str] | None = None,
+                      timeout_s: float = 180.0) -> SimCluster:
+    """Start the simulated multi-node cluster of :func:`sim_start_commands` on this machine,
+    with token auth (``RAY_AUTH_MODE=token``; the token is ``~/.ray/auth_token``). Added for
+    tests: every port chosen free and bound to 127.0.0.1, a temp folder per node, a small object
+    store, ``--block`` in its own process group. ``env`` is the nodes' environment (e.g. S3
+    endpoint and credentials: Ray workers inherit them; jobs never forward them). Returns once
+    every node is alive (``timeout_s``). Stop it with :func:`stop_sim_cluster` (never
+    ``ray stop``, which kills every Ray on the machine)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    base = dict(os.environ if env is None else env)
+    base.update(RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", NO_PROXY="127.0.0.1,localhost",
+                no_proxy="127.0.0.1,localhost", PATH=f"{Path(sys.executable).parent}:{base.get('PATH', '')}")
+    base.pop("RAY_ADDRESS", None)
+    log_dir = Path(tempfile.mkdtemp(prefix="wa-sim-"))  # short: Ray's socket paths must stay < 108 chars
+    gcs, dash = _free_port(), _free_port()
+    cluster = SimCluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", base, log_dir)
+    cluster._procs = []
+    specs = []
+    for group, argv, extra in sim_start_commands(nodes, gcs):
+        test_flags = ["--block", "--node-ip-address=127.0.0.1", "--object-store-memory=300000000",
+                      "--min-worker-port=0", "--max-worker-port=0", f"--temp-dir={log_dir / group}",
+                      *(f"--{flag}={_free_port()}" for flag in (
+                          "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                          "runtime-env-agent-port", "node-manager-port", "object-manager-port"))]
+        if group == "head":
+            test_flags += ["--include-dashboard=true", f"--dashboard-port={dash}",
+                           f"--ray-client-server-port={_free_port()}"]
+        specs.append((group, [ray_bin, *argv[1:], *test_flags], {**base, **extra}))
+    try:
+        for group, cmd, node_env in specs:
+            log = open(log_dir / f"{group}.log", "w")
+            cluster._procs.append(subprocess.Popen(cmd, env=node_env, stdout=log, stderr=subprocess.STDOUT,
+                                                   stdin=subprocess.DEVNULL, start_new_session=True))
+            log.close()
+        p = subprocess.run([sys.executable, "-c", _NODES_UP, cluster.dashboard, str(len(specs)), str(timeout_s)],
+                           env=base, capture_output=True, text=True, timeout=timeout_s + 60)
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("NODES ")]
+        found = json.loads(line[0][6:]) if line else []
+        for n in found:
+            group = "head" if n["head"] else n["labels"].get("ray.io/node-group", "?")
+            cluster.nodes[group] = n["id"]
+        if set(cluster.nodes) != {"head", *nodes}:
+            logs = "\n".join(f"--- {g}\n{(log_dir / f'{g}.log').read_text()[-1500:]}" for g, _, _ in specs)
+            raise RuntimeError(f"simulated cluster did not come up within {timeout_s}s: nodes {found}\n"
+                               f"{p.stderr[-2000:]}\n{logs}")
+    except BaseException:
+        stop_sim_cluster(cluster)
+        raise
+    return cluster
+
+
+def stop_sim_cluster(cluster: SimCluster, timeout_s: float = 10.0) -> None:
+    """SIGTERM every node's process group (workers first, the head last), give them ``timeout_s``
+    in all to exit, SIGKILL whatever is left in those groups, then delete the cluster's temp
+    folder (its logs)."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    procs = list(reversed(getattr(cluster, "_procs", [])))
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for proc in procs:  # stragglers (raylet, workers) in the node's group
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+    shutil.rmtree(cluster.log_dir, ignore_errors=True)
