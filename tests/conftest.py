@@ -187,7 +187,12 @@ def sim_cluster():
 
     import yaml
 
-    from tests.factories import rayjob_groups, sim_nodes, start_sim_cluster, stop_sim_cluster
+    from tests.factories import (
+        rayjob_groups,
+        sim_nodes,
+        start_sim_cluster,
+        stop_sim_cluster,
+    )
     from worldagent_ray.config import load_config
 
     root = Path(__file__).resolve().parents[1]

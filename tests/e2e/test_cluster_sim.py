@@ -1,0 +1,167 @@
+"""The cluster shape end to end (issue 10, "Done when"): the simulated 3-node cluster (a head
+with no work, an ``llm`` and a ``video`` node mirroring cluster/rayjob.yaml) and a local S3
+server; ``ray job submit ... python jobs/evolve.py --profile cluster-sim --learn`` runs two
+rounds; then every episode, video and checkpoint is under the S3 root, world replicas ran only
+on the video node, the learner ran with 2 workers (on the llm node), both policy engine replicas
+served ``policy_version >= 1`` and the judge scored frames read from S3.
+
+DRAFT: it needs the storage layer and the S3 server fixture (branch wp-storage), the
+``tiny-random-qwen2.5-vl`` builtin and the VLM learner (wp-learner) and ``learner.sync_method``
+wired (collective sync); until they are merged it skips and names what is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.factories import SIM_JOB, rayjob_groups, sim_nodes, start_sim_cluster, stop_sim_cluster
+from worldagent_ray.config import load_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).resolve().parents[2]
+BUCKET = "worldagent-sim"  # fixed in worldagent_ray/configs/cluster-sim.yaml
+RUN = "e2e-cluster-sim"
+JOB_TIMEOUT_S = 540
+# Random tiny models: every group's rewards may be equal, so keep such groups for the learner
+# (otherwise it never steps); one group per step and a checkpoint every step.
+OVERRIDES = ["learner.drop_zero_variance=false", "learner.groups_per_step=1", "learner.checkpoint_every=1",
+             "learner.max_staleness=4"]
+
+
+def _missing_prerequisites() -> list[str]:
+    from worldagent_ray.models import is_builtin
+
+    missing = []
+    if importlib.util.find_spec("worldagent_ray.storage") is None:
+        missing.append("worldagent_ray.storage (wp-storage)")
+    if not is_builtin("tiny-random-qwen2.5-vl"):
+        missing.append("the tiny-random-qwen2.5-vl builtin (wp-learner)")
+    runtime = "\n".join(p.read_text() for p in (ROOT / "worldagent_ray" / "runtime").glob("*.py"))
+    if not re.search(r"\.sync_method\b", runtime):
+        missing.append("learner.sync_method wired in runtime/ (collective weight sync)")
+    for mod in ("moto", "s3fs"):
+        if importlib.util.find_spec(mod) is None:
+            missing.append(f"the {mod} package")
+    return missing
+
+
+MISSING = _missing_prerequisites()
+if MISSING:
+    pytestmark.append(pytest.mark.skip(reason="cluster-sim e2e needs: " + "; ".join(MISSING)))
+
+
+@pytest.fixture(scope="module")
+def s3(request):
+    """The session's moto S3 server (tests/conftest.py, wp-storage) with the fixed bucket."""
+    import boto3
+
+    server = request.getfixturevalue("s3_server")
+    boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
+    return server
+
+
+@pytest.fixture(scope="module")
+def cluster(s3):
+    """The simulated cluster; its nodes get the S3 endpoint and test credentials in their
+    environment (as pods get them from a Secret or IRSA), so Ray workers read and write the bucket;
+    the job itself never forwards them."""
+    import os
+
+    cfg = load_config("cluster-sim", environ={})
+    nodes = sim_nodes(cfg, rayjob_groups(yaml.safe_load((ROOT / "cluster" / "rayjob.yaml").read_text())))
+    env = dict(os.environ, **s3.env, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", RUST_LOG="error",
+               PYTHONPATH=str(ROOT))  # workers import this checkout (as the image's installed package on a cluster)
+    c = start_sim_cluster(nodes, env=env)
+    try:
+        yield c
+    finally:
+        stop_sim_cluster(c)
+
+
+STATE = """
+import json, sys
+from ray.util.state import list_actors
+rows = list_actors(address=sys.argv[1], limit=10000, detail=True, raise_on_missing_output=False)
+print("ACTORS " + json.dumps([{"cls": a.class_name, "node": a.node_id, "state": a.state} for a in rows]))
+"""
+
+
+def actors(cluster) -> list[dict]:
+    """Every actor the cluster ran (alive or dead), with its node, through Ray's state API."""
+    p = subprocess.run([sys.executable, "-c", STATE, cluster.dashboard], env=cluster.env, capture_output=True,
+                       text=True, timeout=120)
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("ACTORS ")]
+    assert line, p.stdout[-1000:] + p.stderr[-2000:]
+    return json.loads(line[0][len("ACTORS "):])
+
+
+def test_evolve_on_the_simulated_cluster_with_s3(cluster, s3, monkeypatch):
+    from worldagent_ray import storage
+
+    for k, v in s3.env.items():  # this process reads the bucket afterwards
+        monkeypatch.setenv(k, v)
+    cfg = load_config("cluster-sim", environ={})
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    # the `ray job submit` of cluster/local.md (+ a run name, the JSON summary and the test overrides)
+    cmd = [ray_bin, "job", "submit", "--address", cluster.dashboard, "--working-dir", ".", "--", *SIM_JOB,
+           "--run-name", RUN, "--json", *(x for o in OVERRIDES for x in ("--set", o))]
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    elapsed = time.time() - t0
+    assert p.returncode == 0 and "succeeded" in p.stdout, \
+        f"job failed after {elapsed:.0f}s:\n{p.stdout[-6000:]}\n{p.stderr[-3000:]}"
+    summary = json.loads(p.stdout.split("SUMMARY ", 1)[1].splitlines()[0])
+
+    # every episode, video and checkpoint under the S3 root
+    run_root = f"{cfg.run.root.rstrip('/')}/{RUN}"
+    assert run_root.startswith(f"s3://{BUCKET}/")
+    ledger = storage.read_bytes(f"{run_root}/metrics.jsonl").decode()  # the ledger copy under the run root
+    rows = [json.loads(ln) for ln in ledger.splitlines() if ln.strip()]
+    episodes = [r for r in rows if r.get("kind") == "episode"]
+    G, tasks = cfg.agents.action.group_size, cfg.agents.curriculum.tasks_per_proposal
+    assert len(episodes) == cfg.run.iterations * tasks * G == len({e["id"] for e in episodes}) == summary["episodes"]
+    rendered = [e for e in episodes if e["status"] == "ok"]
+    assert rendered, "no episode was rendered"
+    for e in rendered:
+        assert e["video"].startswith(run_root + "/") and storage.exists(e["video"]), e["video"]
+    import lancedb
+
+    memory = lancedb.connect(cfg.memory.uri, storage_options=storage.lancedb_storage_options(cfg.memory.uri))
+    ids = set(memory.open_table(cfg.memory.table).to_arrow().column("id").to_pylist())
+    assert {e["id"] for e in episodes} <= ids
+    checkpoints = [u for u in storage.find(f"{run_root}/learner") if "checkpoint_" in u]
+    assert checkpoints, "no learner checkpoint under the S3 root"
+
+    # the judge scored frames it read from S3 (vlm_judge notes an unreadable frame, and gives no scores then)
+    for e in rendered:
+        assert e["scores"] is not None and not any("could not read the frames" in n or "no frames" in n
+                                                   for n in e["notes"]), e["notes"]
+
+    # placement, through Ray's state API
+    rows = actors(cluster)
+    node_of = {v: k for k, v in cluster.nodes.items()}
+    world = {node_of.get(a["node"]) for a in rows if a["cls"].startswith("ServeReplica:world:")}
+    engines = {node_of.get(a["node"]) for a in rows if a["cls"].startswith("ServeReplica:engine-")}
+    workers = [a for a in rows if a["cls"] == "RayTrainWorker"]
+    assert world == {"video"} and engines == {"llm"}, (world, engines)
+    assert len(workers) >= cfg.learner.num_workers == 2 and {node_of.get(a["node"]) for a in workers} == {"llm"}
+
+    # both policy engine replicas served weights the learner published (policy_version >= 1)
+    learner = summary["learner"]
+    assert "error" not in learner and learner.get("policy_version", 0) >= 1, learner
+    replicas = learner["replicas"]  # the weight publisher's status: {replica id: {"acked": version, ...}}
+    assert len(replicas) == cfg.resources.engines["policy"].replicas
+    assert all(r["acked"] >= 1 for r in replicas.values()), replicas
+    assert max(e["policy_version"] for e in episodes) >= 1
+    print(f"cluster-sim e2e: job {elapsed:.0f}s, {len(episodes)} episodes, {len(checkpoints)} checkpoint files")
