@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
-import time
 from typing import Any, Callable
 
 from ..config import Config
 from .evolve import EvolveDriver
+from .progress import RunProgress
 from .run_folder import RunFolder
 
 log = logging.getLogger("worldagent_ray")
@@ -23,32 +22,6 @@ def _vocabulary_fn(cfg: Config) -> Callable | None:
 
     world = SandboxWorld(cfg.world.sandbox)  # pure and cheap: only the vocabulary is used here
     return world.admissible_actions
-
-
-class _Progress:
-    """A rich progress bar when interactive, a line every few episodes otherwise."""
-
-    def __init__(self, interactive: bool):
-        self.bar = None
-        self.last = 0.0
-        if interactive:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(TextColumn("episodes"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-            self.task = self.bar.add_task("episodes", total=1)
-            self.bar.start()
-
-    def __call__(self, snap: dict[str, Any]) -> None:
-        done, total = snap["committed"], max(snap["planned"], snap["committed"])
-        if self.bar is not None:
-            self.bar.update(self.task, completed=done, total=total)
-        elif time.time() - self.last > 10 or done >= total:
-            self.last = time.time()
-            print(f"[evolve] {done}/{total} episodes committed", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def run_evolve(cfg: Config, run: RunFolder, *, learn: bool = False, attach: bool = False, dashboard: bool = True,
@@ -81,14 +54,14 @@ def run_evolve(cfg: Config, run: RunFolder, *, learn: bool = False, attach: bool
                                   namespace=cluster.NAMESPACE, progress=lambda m: say(f"  {m}"))
         say(f"serve applications: {', '.join(handles.app_names)}")
         services = RayServices(handles, memory, _vocabulary_fn(cfg))
-        progress = _Progress(sys.stdout.isatty() if interactive is None else interactive)
-        driver = EvolveDriver(cfg, run, services, learner=session,
-                              metrics=LoopMetrics(run.run_id), progress=progress)
+        progress = RunProgress(planned=0, learn=session is not None, interactive=interactive).start()
+        driver = EvolveDriver(cfg, run, services, learner=session, metrics=LoopMetrics(run.run_id),
+                              progress=lambda snap: progress.update(snap, session.latest_step if session else None))
         try:
             summary = asyncio.run(driver.run_loop())
         except KeyboardInterrupt:  # Ctrl-C: keep what finished, report it, say how to resume
             summary = driver.summary()
-            summary["interrupted"] = True
+            summary["interrupted"] = True  # the command line says how to resume
         finally:
             progress.close()
         if session is not None:

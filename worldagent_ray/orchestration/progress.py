@@ -8,11 +8,11 @@ seconds and at the end. Nothing here blocks or talks to Ray: the driver pushes f
 
     progress = RunProgress(planned=48, learn=True)
     with progress:                                  # starts and always stops the bar
-        driver = EvolveDriver(..., progress=progress)  # called as progress(done, total)
+        driver = EvolveDriver(..., progress=lambda snap: progress.update(snap, session.latest_step))
         ...
-        progress.episodes(eps, phase)               # after each commit
-        progress.learner(version, staleness_mean)   # from a poll of the learner
     progress.interrupted(summary, run_dir)          # after Ctrl-C: what finished, how to resume
+
+(``progress(done, total)``, :meth:`episodes` and :meth:`learner` feed the same facts piecewise.)
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ class RunProgress:
         self.version: int | None = None
         self.staleness: float | None = None
         self._recent: deque[bool] = deque(maxlen=window)
+        self._driver_success: float | None = None  # from the driver's snapshot (see update)
         self._first: tuple[float, int] | None = None  # (time, done) of the first report
         self._last_line = float("-inf")
         self._last_done: int | None = None  # episodes at the last plain line (one line per count)
@@ -118,6 +119,19 @@ class RunProgress:
         self.total = max(total, done, self.total)
         self._refresh()
 
+    def update(self, snap: Mapping[str, Any], learner: Any = None) -> None:
+        """The driver's progress callback: its snapshot (``committed``, ``planned``,
+        ``failed``, ``phase``, ``success_rate`` of the current phase's recent episodes) and,
+        when learning, the learner's latest step record (``policy_version``,
+        ``staleness_mean``) or None before its first step."""
+        self.failed = int(snap.get("failed") or 0)
+        self.phase = snap.get("phase", self.phase)
+        self._driver_success = snap.get("success_rate")
+        if learner is not None:
+            self.version = int(learner.policy_version)
+            self.staleness = learner.staleness_mean
+        self(int(snap["committed"]), int(snap["planned"]))
+
     def episodes(self, eps: Sequence[Episode], phase: int) -> None:
         """Episodes just committed and the curriculum phase after them."""
         for e in eps:
@@ -153,14 +167,16 @@ class RunProgress:
 
     @property
     def success_rate(self) -> float | None:
-        return sum(self._recent) / len(self._recent) if self._recent else None
+        if self._recent:
+            return sum(self._recent) / len(self._recent)
+        return self._driver_success
 
     def facts(self) -> str:
         parts = []
         if self.phase is not None:
             parts.append(f"phase {self.phase}")
         if self.success_rate is not None:
-            parts.append(f"success {self.success_rate:.0%} (last {len(self._recent)})")
+            parts.append(f"success {self.success_rate:.0%}" + (f" (last {len(self._recent)})" if self._recent else ""))
         if self.failed:
             parts.append(f"{self.failed} failed")
         if self.learn:

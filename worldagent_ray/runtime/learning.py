@@ -171,6 +171,7 @@ class LearningSession:
         self.result = None
         self.error: BaseException | None = None
         self._steps_seq = 0  # next learner step record to copy into the ledger
+        self.latest_step: LearnerStep | None = None  # the newest step record copied (progress shows it)
         self._thread = threading.Thread(target=self._fit, name="grpo-learner", daemon=True)
         self._thread.start()
         say(f"  learner started (Ray Train, {cfg.learner.num_workers} worker(s), {cfg.learner.backend}, "
@@ -211,6 +212,8 @@ class LearningSession:
                 log.warning("learner step record skipped: %s", e)
         self.run.record_learner_steps(rows)
         self._steps_seq = nxt
+        if rows:
+            self.latest_step = rows[-1]
 
     def health(self) -> str | None:
         """``None`` while the learner runs (Ray Train restarting a failed worker counts as
