@@ -96,3 +96,20 @@ def test_bad_arguments_are_refused():
         RunProgress(planned=-1)
     with pytest.raises(ValueError, match="every_s"):
         RunProgress(planned=1, every_s=0)
+
+
+def test_update_takes_the_drivers_snapshot_and_the_learners_latest_step():
+    from worldagent_ray.schemas import LearnerStep
+
+    clock, out = Clock(), io.StringIO()
+    p = RunProgress(planned=0, learn=True, interactive=False, out=out, every_s=1.0, clock=clock)
+    snap = {"committed": 0, "planned": 16, "failed": 0, "phase": 1, "success_rate": None}
+    p.update(snap)
+    assert "learner waiting" in p.line() and "0/16" in p.line()
+    clock.t += 4.0
+    p.update({**snap, "committed": 8, "failed": 2, "phase": 2, "success_rate": 0.25},
+             LearnerStep(t=1.0, step=3, policy_version=3, staleness_mean=0.5))
+    line = p.line()
+    assert "8/16 episodes (50%)" in line and "2.00 episodes/s" in line and "ETA 0:04" in line
+    assert "phase 2" in line and "success 25%" in line and "2 failed" in line and "learner v3, staleness 0.5" in line
+    assert out.getvalue().splitlines()[-1] == line
