@@ -73,8 +73,13 @@ def run_evolve(cfg: Config, run: RunFolder, *, learn: bool = False, attach: bool
 
             summary["report"] = str(write_report(run, summary))
         return summary
-    finally:
-        apps.teardown(handles)  # attached applications stay up
+    finally:  # Serve applications first (attached ones stay up), then this run's actors
+        from ..runtime.lifecycle import stop_actors
+
+        problems = apps.teardown(handles)
+        problems += stop_actors([memory, *((session.buffer, session.publisher) if session else ())])
+        for p in problems:
+            say(f"shutdown: {p}")
 
 
 def print_summary(summary: dict[str, Any]) -> None:

@@ -123,22 +123,19 @@ def attach(cfg: Config, progress: Callable[[str], None] = print) -> Handles:
     return Handles(engines=engines, attached=True, reward_model=reward_model, **handles)
 
 
-def teardown(handles: Handles | None) -> None:
+def teardown(handles: Handles | None, timeout_s: float = 60.0) -> list[str]:
     """Delete the applications this driver deployed (agents first, then the world, then the
-    engines); attached applications are left running. Engines shut down in their replicas'
-    destructors (which frees vLLM's shared memory)."""
+    engines), each awaited until gone, bounded by ``timeout_s`` in all; attached applications
+    are left running. The Serve controller is left alone (on a cluster other jobs share it; a
+    Ray this process started ends with the process). Engines shut down in their replicas'
+    destructors (which frees vLLM's shared memory). Returns the problems met (never raises)."""
+    from .lifecycle import delete_serve_apps
+
     if handles is None or handles.attached:
-        return
+        return []
     rm = [REWARD_MODEL_APP] if handles.reward_model is not None else []
-    for name in ("action", "curriculum", "critic", *rm, "world", *(engine_app_name(e) for e in handles.engines)):
-        try:
-            serve.delete(name, _blocking=True)
-        except Exception as e:  # already gone
-            log.debug("serve.delete(%s): %s", name, e)
-    try:
-        serve.shutdown()
-    except Exception as e:
-        log.debug("serve.shutdown: %s", e)
+    names = ["action", "curriculum", "critic", *rm, "world", *(engine_app_name(e) for e in handles.engines)]
+    return delete_serve_apps(names, timeout_s)
 
 
 # ----------------------------------------------------------------- serve deploy
