@@ -35,6 +35,15 @@ def run_evolve(cfg: Config, run: RunFolder, *, learn: bool = False, attach: bool
     info = cluster.connect(cfg, dashboard=dashboard)
     say(f"run folder: {run.local}" + (f" (artifacts: {run.artifacts})" if run.artifacts != str(run.local.resolve()) else ""))
     say(f"ray: {info.address}" + (f"  dashboard: {info.dashboard_url}" if info.dashboard_url else ""))
+    from ..runtime.grafana import install_for_this_session
+    from ..runtime.lifecycle import job_dashboard_url
+
+    job_url = job_dashboard_url()
+    if job_url:
+        say(f"this job in the dashboard: {job_url}")
+    panels = install_for_this_session()  # our Grafana panels beside Ray's, when this is the head node
+    if panels is not None:
+        say(f"grafana dashboard: {panels} (Metrics view; see deployments/grafana/README.md)")
     memory = create_memory_actor(cfg, run.artifacts, name=run.run_id, namespace=cluster.NAMESPACE) \
         if cfg.memory.enabled else None
     session = None
