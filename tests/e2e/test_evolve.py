@@ -1,4 +1,4 @@
-"""End to end: the loop on a local Ray, launched both ways, resumed, and with a replica killed.
+"""End to end: the loop on a local Ray, launched both ways and resumed (faults: tests/e2e/test_chaos.py).
 
 These start Ray, Serve and every deployment, so each takes about a minute; they are marked
 slow and run in CI. The policy is ``tiny-random-llama`` on transformers (fast; its plans are
@@ -23,22 +23,9 @@ EXPECTED = 2 * 2 * 2  # iterations x tasks x G
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
-def test_plain_python_runs_loop_and_writes_report(tmp_path):
-    args = [a for a in FAST if a != "--no-dashboard"]
-    p = run_evolve_job(["--run-name", "plain", "--set", f"run.root={tmp_path}", *args], job_env_vars())
-    run = tmp_path / "plain"
-    eps = check_complete(run, EXPECTED)
-    assert all(r["status"] in ("ok", "failed") for r in eps)
-    assert all(r["status"] == "failed" or r["scores"] is not None for r in eps)
-    report = (run / "report.html").read_text()
-    assert "Reward and success over time" in report and "<svg" in report
-    assert report.count('class="group"') == EXPECTED // 2
-    assert "episodes/s" in p.stdout and str(run / "report.html") in p.stdout
-    assert "dashboard: http://127.0.0.1:" in p.stdout and "serve applications: engine-policy, world" in p.stdout
-    assert (run / "config.yaml").exists() and json.loads((run / "curriculum.json").read_text())["proposed"] == 4
-
-
-def test_ctrl_c_then_resume_has_every_episode_once(tmp_path):
+def test_ctrl_c_then_resume_has_every_episode_once_and_a_report(tmp_path):
+    """Plain ``python jobs/evolve.py`` (no dashboard), Ctrl-C, then ``--resume`` (with the
+    dashboard): every episode exactly once, the report and the summary."""
     env = job_env_vars()
     run = tmp_path / "r"
     args = ["--run-name", "r", "--set", f"run.root={tmp_path}", *FAST, "--set", "run.iterations=4"]
@@ -60,9 +47,17 @@ def test_ctrl_c_then_resume_has_every_episode_once(tmp_path):
     assert f"--resume {run}" in out
     first = {r["id"] for r in ledger_episodes(run)}
     assert 2 <= len(first) < 2 * EXPECTED, "the first part must stop early"
-    run_evolve_job(["--resume", str(run)], env)
+    p = run_evolve_job(["--resume", str(run)], env)
     eps = check_complete(run, 2 * EXPECTED)
     assert first <= {r["id"] for r in eps}, "resume must keep what the first part wrote"
+    assert all(r["status"] in ("ok", "failed") for r in eps)
+    assert all(r["status"] == "failed" or r["scores"] is not None for r in eps)
+    report = (run / "report.html").read_text()
+    assert "Reward and success over time" in report and "<svg" in report
+    assert report.count('class="group"') == 2 * EXPECTED // 2
+    assert "episodes/s" in p.stdout and str(run / "report.html") in p.stdout
+    assert "dashboard: http://127.0.0.1:" in p.stdout and "serve applications: engine-policy, world" in p.stdout
+    assert (run / "config.yaml").exists() and json.loads((run / "curriculum.json").read_text())["proposed"] >= 8
 
 
 def test_ray_job_submit(ray_head, tmp_path):
@@ -80,44 +75,6 @@ def test_ray_job_submit(ray_head, tmp_path):
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-3000:]
     assert "succeeded" in (p.stdout + p.stderr).lower()
     check_complete(tmp_path / "job", EXPECTED)
-
-
-KILL_WORLD_REPLICA = """
-import ray
-from ray.util.state import list_actors
-ray.init(address="auto", namespace="worldagent-test", log_to_driver=False)
-alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "WorldDeployment" in (a.class_name or "")]
-assert alive, "no world replica found"
-ray.kill(ray.get_actor(alive[0].name, namespace="serve"), no_restart=False)
-print("KILLED", alive[0].name)
-"""
-
-
-def test_killing_a_world_replica_loses_no_episode(ray_head, tmp_path):
-    # Ray reads RAY_AUTH_MODE at import, so the fault is injected from a fresh process.
-    env = job_env_vars(RAY_ADDRESS=ray_head["gcs"], RAY_AUTH_MODE="token")
-    args = ["--run-name", "fault", "--set", f"run.root={tmp_path}", *FAST, "--set", "run.iterations=3"]
-    proc = subprocess.Popen([PY, "jobs/evolve.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    run = tmp_path / "fault"
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline and proc.poll() is None:
-            if (run / "metrics.jsonl").exists() and len(ledger_episodes(run)) >= 2:
-                break
-            time.sleep(0.5)
-        assert proc.poll() is None, "run ended before the fault could be injected"
-        kill = subprocess.run([PY, "-c", KILL_WORLD_REPLICA], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=120)
-        assert "KILLED" in kill.stdout, kill.stdout[-2000:] + kill.stderr[-3000:]
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out[-4000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    eps = check_complete(run, 3 * 2 * 2)
-    failed = [r for r in eps if r["status"] == "failed"]
-    assert all(r["failure"] for r in failed), "a failed episode must say why"
 
 
 @pytest.mark.vllm
