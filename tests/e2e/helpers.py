@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 FAST_OVERRIDES = [
@@ -70,3 +69,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_episodes(run: Path, n: int, proc: subprocess.Popen, timeout: float = 400) -> None:
+    """Wait until the ledger of ``run`` holds ``n`` distinct episodes while ``proc`` (the run's
+    driver) is still running; fail the test if it ends first or the time runs out."""
+    import time
+
+    import pytest
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and len({r["id"] for r in ledger_episodes(run)}) >= n:
+            return
+        time.sleep(0.3)
+    assert proc.poll() is None, "the run ended before the fault could be injected"
+    pytest.fail(f"fewer than {n} episodes after {timeout}s")

@@ -11,7 +11,15 @@ import time
 import pytest
 import yaml
 
-from tests.e2e.helpers import FAST, FAST_OVERRIDES, PY, ROOT, check_complete, job_env_vars, ledger_episodes
+from tests.e2e.helpers import (
+    FAST,
+    FAST_OVERRIDES,
+    PY,
+    ROOT,
+    check_complete,
+    job_env_vars,
+    wait_for_episodes,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -82,12 +90,7 @@ def test_drivers_attach_share_replicas_and_survive_scaling(ray_head, tmp_path):
                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         run2 = tmp_path / "two"
-        deadline = time.time() + 300
-        while time.time() < deadline and d2.poll() is None:
-            if (run2 / "metrics.jsonl").exists() and len(ledger_episodes(run2)) >= 2:
-                break
-            time.sleep(0.3)
-        assert d2.poll() is None, "driver 2 ended before the world app could be scaled"
+        wait_for_episodes(run2, 2, d2, timeout=300)
         serve_config(conf, world_replicas=2)
         p = subprocess.run([serve_bin, "deploy", str(conf), "--address", ray_head["dashboard"]], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)

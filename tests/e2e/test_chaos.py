@@ -10,11 +10,19 @@ import json
 import random
 import signal
 import subprocess
-import time
 
 import pytest
 
-from tests.e2e.helpers import FAST, PY, ROOT, job_env_vars, ledger_episodes, memory_ids, run_evolve_job
+from tests.e2e.helpers import (
+    FAST,
+    PY,
+    ROOT,
+    job_env_vars,
+    ledger_episodes,
+    memory_ids,
+    run_evolve_job,
+    wait_for_episodes,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -45,16 +53,6 @@ def kill(marker: str, env) -> str:
     p = subprocess.run([PY, "-c", KILL, marker], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert "KILLED" in p.stdout, p.stdout[-1000:] + p.stderr[-3000:]
     return p.stdout.strip()
-
-
-def wait_for_episodes(run, n: int, proc, timeout: float = 400) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").exists() and len({r["id"] for r in ledger_episodes(run)}) >= n:
-            return
-        time.sleep(0.3)
-    assert proc.poll() is None, "the run ended before the fault could be injected"
-    pytest.fail(f"fewer than {n} episodes after {timeout}s")
 
 
 def test_kill_everything_then_resume(ray_head, tmp_path):

@@ -23,7 +23,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.factories import SIM_JOB, rayjob_groups, sim_nodes, start_sim_cluster, stop_sim_cluster
+from tests.factories import (
+    SIM_JOB,
+    rayjob_groups,
+    sim_nodes,
+    start_sim_cluster,
+    stop_sim_cluster,
+)
 from worldagent_ray.config import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(900)]

@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import FAST, PY, ROOT, check_complete, job_env_vars, ledger_episodes, run_evolve_job
+from tests.e2e.helpers import (
+    FAST,
+    PY,
+    ROOT,
+    check_complete,
+    job_env_vars,
+    ledger_episodes,
+    run_evolve_job,
+    wait_for_episodes,
+)
 
 EXPECTED = 2 * 2 * 2  # iterations x tasks x G
 
@@ -32,12 +41,7 @@ def test_ctrl_c_then_resume_has_every_episode_once_and_a_report(tmp_path):
     proc = subprocess.Popen([PY, "jobs/evolve.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 400
-        while time.time() < deadline and proc.poll() is None:
-            if (run / "metrics.jsonl").exists() and len(ledger_episodes(run)) >= 2:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "run ended before it could be interrupted"
+        wait_for_episodes(run, 2, proc)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C does
         out, _ = proc.communicate(timeout=300)
     finally:

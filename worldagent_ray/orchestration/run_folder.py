@@ -18,14 +18,15 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ..config import Config, dump_config, validate_tree
 from ..schemas import CurriculumState, EpisodeRow, EventRow, LearnerStep, RoundRow, Task
 
+M = TypeVar("M", bound=BaseModel)
 
 def is_uri(p: str) -> bool:
     """True for object-store style URIs (``s3://...``); plain paths and ``file://`` are local."""
@@ -192,15 +193,7 @@ class RunFolder:
 
     def episode_rows(self) -> list[EpisodeRow]:
         """Every episode row, in the order written (several rows per id when retried)."""
-        out = []
-        for r in self.metrics_ledger.rows():
-            if r.get("kind") != "episode":
-                continue
-            try:
-                out.append(EpisodeRow.model_validate(r))
-            except ValidationError:
-                self.metrics_ledger.skipped += 1
-        return out
+        return self._typed_rows("episode", EpisodeRow)
 
     def record_event(self, event: str, **fields: Any) -> None:
         row = EventRow(t=time.time(), event=event, **fields)
@@ -217,12 +210,17 @@ class RunFolder:
 
     def learner_steps(self) -> list[LearnerStep]:
         """Every learner step recorded, in order (a resumed learner may repeat a step)."""
+        return self._typed_rows("learner", LearnerStep)
+
+    def _typed_rows(self, kind: str, model: type[M]) -> list[M]:
+        """The ledger rows of ``kind`` validated as ``model``; a row that does not validate is
+        counted in ``metrics_ledger.skipped`` and left out."""
         out = []
         for r in self.metrics_ledger.rows():
-            if r.get("kind") != "learner":
+            if r.get("kind") != kind:
                 continue
             try:
-                out.append(LearnerStep.model_validate(r))
+                out.append(model.model_validate(r))
             except ValidationError:
                 self.metrics_ledger.skipped += 1
         return out
