@@ -112,3 +112,44 @@ def test_parse_sample_plans_and_reasons():
     assert "cut at max_tokens" in err
     plan, err = parse_sample(comp("x", finish="error", rejected=[{"text": "x", "reason": "not JSON"}]), 8)
     assert plan is None and "not JSON" in err
+
+
+def test_reentering_a_phase_after_a_long_history_never_freezes_it():
+    """Issue 9, finding 10: with the history trimmed, the stored window start went stale and a
+    re-entered phase 2 stayed through 40 losses and then 40 wins. The rule reads only the stay."""
+    cfg = cur_cfg(window=8, max_phase=3)
+    st = CurriculumState(phase=1)
+    st = update_phase(cfg, st, outcomes(1, "1" * 8))  # -> 2
+    st = update_phase(cfg, st, outcomes(2, "1" * 3 + "0" * 40))  # long stay in 2, demoted to 1 in it
+    assert st.phase == 1
+    st = update_phase(cfg, st, outcomes(1, "1" * 8))  # re-enter 2 with a long, trimmed history
+    assert st.phase == 2 and len(st.history[2]) <= 4 * cfg.window
+    st = update_phase(cfg, st, outcomes(2, "0" * 40))
+    assert st.phase == 1, "40 losses in a re-entered phase must demote"
+    st = update_phase(cfg, st, outcomes(1, "1" * 8))
+    st = update_phase(cfg, st, outcomes(2, "1" * 40))
+    assert st.phase == 3, "40 wins in a re-entered phase must promote"
+
+
+def test_the_rule_decides_on_the_last_window_of_the_stay_only():
+    from hypothesis import given, settings
+    from hypothesis import strategies as stt
+
+    cfg = cur_cfg(window=4)
+
+    @settings(max_examples=300, deadline=None)
+    @given(stt.lists(stt.tuples(stt.integers(1, 3), stt.booleans()), max_size=120))
+    def check(seq):
+        st = CurriculumState(phase=1)
+        for phase, ok in seq:
+            before = st.phase
+            stay_before = list(st.stay)
+            st = update_phase(cfg, st, [Outcome(phase=phase, success=ok)])
+            assert len(st.stay) <= cfg.window and all(len(h) <= 4 * cfg.window for h in st.history.values())
+            if st.phase != before:  # a change needs a full window of this phase ending with this outcome
+                window = (stay_before + [ok])[-cfg.window:]
+                assert phase == before and len(window) == cfg.window and st.stay == []
+                rate = sum(window) / cfg.window
+                assert (rate >= cfg.promote_threshold) if st.phase > before else (rate < cfg.demote_threshold)
+
+    check()
