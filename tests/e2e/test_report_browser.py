@@ -28,11 +28,11 @@ import pytest
 from tests.factories import make_groups
 from worldagent_ray.config import load_config
 from worldagent_ray.critic import Critic
-from worldagent_ray.orchestration.evolve import WorkItem, _episode_row, summarize
-from worldagent_ray.orchestration.report import learner_row, write_report
+from worldagent_ray.orchestration.evolve import summarize
+from worldagent_ray.orchestration.report import write_report
 from worldagent_ray.orchestration.run_folder import RunFolder
 from worldagent_ray.rl.learner import LearnerCore
-from worldagent_ray.schemas import CurriculumState, Episode, Plan
+from worldagent_ray.schemas import CurriculumState, Episode, EpisodeRow, LearnerStep, Plan
 from worldagent_ray.world.sandbox import SandboxWorld
 from worldagent_ray.world.sandbox.tasks import SandboxTaskGenerator, reference_plan
 
@@ -69,31 +69,28 @@ def finished_run(tmp_path_factory, tiny_llama_path) -> RunFolder:
     gen = SandboxTaskGenerator(seed=3)
     tasks = [gen.sample(1, index=i).model_copy(update={"id": f"r0000.{i}.t{i}"}) for i in range(2)]
     tasks.append(gen.sample(2, index=0).model_copy(update={"id": "r0001.0.t2"}))
-    run.record_tasks(0, tasks[:2], ["generator"] * 2)
-    run.record_tasks(1, tasks[2:], ["generator"])
+    run.record_round(0, tasks[:2], ["generator"] * 2)
     rows = []
     for n, task in enumerate(tasks):
         ref = reference_plan(task)
         plans = [ref, Plan.model_validate({"steps": ref.model_dump()["steps"][:1]})]  # the second stops short
-        item = WorkItem(round=int(task.id[1:5]), slot=n, task=task, missing={0, 1})
         rollouts = world.render(task, plans, f"{run.videos}/{task.id}", seeds=[n, n + 10])
         verdicts = [critic.score(task, p, r) for p, r in zip(plans, rollouts)]
         eps = [Episode.new(run.run_id, task, i, plan=plans[i], rollout=rollouts[i], verdict=verdicts[i],
-                           policy_version=n) for i in range(2)]
-        rows += [_episode_row(e, run, item) for e in eps]
+                           policy_version=n, round=int(task.id[1:5])) for i in range(2)]
+        rows += [EpisodeRow(**e.summary().model_dump(), t=float(n)) for e in eps]
     failed_task = gen.sample(1, index=7).model_copy(update={"id": "r0001.1.t3"})
-    run.record_tasks(1, [failed_task], ["generator"])
-    item = WorkItem(round=1, slot=1, task=failed_task, missing={0, 1})
-    rows += [_episode_row(Episode.new(run.run_id, failed_task, i, status="failed",
-                                      failure_reason="world: TimeoutError: render took longer than 600 s"), run, item)
-             for i in range(2)]
+    run.record_round(1, [tasks[2], failed_task], ["generator"] * 2)
+    rows += [EpisodeRow(**Episode.new(run.run_id, failed_task, i, status="failed", round=1,
+                                      failure_reason="world: TimeoutError: render took longer than 600 s")
+                        .summary().model_dump(), t=9.0) for i in range(2)]
     run.record_episodes(rows)
     # three real GRPO steps on the tiny policy: the learner's rows of the ledger
     core = LearnerCore(cfg.learner, tiny_llama_path)
     for s in range(3):
         m = core.step(make_groups(s, n_groups=2, group_size=2, version=core.policy_version))
         m["idle_frac"] = 0.5
-        run.record_episodes([learner_row(m)])
+        run.record_learner_steps([LearnerStep.from_metrics(m, t=float(s))])
     state = CurriculumState(phase=2)
     write_report(run, summarize(run.episode_rows(), 12.0, state))
     return run

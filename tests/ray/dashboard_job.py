@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from worldagent_ray.config import load_config
-from worldagent_ray.orchestration.evolve import EvolveDriver, Services
-from worldagent_ray.orchestration.main import NAMESPACE, _vocabulary_fn, init_ray
+from worldagent_ray.orchestration.evolve import EvolveDriver
+from worldagent_ray.orchestration.main import _vocabulary_fn
 from worldagent_ray.orchestration.progress import RunProgress
 from worldagent_ray.orchestration.run_folder import RunFolder
+from worldagent_ray.runtime.services import RayServices
 
 OVERRIDES = [
     "engines.policy.model=tiny-random-llama", "engines.policy.backend=transformers",
@@ -39,44 +40,37 @@ OVERRIDES = [
 APPS = ["action", "curriculum", "critic", "world", "engine-policy"]  # callers before callees
 
 
-async def _fail(msg: str) -> Any:
-    raise RuntimeError(msg)
+class _FlakyServices(RayServices):
+    """The real Ray services with injected world faults by task slot (a test double only for
+    that): every world call of the first task fails, the second task's first call fails once."""
 
+    failed_once: set[str] = set()
 
-class _FlakyRender:
-    """World handle stand-in that injects faults by task slot, else calls the real one."""
-
-    def __init__(self, real: Any):
-        self.real = real
-        self.failed_once: set[str] = set()
-
-    def remote(self, task, *args, **kw):
+    async def render(self, task, plans, out_dir, seeds):
         slot = task.id.split(".")[:2]
         if slot == ["r0000", "0"]:
-            return _fail(f"injected fault: world down for {task.id}")
+            raise RuntimeError(f"injected fault: world down for {task.id}")
         if slot == ["r0000", "1"] and task.id not in self.failed_once:
             self.failed_once.add(task.id)
-            return _fail(f"injected fault: one world call of {task.id} fails")
-        return self.real.remote(task, *args, **kw)
+            raise RuntimeError(f"injected fault: one world call of {task.id} fails")
+        return await super().render(task, plans, out_dir, seeds)
 
 
-class _World:
-    def __init__(self, handle: Any):
-        self.render = _FlakyRender(handle.render)
+class _RecordingLearner:
+    """The real LearningSession as the driver's learner; keeps the last group fed, to feed it again."""
 
+    def __init__(self, session: Any):
+        self.session = session
+        self.last: Any = None
 
-class _RecordingFeeder:
-    """Forwards to the real GroupFeeder and keeps the last group fed, to feed it again."""
-
-    def __init__(self, feeder: Any):
-        self.feeder = feeder
-        self.last: tuple | None = None
-
-    async def feed(self, *args):
-        ok = await self.feeder.feed(*args)
+    async def feed(self, group: Any) -> bool:
+        ok = await self.session.feed(group)
         if ok:
-            self.last = args
+            self.last = group
         return ok
+
+    async def healthy(self) -> str | None:
+        return await self.session.healthy()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from worldagent_ray.runtime.apps import deploy
+    from worldagent_ray.runtime.cluster import NAMESPACE, connect
     from worldagent_ray.runtime.learning import start_learning
     from worldagent_ray.runtime.lifecycle import job_dashboard_url, orderly_shutdown
     from worldagent_ray.runtime.memory_actor import create_memory_actor
@@ -97,22 +92,22 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config("local-cpu", overrides=[*OVERRIDES, f"run.root={args.root}"], environ={})
     run = RunFolder.create(cfg, "dash")
-    init_ray(cfg)  # joins the cluster of the job (RAY_ADDRESS)
+    connect(cfg)  # joins the cluster of the job (RAY_ADDRESS)
     print(f"JOB_URL {job_dashboard_url()}", flush=True)
     serve.start(proxy_location="Disabled")  # no HTTP proxy: port 8000 may be someone else's
     memory = create_memory_actor(cfg, run.artifacts, name=run.run_id, namespace=NAMESPACE)
     learner = start_learning(cfg, run, namespace=NAMESPACE, say=print)
     handles = deploy(cfg, publisher=learner.publisher_name, namespace=NAMESPACE, progress=print)
-    feeder = _RecordingFeeder(learner.feeder)
-    services = Services(action=handles.action, world=_World(handles.world), critic=handles.critic,
-                        curriculum=handles.curriculum, memory=memory, vocabulary=_vocabulary_fn(cfg), buffer=feeder)
+    feeder = _RecordingLearner(learner)
+    services = _FlakyServices(handles, memory, _vocabulary_fn(cfg))
     progress = RunProgress(planned=8, learn=True, interactive=False, every_s=5.0)
     with progress:
-        driver = EvolveDriver(cfg, run, services, metrics=LoopMetrics(run.run_id), progress=progress)
+        driver = EvolveDriver(cfg, run, services, learner=feeder, metrics=LoopMetrics(run.run_id),
+                              progress=lambda snap: progress.update(snap, learner.latest_step))
         summary = asyncio.run(driver.run_loop())
     refused = None
     if feeder.last is not None:  # the same group again: the buffer must refuse it (duplicate/consumed)
-        refused = not asyncio.run(learner.feeder.feed(*feeder.last))
+        refused = not asyncio.run(learner.feed(feeder.last))
     print("LOOP_DONE " + json.dumps({"run": str(run.local), "run_id": run.run_id, "episodes": summary["episodes"],
                                      "failed": summary["failed"], "refed_refused": refused,
                                      "progress_lines": len(progress.lines)}), flush=True)
