@@ -1,4 +1,5 @@
-"""End to end: the loop on a local Ray, launched both ways and resumed (faults: tests/e2e/test_chaos.py).
+"""End to end: the loop on a local Ray, interrupted and resumed, on vLLM, and learning (faults:
+tests/e2e/test_chaos.py; `ray job submit`: tests/e2e/test_cluster_sim.py and tests/ray/test_dashboard.py).
 
 These start Ray, Serve and every deployment, so each takes about a minute; they are marked
 slow and run in CI. The policy is ``tiny-random-llama`` on transformers (fast; its plans are
@@ -11,8 +12,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
-from pathlib import Path
 
 import pytest
 
@@ -62,23 +61,6 @@ def test_ctrl_c_then_resume_has_every_episode_once_and_a_report(tmp_path):
     assert "episodes/s" in p.stdout and str(run / "report.html") in p.stdout
     assert "dashboard: http://127.0.0.1:" in p.stdout and "serve applications: engine-policy, world" in p.stdout
     assert (run / "config.yaml").exists() and json.loads((run / "curriculum.json").read_text())["proposed"] >= 8
-
-
-def test_ray_job_submit(ray_head, tmp_path):
-    env = job_env_vars(RAY_AUTH_MODE="token")
-    ray_bin = str(Path(PY).parent / "ray")
-    for _ in range(12):  # the dashboard answers a little before its job agent registers
-        p = subprocess.run(
-            [ray_bin, "job", "submit", "--address", ray_head["dashboard"], "--working-dir", ".", "--",
-             "python", "jobs/evolve.py", "--run-name", "job", "--set", f"run.root={tmp_path}", *FAST],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-        )
-        if "No available agent" not in p.stdout + p.stderr:
-            break
-        time.sleep(5)
-    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-3000:]
-    assert "succeeded" in (p.stdout + p.stderr).lower()
-    check_complete(tmp_path / "job", EXPECTED)
 
 
 @pytest.mark.vllm
