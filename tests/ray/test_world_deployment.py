@@ -78,7 +78,7 @@ def test_deployment_options_follow_the_resources_section():
     from worldagent_ray.runtime.world_deployment import world_app
 
     gpu = world_app(load_config("gpu-cluster", environ={}))._bound_deployment
-    assert gpu.ray_actor_options == {"num_cpus": 4.0, "num_gpus": 1.0}
+    assert gpu.ray_actor_options == {"num_cpus": 4.0, "num_gpus": 1.0, "resources": {"video_gpu": 1.0}}  # pinned to video nodes
     auto = gpu._deployment_config.autoscaling_config
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (2, 16, 1.0)
     assert gpu._deployment_config.max_ongoing_requests == 4
