@@ -50,14 +50,14 @@ def _actors(cluster, prefix: str, state: str | None = None) -> list[tuple[str, s
     from ray.util.state import list_actors
 
     group = {v: k for k, v in cluster.nodes.items()}
-    return [(group.get(a.node_id, a.node_id), a.state) for a in list_actors(limit=10000, detail=True)
+    return [(group.get(a.node_id, a.node_id), a.state) for a in list_actors(address=cluster.dashboard, limit=10000, detail=True)
             if (a.class_name or "").startswith(prefix) and (state is None or a.state == state)]
 
 
 def test_nodes_mirror_the_rayjob_worker_groups(connected):
     from ray.util.state import list_nodes
 
-    nodes = {n.node_id: n for n in list_nodes(filters=[("state", "=", "ALIVE")])}
+    nodes = {n.node_id: n for n in list_nodes(address=connected.dashboard, filters=[("state", "=", "ALIVE")])}
     assert set(nodes) == set(connected.nodes.values())
     head, llm, video = (nodes[connected.nodes[g]] for g in ("head", "llm", "video"))
     assert head.is_head_node and head.resources_total.get("CPU", 0) == 0  # no work on the head
