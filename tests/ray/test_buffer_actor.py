@@ -11,7 +11,7 @@ from worldagent_ray.config import LearnerConfig
 from worldagent_ray.rl.buffer import meta_of
 from worldagent_ray.schemas import ScoredGroup
 
-from tests.factories import buffer_entry, scored_group
+from tests.factories import scored_group
 
 
 # --------------------------------------------------------------------------- Ray actor
