@@ -37,6 +37,21 @@ def tiny_engine(tiny_llama_path):
     engine.shutdown()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for the module's tests (``pytest.mark.usefixtures("one_torch_thread")``).
+
+    On a shared 2-core machine, 2 OpenMP threads spin against each other and a training step
+    takes ~25x longer than with 1 thread; results do not depend on it.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # --------------------------------------------------------------------------- S3 (storage layer)
 # A real S3-compatible server for the storage tests: moto's server mode, started once per
 # session as a subprocess on 127.0.0.1 and always torn down. `s3_server` only starts it;
