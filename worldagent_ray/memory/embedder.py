@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..checks import list_of
+
 BUILTIN_EMBEDDERS: tuple[str, ...] = ("minilm",)
 
 
@@ -100,12 +102,7 @@ class Embedder:
         Returns:
             `np.ndarray`: float32 array of shape ``(len(texts), dim)``, each row of unit norm.
         """
-        if isinstance(texts, str):
-            raise TypeError("encode expects a list of strings, got a single str (wrap it in a list)")
-        texts = list(texts)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+        texts = list_of(texts, str, call="encode", arg="texts", plural="strings", one="a str")
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         vecs = self.model.encode(

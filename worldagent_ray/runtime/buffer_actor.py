@@ -46,6 +46,7 @@ from typing import Any, Literal, Mapping
 
 import ray
 
+from ..checks import check_int
 from ..rl.buffer import DROP_REASONS, AddResult, BufferEntry, GroupBuffer
 from .metrics import BufferMetrics
 
@@ -125,8 +126,7 @@ class BufferActor:
             self._m.staleness.observe(e.staleness)
 
     def _advance(self, version: int) -> None:
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise ValueError(f"current_version must be an int >= 0, got {version!r}")
+        check_int("current_version", version, 0)
         self._version = max(self._version, version)
         if self._core.evict_stale(self._version):
             self._cond.notify_all()
@@ -182,8 +182,7 @@ class BufferActor:
         is the group's metadata (``group_id``, ``policy_version``, ``staleness``,
         ``needs_correction``, reward stats, ...) plus ``"ref"``, the ``ObjectRef`` of its data.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        check_int("n", n, 1)
         self._last_pull = time.monotonic()
         async with self._cond:
             before = dict(self._core.dropped)
