@@ -45,7 +45,8 @@ import numpy as np
 from ..config import StepwiseConfig
 from ..schemas import Plan, Rollout, StepFrames, Task
 from . import media
-from .reference import ReferenceImageError, load_reference_image
+from .base import WorldModel, coerce_plan
+from .reference import reference_or_error
 from .tiny_wan import resolve_lora, resolve_video_model
 
 logger = logging.getLogger(__name__)
@@ -85,18 +86,7 @@ def _uint8(frames: Any) -> np.ndarray:
     return arr
 
 
-def _as_plan(plan: Any) -> Plan | None:
-    if isinstance(plan, Plan):
-        return plan
-    if isinstance(plan, dict):
-        try:
-            return Plan.model_validate(plan)
-        except Exception:
-            return None
-    return None
-
-
-class StepwiseWorld:
+class StepwiseWorld(WorldModel):
     """A world model that renders a plan step by step (implements ``WorldModel``).
 
     Args:
@@ -237,27 +227,16 @@ class StepwiseWorld:
             return self.cfg.clip_frames - prefix_frames(self.cfg.overlap_history, self.block, self.temporal)
         return self.cfg.clip_frames - 1
 
-    def render(
-        self,
-        task: Task,
-        plans: Sequence[Plan | None],
-        out_dir: str,
-        reference_image: str | None = None,
-        seeds: Sequence[int] | None = None,
-    ) -> list[Rollout]:
-        """Render each plan step by step. Never raises for bad input (see ``WorldModel.render``)."""
-        uri = reference_image if reference_image is not None else task.reference_image
-        image, ref_error = None, None
-        if uri is not None:
-            try:
-                image = load_reference_image(uri, self.cfg.max_reference_pixels)
-            except ReferenceImageError as e:
-                ref_error = f"reference_image: {e}"
+    def render_plans(self, task: Task, plans: Sequence[Plan | None], out_dir: str, ref: str | None,
+                     seeds: Sequence[int] | None) -> list[Rollout]:
+        """Render each plan step by step (see :meth:`WorldModel.render`); plan ``k``'s seed defaults
+        to :func:`plan_seed`. Never raises for bad input."""
+        image, ref_error = reference_or_error(ref, self.cfg.max_reference_pixels)
         out = []
         for k, raw in enumerate(plans):
             seed = int(seeds[k]) if seeds is not None and k < len(seeds) else plan_seed(task.id, k)
             base = dict(task_id=task.id, plan_index=k, world=self.name, seed=seed)
-            plan = _as_plan(raw)
+            plan = coerce_plan(raw)
             if ref_error:
                 out.append(Rollout(**base, error=ref_error))
             elif raw is None:
