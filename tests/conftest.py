@@ -150,6 +150,17 @@ def s3_env(s3_server, monkeypatch):
     return f"s3://{s3_server.create_bucket()}"
 
 
+@pytest.fixture(params=["local", "file", "s3"])
+def storage_root(request, tmp_path):
+    """A fresh, empty run root of each kind the storage layer takes: a local path, a
+    ``file://`` URI and an ``s3://`` URI on the test S3 server (through ``s3_env``)."""
+    if request.param == "local":
+        return str(tmp_path / "root")
+    if request.param == "file":
+        return f"file://{tmp_path}/root"
+    return request.getfixturevalue("s3_env") + "/root"
+
+
 @pytest.fixture
 def stalled_endpoint():
     """A TCP server on 127.0.0.1 that accepts connections and never answers (a delay fault)."""
