@@ -34,6 +34,7 @@ from ..config import DiffusersConfig
 from ..schemas import Plan, Rollout, Task
 from . import media
 from .base import WorldModel, coerce_plan
+from .pipelines import check_prompt_template, checkpoint_index, default_device
 from .reference import ReferenceScenes, reference_or_error
 from .tiny_wan import resolve_video_model
 
@@ -129,19 +130,11 @@ class DiffusersWorld(WorldModel):
 
     def __init__(self, cfg: DiffusersConfig, device: str | None = None, critic_frames: int | None = None,
                  scenes: ReferenceScenes | None = None):
-        import torch
-
         self.cfg = cfg
         self.critic_frames = media.critic_frames_or_default(critic_frames)
         self.scenes = scenes
-        try:
-            cfg.prompt_template.format(goal="g", steps="s")
-        except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(
-                f"world.diffusers.prompt_template {cfg.prompt_template!r} must use only the fields "
-                f"{{goal}} and {{steps}} ({type(e).__name__}: {e})"
-            ) from None
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        check_prompt_template("world.diffusers.prompt_template", cfg.prompt_template, goal="g", steps="s")
+        self.device = default_device(device)
         self.model_path = resolve_video_model(cfg.model)
         self._lock = threading.Lock()  # one pipeline call at a time per replica
         self._pipes: dict[str, Any] = {}
@@ -151,10 +144,9 @@ class DiffusersWorld(WorldModel):
 
     def _load(self) -> None:
         import torch
-        from diffusers import DiffusionPipeline, WanImageToVideoPipeline, WanPipeline
+        from diffusers import WanImageToVideoPipeline, WanPipeline
 
-        index = DiffusionPipeline.load_config(self.model_path)
-        class_name = index.get("_class_name", "")
+        class_name, index = checkpoint_index(self.model_path)
         expand = bool(index.get("expand_timesteps", False))
         self.checkpoint_class = class_name
         dtype = getattr(torch, _DTYPES[self.cfg.dtype])

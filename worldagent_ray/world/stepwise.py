@@ -46,6 +46,7 @@ from ..config import StepwiseConfig
 from ..schemas import Plan, Rollout, StepFrames, Task
 from . import media
 from .base import WorldModel, coerce_plan
+from .pipelines import check_prompt_template, checkpoint_index, default_device
 from .reference import reference_or_error
 from .tiny_wan import resolve_lora, resolve_video_model
 
@@ -102,19 +103,11 @@ class StepwiseWorld(WorldModel):
 
     def __init__(self, cfg: StepwiseConfig, device: str | None = None, critic_frames: int | None = None,
                  scenes: Any = None):
-        import torch
-
         self.cfg = cfg
         self.critic_frames = media.critic_frames_or_default(critic_frames)
         self.scenes = scenes
-        try:
-            cfg.prompt_template.format(goal="g", step=1, action="a")
-        except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(
-                f"world.stepwise.prompt_template {cfg.prompt_template!r} may use only {{goal}}, {{step}} and "
-                f"{{action}} ({type(e).__name__}: {e})"
-            ) from None
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        check_prompt_template("world.stepwise.prompt_template", cfg.prompt_template, goal="g", step=1, action="a")
+        self.device = default_device(device)
         self.model = cfg.model or DEFAULT_MODELS[cfg.method]
         self.model_path = resolve_video_model(self.model)
         self._lock = threading.Lock()  # one pipeline call at a time per replica
@@ -125,10 +118,7 @@ class StepwiseWorld(WorldModel):
 
     def _load(self) -> None:
         import torch
-        from diffusers import DiffusionPipeline
-
-        index = DiffusionPipeline.load_config(self.model_path)
-        cls_name = index.get("_class_name", "")
+        cls_name, index = checkpoint_index(self.model_path)
         self.checkpoint_class = cls_name
         dtype = getattr(torch, self.cfg.dtype)
         with warnings.catch_warnings():
