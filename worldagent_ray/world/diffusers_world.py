@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -33,10 +32,9 @@ from typing import Any, Sequence
 from ..config import DiffusersConfig
 from ..schemas import Plan, Rollout, Task
 from . import media
-from .base import WorldModel, coerce_plan
-from .pipelines import check_prompt_template, checkpoint_index, default_device
+from .base import coerce_plan
+from .pipelines import PipelineWorld, checkpoint_index
 from .reference import ReferenceScenes, reference_or_error
-from .tiny_wan import resolve_video_model
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +96,7 @@ def _safe_stem(task_id: str, plan_index: int) -> str:
     return f"{task_id.replace(':', '_')}.p{plan_index:02d}"
 
 
-class DiffusersWorld(WorldModel):
+class DiffusersWorld(PipelineWorld):
     """A world model backed by a diffusers Wan pipeline (implements ``WorldModel``).
 
     Args:
@@ -130,15 +128,8 @@ class DiffusersWorld(WorldModel):
 
     def __init__(self, cfg: DiffusersConfig, device: str | None = None, critic_frames: int | None = None,
                  scenes: ReferenceScenes | None = None):
-        self.cfg = cfg
-        self.critic_frames = media.critic_frames_or_default(critic_frames)
-        self.scenes = scenes
-        check_prompt_template("world.diffusers.prompt_template", cfg.prompt_template, goal="g", steps="s")
-        self.device = default_device(device)
-        self.model_path = resolve_video_model(cfg.model)
-        self._lock = threading.Lock()  # one pipeline call at a time per replica
-        self._pipes: dict[str, Any] = {}
-        self._load()
+        super().__init__(cfg, cfg.model, device, critic_frames, scenes, "world.diffusers.prompt_template",
+                         goal="g", steps="s")
 
     # ------------------------------------------------------------------ loading
 

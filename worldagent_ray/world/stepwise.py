@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
 import warnings
 from typing import Any, Sequence
@@ -45,10 +44,10 @@ import numpy as np
 from ..config import StepwiseConfig
 from ..schemas import Plan, Rollout, StepFrames, Task
 from . import media
-from .base import WorldModel, coerce_plan
-from .pipelines import check_prompt_template, checkpoint_index, default_device
+from .base import coerce_plan
+from .pipelines import PipelineWorld, checkpoint_index
 from .reference import reference_or_error
-from .tiny_wan import resolve_lora, resolve_video_model
+from .tiny_wan import resolve_lora
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ def _uint8(frames: Any) -> np.ndarray:
     return arr
 
 
-class StepwiseWorld(WorldModel):
+class StepwiseWorld(PipelineWorld):
     """A world model that renders a plan step by step (implements ``WorldModel``).
 
     Args:
@@ -103,21 +102,15 @@ class StepwiseWorld(WorldModel):
 
     def __init__(self, cfg: StepwiseConfig, device: str | None = None, critic_frames: int | None = None,
                  scenes: Any = None):
-        self.cfg = cfg
-        self.critic_frames = media.critic_frames_or_default(critic_frames)
-        self.scenes = scenes
-        check_prompt_template("world.stepwise.prompt_template", cfg.prompt_template, goal="g", step=1, action="a")
-        self.device = default_device(device)
         self.model = cfg.model or DEFAULT_MODELS[cfg.method]
-        self.model_path = resolve_video_model(self.model)
-        self._lock = threading.Lock()  # one pipeline call at a time per replica
-        self._pipes: dict[str, Any] = {}
-        self._load()
+        super().__init__(cfg, self.model, device, critic_frames, scenes, "world.stepwise.prompt_template",
+                         goal="g", step=1, action="a")
 
     # ------------------------------------------------------------------ loading
 
     def _load(self) -> None:
         import torch
+
         cls_name, index = checkpoint_index(self.model_path)
         self.checkpoint_class = cls_name
         dtype = getattr(torch, self.cfg.dtype)
