@@ -42,7 +42,7 @@ import asyncio
 import collections
 import logging
 import time
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import ray
 
@@ -84,23 +84,16 @@ class BufferActor:
     """Async Ray actor holding refs of scored groups; see the module docstring.
 
     Args:
-        max_groups, max_staleness, stale_policy, drop_zero_variance: as :class:`GroupBuffer`.
         put_timeout_s (`float | None`): default wait of ``put`` on a full buffer (None: forever).
         name (`str`): value of the ``buffer`` metrics tag.
+        **buffer: the keyword arguments of :class:`GroupBuffer` (``max_groups``, ``max_staleness``,
+            ``stale_policy``, ``drop_zero_variance``, ``zero_variance_tol``), checked there.
     """
 
-    def __init__(
-        self,
-        max_groups: int,
-        max_staleness: int,
-        stale_policy: Literal["drop", "correct"] = "correct",
-        drop_zero_variance: bool = True,
-        put_timeout_s: float | None = 60.0,
-        name: str = "default",
-    ):
+    def __init__(self, put_timeout_s: float | None = 60.0, name: str = "default", **buffer: Any):
         if put_timeout_s is not None and put_timeout_s < 0:
             raise ValueError(f"put_timeout_s must be >= 0 or None, got {put_timeout_s}")
-        self._core = GroupBuffer(max_groups, max_staleness, stale_policy, drop_zero_variance)
+        self._core = GroupBuffer(**buffer)
         self._put_timeout_s = put_timeout_s
         self._version = 0
         self._cond = asyncio.Condition()
@@ -328,11 +321,11 @@ def create_buffer_actor(
             max_concurrency=1000,
         )
         .remote(
-            learner_cfg.buffer_max_groups,
-            learner_cfg.max_staleness,
-            learner_cfg.stale_policy,
-            learner_cfg.drop_zero_variance,
             put_timeout_s=put_timeout_s,
             name=name,
+            max_groups=learner_cfg.buffer_max_groups,
+            max_staleness=learner_cfg.max_staleness,
+            stale_policy=learner_cfg.stale_policy,
+            drop_zero_variance=learner_cfg.drop_zero_variance,
         )
     )
