@@ -27,14 +27,11 @@ def tiny_engine(tiny_llama_path):
 
     Do not load weights into it; build your own engine for that.
     """
-    from worldagent_ray.config import EngineConfig
-    from worldagent_ray.engines.hf import TransformersEngine
+    from tests.factories import running_engine
 
-    engine = TransformersEngine(
-        EngineConfig(backend="transformers", model="tiny-random-llama", dtype="float32", max_json_retries=1)
-    )
-    yield engine
-    engine.shutdown()
+    with running_engine(backend="transformers", model="tiny-random-llama", dtype="float32",
+                        max_json_retries=1) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")

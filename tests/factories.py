@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 
@@ -51,6 +52,20 @@ def buffer_entry(gid: str, version: int = 0, rewards=(0.0, 1.0)):
 
     return BufferEntry.from_group(scored_group(gid, version, rewards), ref=f"payload-{gid}")
 
+
+
+@contextlib.contextmanager
+def running_engine(**engine_cfg):
+    """A started inference engine for ``EngineConfig(**engine_cfg)`` (through ``build_engine``),
+    shut down on exit."""
+    from worldagent_ray.config import EngineConfig
+    from worldagent_ray.engines.factory import build_engine
+
+    engine = build_engine(EngineConfig(**engine_cfg))
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
 
 # --------------------------------------------------------------------------- action training (SFT / DPO data)
 

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worldagent_ray.config import EngineConfig, LearnerConfig
+from worldagent_ray.config import LearnerConfig
 from worldagent_ray.models import resolve_model
 from worldagent_ray.rl.learner import (
     LORA_SCALING_KEY,
@@ -24,7 +24,7 @@ from worldagent_ray.rl.batch import shard_rows
 from worldagent_ray.rl.weight_sync import load_base_weights, merge_lora
 from worldagent_ray.schemas import SamplingParams, ScoredGroup
 
-from tests.factories import make_groups
+from tests.factories import make_groups, running_engine
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_torch_thread")]
 
@@ -99,11 +99,8 @@ def test_kl_to_frozen_reference(tiny_llama_path):
 
 @pytest.fixture(scope="module")
 def engine():
-    from worldagent_ray.engines.hf import TransformersEngine
-
-    eng = TransformersEngine(EngineConfig(model="tiny-random-llama", backend="transformers", dtype="float32"))
-    yield eng
-    eng.shutdown()
+    with running_engine(model="tiny-random-llama", backend="transformers", dtype="float32") as eng:
+        yield eng
 
 
 def _greedy(engine, prompt: str = "Plan: pick up the cup") -> tuple[list[int], int]:
