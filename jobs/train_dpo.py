@@ -10,7 +10,6 @@ are what the model wrote. The reference model is ``--model`` itself. Prints ``RE
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
@@ -18,7 +17,7 @@ from worldagent_ray.env import apply_env_defaults  # noqa: E402
 
 apply_env_defaults(offline=False)  # quiet logs now; offline switches once the config is known
 
-from worldagent_ray.runtime.job import job_parser, start_job  # noqa: E402
+from worldagent_ray.runtime.job import job_parser, start_job, timestamped_out  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -36,7 +35,7 @@ def main(argv=None) -> int:
     cfg = start_job(args.profile, args.overrides)
     if cfg is None:
         return 2
-    out = args.out or os.path.join(cfg.run.root, f"dpo-{time.strftime('%Y%m%d-%H%M%S')}", "model")
+    out = args.out or timestamped_out(cfg, "dpo")
     t0 = time.perf_counter()
     try:
         info = run_dpo(cfg, out, memory_uri=args.memory, model=args.model or cfg.engines[cfg.agents.action.engine].model)

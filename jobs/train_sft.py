@@ -14,7 +14,6 @@ again resumes from TRL's checkpoints in ``<out>.work``. Prints ``RESULT`` with t
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
@@ -22,7 +21,7 @@ from worldagent_ray.env import apply_env_defaults  # noqa: E402
 
 apply_env_defaults(offline=False)  # quiet logs now; offline switches once the config is known
 
-from worldagent_ray.runtime.job import job_parser, start_job  # noqa: E402
+from worldagent_ray.runtime.job import job_parser, start_job, timestamped_out  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -40,7 +39,7 @@ def main(argv=None) -> int:
     cfg = start_job(args.profile, args.overrides)
     if cfg is None:
         return 2
-    out = args.out or os.path.join(cfg.run.root, f"sft-{time.strftime('%Y%m%d-%H%M%S')}", "model")
+    out = args.out or timestamped_out(cfg, "sft")
     t0 = time.perf_counter()
     info = run_sft(cfg, out, memory_uri=args.memory, model=args.model)
     print(json.dumps(info, indent=2, default=str))

@@ -18,7 +18,9 @@ Ray is imported only by :func:`start_job`, so building the parser stays cheap.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from typing import TYPE_CHECKING
 
 from ..config import ConfigError, load_config
@@ -60,3 +62,9 @@ def start_job(profile: str, overrides: list[str]) -> "Config | None":
 
         connect(cfg, dashboard=False)
     return cfg
+
+
+def timestamped_out(cfg: "Config", kind: str) -> str:
+    """``<run.root>/<kind>-<YYYYmmdd-HHMMSS>/model``: where a training job writes its model when
+    it is given no ``--out``."""
+    return os.path.join(cfg.run.root, f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}", "model")
