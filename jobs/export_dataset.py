@@ -13,18 +13,13 @@ the flags below are shortcuts for them. Read the result with
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from worldagent_ray.config import ConfigError, load_config
-from worldagent_ray.env import apply_env_defaults
+from worldagent_ray.runtime.job import job_parser, start_job
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", default="local-cpu", help="profile name or YAML path (default: local-cpu)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. export.video_shards=64 (repeatable)")
+    p = job_parser(__doc__, example="export.video_shards=64")
     p.add_argument("--run", dest="runs", action="append", default=[], metavar="RUN_DIR",
                    help="run folder whose memory is exported (repeatable)")
     p.add_argument("--memory", dest="memory_uris", action="append", default=[], metavar="URI",
@@ -47,16 +42,11 @@ def main(argv=None) -> int:
         overrides.append(f"export.success={'true' if args.success else 'false'}")
     if args.min_reward is not None:
         overrides.append(f"export.min_reward={args.min_reward}")
-    try:
-        cfg = load_config(args.profile, overrides=overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = start_job(args.profile, overrides)
+    if cfg is None:
         return 2
-    from worldagent_ray.runtime.cluster import connect
     from worldagent_ray.runtime.dataset_export import export_video_action
 
-    apply_env_defaults(cfg=cfg)
-    connect(cfg, dashboard=False)
     try:
         manifest = export_video_action(cfg, runs=args.runs, memory_uris=args.memory_uris, out=args.out)
     except (ValueError, FileNotFoundError) as e:

@@ -11,34 +11,25 @@ With ``--once`` the job plans one goal through the service, prints the result as
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import sys
 import threading
 
-from worldagent_ray.config import ConfigError, load_config
-from worldagent_ray.env import apply_env_defaults
+from worldagent_ray.runtime.job import job_parser, start_job
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", default="local-cpu", help="profile name or YAML path (default: local-cpu)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p = job_parser(__doc__, example="planner.iterations=5")
     p.add_argument("--once", metavar="GOAL", help="plan this goal, print the PlanResult JSON and exit")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.profile, overrides=args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = start_job(args.profile, args.overrides)
+    if cfg is None:
         return 2
     from ray import serve
 
-    from worldagent_ray.runtime.cluster import connect
     from worldagent_ray.runtime.planner_deployment import serve_planner
 
-    apply_env_defaults(cfg=cfg)
-    connect(cfg, dashboard=False)
     try:
         handle = serve_planner(cfg)
         url = f"http://{cfg.planner.http_host}:{cfg.planner.http_port}{cfg.planner.route_prefix}"

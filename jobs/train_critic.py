@@ -36,13 +36,12 @@ from worldagent_ray.env import apply_env_defaults  # noqa: E402
 
 apply_env_defaults(offline=False)  # quiet logs now; offline switches once the config is known
 
+from worldagent_ray.runtime.job import job_parser, start_job  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = job_parser(__doc__, example="critic_training.max_steps=50")
     p.add_argument("--stage", required=True, choices=["data", "sft", "rm"])
-    p.add_argument("--profile", default="local-cpu", help="profile name or YAML path (default: local-cpu)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. critic_training.max_steps=50 (repeatable)")
     p.add_argument("--data", help="reuse a folder written by --stage data instead of exporting again")
     return p.parse_args(argv)
 
@@ -64,21 +63,14 @@ def calibrate(model_dir: str, records: list[dict]) -> dict[str, float]:
 def main(argv=None) -> int:
     import ray
 
-    from worldagent_ray.config import ConfigError, load_config
     from worldagent_ray.runtime.critic_trainer import export_critic_data, launch_critic_trainer
 
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.profile, overrides=args.overrides)
-        apply_env_defaults(cfg=cfg)
-    except ConfigError as e:
-        raise SystemExit(str(e)) from None
-    ct = cfg.critic_training
-    root = os.path.join(cfg.run.root, ct.output_dir)
     t0 = time.perf_counter()
-    ray.init(address=cfg.resources.ray_address or os.environ.get("RAY_ADDRESS"),
-             num_cpus=cfg.resources.ray_num_cpus if not (cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")) else None,
-             include_dashboard=False, log_to_driver=False)
+    cfg = start_job(args.profile, args.overrides)
+    if cfg is None:
+        return 2
+    root = os.path.join(cfg.run.root, cfg.critic_training.output_dir)
     try:
         data_dir = args.data or os.path.join(root, "data")
         if args.data:

@@ -36,6 +36,8 @@ from worldagent_ray.env import apply_env_defaults  # noqa: E402
 apply_env_defaults(offline=False)  # quiet logs now; offline switches once the config is known
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
+from worldagent_ray.runtime.job import job_parser  # noqa: E402
+
 PHASES = ("sft", "grpo", "curriculum")
 
 
@@ -44,10 +46,7 @@ def say(msg: str) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", default="local-cpu", help="profile name or YAML path")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every phase, e.g. learner.dpo_coef=0.1 (repeatable)")
+    p = job_parser(__doc__, example="learner.dpo_coef=0.1, applied to every phase")
     p.add_argument("--out", required=True, help="pipeline folder (phases write below it)")
     p.add_argument("--resume", action="store_true", help="skip finished phases, continue the unfinished one")
     p.add_argument("--memory", help="memory URI whose successful train episodes join the SFT data")

@@ -13,9 +13,7 @@ again resumes from TRL's checkpoints in ``<out>.work``. Prints ``RESULT`` with t
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
 
@@ -23,12 +21,11 @@ from worldagent_ray.env import apply_env_defaults  # noqa: E402
 
 apply_env_defaults(offline=False)  # quiet logs now; offline switches once the config is known
 
+from worldagent_ray.runtime.job import job_parser, start_job, timestamped_out  # noqa: E402
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", default="local-cpu", help="profile name or YAML path")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. training.sft.max_steps=100 (repeatable)")
+    p = job_parser(__doc__, example="training.sft.max_steps=100")
     p.add_argument("--out", help="output model folder (default: <run.root>/sft-<time>/model)")
     p.add_argument("--memory", help="LanceDB memory URI of a run to add successful episodes from")
     p.add_argument("--model", help="base model (default: engines.<action engine>.model)")
@@ -36,19 +33,13 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from worldagent_ray.config import ConfigError, load_config
-    from worldagent_ray.runtime.cluster import connect
     from worldagent_ray.runtime.sft_trainer import run_sft
 
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.profile, overrides=args.overrides)
-        apply_env_defaults(cfg=cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = start_job(args.profile, args.overrides)
+    if cfg is None:
         return 2
-    out = args.out or os.path.join(cfg.run.root, f"sft-{time.strftime('%Y%m%d-%H%M%S')}", "model")
-    connect(cfg, dashboard=False)
+    out = args.out or timestamped_out(cfg, "sft")
     t0 = time.perf_counter()
     info = run_sft(cfg, out, memory_uri=args.memory, model=args.model)
     print(json.dumps(info, indent=2, default=str))

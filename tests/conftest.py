@@ -27,14 +27,26 @@ def tiny_engine(tiny_llama_path):
 
     Do not load weights into it; build your own engine for that.
     """
-    from worldagent_ray.config import EngineConfig
-    from worldagent_ray.engines.hf import TransformersEngine
+    from tests.factories import running_engine
 
-    engine = TransformersEngine(
-        EngineConfig(backend="transformers", model="tiny-random-llama", dtype="float32", max_json_retries=1)
-    )
-    yield engine
-    engine.shutdown()
+    with running_engine(backend="transformers", model="tiny-random-llama", dtype="float32",
+                        max_json_retries=1) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for the module's tests (``pytest.mark.usefixtures("one_torch_thread")``).
+
+    On a shared 2-core machine, 2 OpenMP threads spin against each other and a training step
+    takes ~25x longer than with 1 thread; results do not depend on it.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # --------------------------------------------------------------------------- S3 (storage layer)
@@ -133,6 +145,17 @@ def s3_env(s3_server, monkeypatch):
     for k, v in s3_server.env.items():
         monkeypatch.setenv(k, v)
     return f"s3://{s3_server.create_bucket()}"
+
+
+@pytest.fixture(params=["local", "file", "s3"])
+def storage_root(request, tmp_path):
+    """A fresh, empty run root of each kind the storage layer takes: a local path, a
+    ``file://`` URI and an ``s3://`` URI on the test S3 server (through ``s3_env``)."""
+    if request.param == "local":
+        return str(tmp_path / "root")
+    if request.param == "file":
+        return f"file://{tmp_path}/root"
+    return request.getfixturevalue("s3_env") + "/root"
 
 
 @pytest.fixture

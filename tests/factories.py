@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 
@@ -29,6 +30,42 @@ def make_groups(seed: int, n_groups: int = 2, group_size: int = 4, version: int 
         )
     return out
 
+
+def scored_group(gid: str, version: int = 0, rewards=(0.0, 1.0), task: str = "t") -> ScoredGroup:
+    """One small fixed group: ``len(rewards)`` two-token completions of a three-token prompt."""
+    n = len(rewards)
+    return ScoredGroup(
+        group_id=gid,
+        task_id=task,
+        policy_version=version,
+        prompt_token_ids=[1, 2, 3],
+        completion_token_ids=[[10 + i, 20 + i] for i in range(n)],
+        rollout_logprobs=[[-0.5, -0.25] for _ in range(n)],
+        rewards=list(rewards),
+        episode_ids=[f"{gid}-ep{i}" for i in range(n)],
+    )
+
+
+def buffer_entry(gid: str, version: int = 0, rewards=(0.0, 1.0)):
+    """The rollout-buffer entry of :func:`scored_group` (its payload ref is ``payload-<gid>``)."""
+    from worldagent_ray.rl.buffer import BufferEntry
+
+    return BufferEntry.from_group(scored_group(gid, version, rewards), ref=f"payload-{gid}")
+
+
+
+@contextlib.contextmanager
+def running_engine(**engine_cfg):
+    """A started inference engine for ``EngineConfig(**engine_cfg)`` (through ``build_engine``),
+    shut down on exit."""
+    from worldagent_ray.config import EngineConfig
+    from worldagent_ray.engines.factory import build_engine
+
+    engine = build_engine(EngineConfig(**engine_cfg))
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
 
 # --------------------------------------------------------------------------- action training (SFT / DPO data)
 

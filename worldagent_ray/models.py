@@ -40,7 +40,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from filelock import FileLock
 
@@ -152,43 +152,24 @@ def _build_tiny_llama(out: Path) -> None:
 
 def _build_tiny_qwen2_vl(out: Path) -> None:
     """A tiny random Qwen2-VL with an offline processor (SmolLM2 tokenizer + VL tokens)."""
-    import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    tok, ids = _qwen_vl_tokenizer()
-    text_config = dict(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,  # head_dim 16 = 2 * sum(mrope_section)
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+    _save_tiny_qwen_vl(
+        out, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+        text=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,  # head_dim 16 = 2 * sum(mrope_section)
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        ),
+        vision=dict(
+            depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+        ),
     )
-    vision_config = dict(
-        depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
-        spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-    )
-    config = Qwen2VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(config)
-    model.save_pretrained(out, safe_serialization=True)
-    # transformers' Qwen2VLProcessor insists on a video processor, which needs torchvision
-    # (absent beside torch+cpu); the engine combines these two parts itself when it must.
-    _small_qwen_image_processor().save_pretrained(out)
-    tok.save_pretrained(out)
 
 
 def _qwen_vl_tokenizer():
@@ -221,31 +202,42 @@ def _build_tiny_qwen2_5_vl(out: Path) -> None:
     shape: window attention (``window_size`` 112 = one 4x4 window of merged patches) with
     one full-attention block, SwiGLU MLPs and a patch merger into the text width.
     """
-    import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    _save_tiny_qwen_vl(
+        out, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+        text=dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=2,  # head_dim 64 = 2 * sum(mrope_section)
+            num_key_value_heads=1,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
+        ),
+        vision=dict(
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=112,
+            fullatt_block_indexes=[1], tokens_per_second=2,
+        ),
+    )
+
+
+def _save_tiny_qwen_vl(out: Path, config_cls: Any, model_cls: Any, *, text: dict, vision: dict) -> None:
+    """Build a Qwen-VL of ``config_cls`` / ``model_cls`` with the text sizes ``text`` and the vision
+    tower ``vision``, random weights (seed 0) and the offline processor, and save it to ``out``."""
+    import torch
+
     tok, ids = _qwen_vl_tokenizer()
-    text_config = dict(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,  # head_dim 64 = 2 * sum(mrope_section)
-        num_key_value_heads=1,
-        max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    vision_config = dict(
-        depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, patch_size=14,
-        spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=112,
-        fullatt_block_indexes=[1], tokens_per_second=2,
-    )
-    config = Qwen2_5_VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
+    config = config_cls(
+        text_config=dict(
+            vocab_size=len(tok),
+            **text,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -253,9 +245,11 @@ def _build_tiny_qwen2_5_vl(out: Path) -> None:
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = model_cls(config)
     model.save_pretrained(out, safe_serialization=True)
-    # Image processor + tokenizer, not a Qwen2_5_VLProcessor: its video half needs torchvision.
+    # Image processor + tokenizer, not the model's processor class: transformers' Qwen-VL processors
+    # insist on a video processor, which needs torchvision (absent beside torch+cpu); the engine
+    # combines these two parts itself when it must.
     _small_qwen_image_processor().save_pretrained(out)
     tok.save_pretrained(out)
 

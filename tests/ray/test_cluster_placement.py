@@ -114,8 +114,8 @@ def test_learner_workers_on_the_llm_node(connected, tmp_path):
     lc = cfg.learner
     assert (lc.num_workers, cfg.resources.learner.custom) == (2, {"llm_gpu": 1.0}) and lc.lora
     buffer = ray.remote(BufferActor).options(name=buffer_actor_name("sim"), namespace=NAMESPACE, num_cpus=0).remote(
-        lc.buffer_max_groups, lc.max_staleness, lc.stale_policy, lc.drop_zero_variance, put_timeout_s=5.0,
-        name="sim")
+        put_timeout_s=5.0, name="sim", max_groups=lc.buffer_max_groups, max_staleness=lc.max_staleness,
+        stale_policy=lc.stale_policy, drop_zero_variance=lc.drop_zero_variance)
     publisher = create_publisher_actor("sim-weights", namespace=NAMESPACE)
     # a full batch for each of the 2 workers, whether rank 0 pulls for both or each rank pulls its own
     for g in make_groups(7, n_groups=2 * lc.num_workers):

@@ -30,8 +30,8 @@ class BombBuffer(BufferActor):
     """A buffer whose ``bomb_at``-th hand-out goes through (the groups are in flight) but carries
     refs that kill the worker fetching them, before the step's checkpoint."""
 
-    def __init__(self, *args, bomb_at: int, bomb: list, **kw):
-        super().__init__(*args, **kw)
+    def __init__(self, *, bomb_at: int, bomb: list, **kw):
+        super().__init__(**kw)
         self.bomb_at, self.bomb, self.handouts, self.fired = bomb_at, bomb[0], 0, False
 
     async def get_batch(self, n, current_version, timeout_s=None):
@@ -96,8 +96,8 @@ def test_two_workers_survive_a_kill_after_a_hand_out_and_train_every_group_once(
     expected = [reference.step(g) for g in data][-1]
 
     buffer = ray.remote(BombBuffer).options(name=buffer_actor_name("lt2"), num_cpus=0).remote(
-        lc.buffer_max_groups, lc.max_staleness, lc.stale_policy, lc.drop_zero_variance,
-        put_timeout_s=5.0, name="lt2", bomb_at=4, bomb=[ray.put(_Bomb())])
+        put_timeout_s=5.0, name="lt2", bomb_at=4, bomb=[ray.put(_Bomb())], max_groups=lc.buffer_max_groups,
+        max_staleness=lc.max_staleness, stale_policy=lc.stale_policy, drop_zero_variance=lc.drop_zero_variance)
     publisher = create_publisher_actor("lt2-weights")
     for g in (g for step in data for g in step):
         assert ray.get(buffer.put.remote(meta_of(g), [ray.put(g)]))

@@ -32,6 +32,8 @@ from worldagent_ray.rl.weight_sync import AsyncRWLock, WeightSubscriber, load_ba
 from worldagent_ray.runtime.weight_publisher import NcclBroadcastSync, WeightPublisherActor, create_publisher_actor
 from worldagent_ray.schemas import SamplingParams
 
+from tests.factories import running_engine
+
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 PROMPT = "Plan: put the cup in the sink"
@@ -55,11 +57,8 @@ def model_path() -> str:
 
 @pytest.fixture(scope="module")
 def engine():
-    from worldagent_ray.engines.hf import TransformersEngine
-
-    eng = TransformersEngine(EngineConfig(model="tiny-random-llama", backend="transformers", dtype="float32"))
-    yield eng
-    eng.shutdown()
+    with running_engine(model="tiny-random-llama", backend="transformers", dtype="float32") as eng:
+        yield eng
 
 
 @pytest.fixture

@@ -15,66 +15,56 @@ from worldagent_ray.storage import (StorageCredentialsError, StorageError, Stora
                                     StorageTimeoutError)
 
 
-@pytest.fixture(params=["local", "file", "s3"])
-def root(request, tmp_path):
-    """A fresh, empty run root of each kind."""
-    if request.param == "local":
-        return str(tmp_path / "root")
-    if request.param == "file":
-        return f"file://{tmp_path}/root"
-    return request.getfixturevalue("s3_env") + "/root"
-
-
-def test_write_read_list_and_delete(root):
-    a = storage.join(root, "videos", "t1", "a.bin")
-    b = storage.join(root, "videos", "t1", "b.bin")
-    c = storage.join(root, "videos", "t2", "c.bin")
+def test_write_read_list_and_delete(storage_root):
+    a = storage.join(storage_root, "videos", "t1", "a.bin")
+    b = storage.join(storage_root, "videos", "t1", "b.bin")
+    c = storage.join(storage_root, "videos", "t2", "c.bin")
     assert not storage.exists(a)
     for uri, data in ((a, b"alpha"), (b, b"\x00" * 1000), (c, b"")):
         assert storage.write_bytes(uri, data) == uri
     assert storage.read_bytes(a) == b"alpha" and storage.read_bytes(b) == b"\x00" * 1000
     assert storage.read_bytes(c) == b""
     assert storage.exists(a) and storage.size(b) == 1000
-    assert storage.ls(storage.join(root, "videos", "t1")) == [a, b]
-    assert storage.ls(storage.join(root, "videos")) == [storage.join(root, "videos", "t1"),
-                                                       storage.join(root, "videos", "t2")]
-    assert storage.find(root) == [a, b, c]
+    assert storage.ls(storage.join(storage_root, "videos", "t1")) == [a, b]
+    assert storage.ls(storage.join(storage_root, "videos")) == [storage.join(storage_root, "videos", "t1"),
+                                                       storage.join(storage_root, "videos", "t2")]
+    assert storage.find(storage_root) == [a, b, c]
     storage.write_bytes(a, b"overwritten")
     assert storage.read_bytes(a) == b"overwritten"
     storage.delete(a)
-    assert not storage.exists(a) and storage.find(root) == [b, c]
-    storage.delete(storage.join(root, "videos"), recursive=True)
-    assert storage.find(root) == []
+    assert not storage.exists(a) and storage.find(storage_root) == [b, c]
+    storage.delete(storage.join(storage_root, "videos"), recursive=True)
+    assert storage.find(storage_root) == []
 
 
-def test_missing_objects_name_the_uri(root):
-    missing = storage.join(root, "nope", "x.png")
+def test_missing_objects_name_the_uri(storage_root):
+    missing = storage.join(storage_root, "nope", "x.png")
     with pytest.raises(StorageNotFoundError, match="does not exist") as e:
         storage.read_bytes(missing)
     assert missing in str(e.value) and e.value.uri == missing
     assert isinstance(e.value, FileNotFoundError)
     with pytest.raises(StorageNotFoundError, match="nope"):
-        storage.ls(storage.join(root, "nope"))
-    assert storage.find(storage.join(root, "nope")) == []
+        storage.ls(storage.join(storage_root, "nope"))
+    assert storage.find(storage.join(storage_root, "nope")) == []
 
 
-def test_max_bytes_refuses_before_download(root):
-    uri = storage.write_bytes(storage.join(root, "big.bin"), b"x" * 2048)
+def test_max_bytes_refuses_before_download(storage_root):
+    uri = storage.write_bytes(storage.join(storage_root, "big.bin"), b"x" * 2048)
     assert storage.read_bytes(uri, max_bytes=2048) == b"x" * 2048
     with pytest.raises(StorageError, match="2048 bytes, more than the 100-byte limit") as e:
         storage.read_bytes(uri, max_bytes=100)
     assert uri in str(e.value)
 
 
-def test_makedirs_and_local_writes_leave_no_temp_files(root):
-    d = storage.makedirs(storage.join(root, "a", "b"))
+def test_makedirs_and_local_writes_leave_no_temp_files(storage_root):
+    d = storage.makedirs(storage.join(storage_root, "a", "b"))
     storage.write_bytes(storage.join(d, "f.txt"), b"1")
-    assert [u.rsplit("/", 1)[1] for u in storage.find(root)] == ["f.txt"]
+    assert [u.rsplit("/", 1)[1] for u in storage.find(storage_root)] == ["f.txt"]
 
 
-def test_another_process_reads_what_this_one_wrote(root):
+def test_another_process_reads_what_this_one_wrote(storage_root):
     """Frames written by a world replica on one node are read by the critic on another."""
-    uri = storage.write_bytes(storage.join(root, "frames", "f0.png"), b"\x89PNG-ish")
+    uri = storage.write_bytes(storage.join(storage_root, "frames", "f0.png"), b"\x89PNG-ish")
     code = ("import sys; from worldagent_ray import storage; "
             "sys.stdout.write(storage.read_bytes(sys.argv[1]).hex())")
     out = subprocess.run([sys.executable, "-c", code, uri], capture_output=True, text=True, timeout=120,

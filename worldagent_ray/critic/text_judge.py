@@ -17,7 +17,7 @@ world's own state description, and a note says why.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..config import CriticConfig
 from ..engines.base import InferenceEngine
@@ -120,16 +120,23 @@ class TextJudge:
             raise JudgeParseError(f"engine could not produce valid JSON ({len(comp.rejected)} rejected attempts)")
         return comp.text
 
+    def _ask(self, items: Sequence[tuple[Task, Plan | None, GroundTruth]], prompts: Callable[[], list[Any]],
+             schema: dict[str, Any]) -> tuple[list[str], list[Any], str | None]:
+        """The fallback caption of each item (the world's state description, capped), and the
+        engine's outputs for ``prompts()`` or why there are none (no engine, or it failed)."""
+        fallback = [cap_length(sanitize_text(gt.state_description), self.cfg.caption_max_chars) for _, _, gt in items]
+        if self.engine is None:
+            return fallback, [], "no engine"
+        outs, why = self._generate(prompts(), schema)
+        return fallback, outs, why
+
     def caption_batch(self, items: Sequence[tuple[Task, Plan | None, GroundTruth]]) -> list[tuple[str, list[str]]]:
         """One ``(caption, notes)`` per item (``caption`` mode); never raises."""
         limit = self.cfg.caption_max_chars
         if not items:
             return []
-        fallback = [cap_length(sanitize_text(gt.state_description), limit) for _, _, gt in items]
-        why = "no engine" if self.engine is None else None
-        outs: list[Any] = []
-        if why is None:
-            outs, why = self._generate([caption_prompt(t, p, gt) for t, p, gt in items], CAPTION_SCHEMA)
+        fallback, outs, why = self._ask(items, lambda: [caption_prompt(t, p, gt) for t, p, gt in items],
+                                        CAPTION_SCHEMA)
         if why is not None:
             return [(fb, [f"text_judge: {why}; caption is the world's state description"]) for fb in fallback]
         result = []
@@ -148,12 +155,8 @@ class TextJudge:
         limit = self.cfg.caption_max_chars
         if not items:
             return []
-        fallback = [cap_length(sanitize_text(gt.state_description), limit) for _, _, gt in items]
-        why = "no engine" if self.engine is None else None
-        outs: list[Any] = []
-        if why is None:
-            prompts = [verdict_messages(t, p, observation_text(gt)) for t, p, gt in items]
-            outs, why = self._generate(prompts, Verdict.decoding_schema())
+        fallback, outs, why = self._ask(items, lambda: [verdict_messages(t, p, observation_text(gt))
+                                                        for t, p, gt in items], Verdict.decoding_schema())
         if why is not None:
             return [(None, fb, [f"text_judge: {why}; no scores"]) for fb in fallback]
         result: list[Judged] = []

@@ -105,3 +105,24 @@ class InferenceEngine(Protocol):
     def tokenizer(self) -> Any: ...
 
     def shutdown(self) -> None: ...
+
+
+class EngineBase:
+    """The part of :class:`InferenceEngine` both engines answer alike, from the state each keeps:
+    ``cfg`` (its ``EngineConfig``), ``_version`` (the version of the loaded weights) and ``_tok``
+    (its tokenizer)."""
+
+    cfg: Any
+    _version: int
+    _tok: Any
+
+    @property
+    def weights_version(self) -> int:
+        return self._version
+
+    @property
+    def model_name(self) -> str:
+        return self.cfg.model
+
+    def tokenizer(self) -> Any:
+        return self._tok

@@ -47,7 +47,7 @@ import torch
 from ..config import EngineConfig
 from ..models import builtin_models, resolve_model
 from ..schemas import Completion, SamplingParams
-from .base import (EngineStartupError, Prompt, PromptTooLongError, UnknownModelError,
+from .base import (EngineBase, EngineStartupError, Prompt, PromptTooLongError, UnknownModelError,
                    WeightSyncError)
 from .batcher import MicroBatcher
 from .images import load_image, prompt_images
@@ -90,7 +90,7 @@ class _Draw:
     version: int = 0  # the weights version of the batch that drew it
 
 
-class TransformersEngine:
+class TransformersEngine(EngineBase):
     """An :class:`~worldagent_ray.engines.base.InferenceEngine` on plain transformers.
 
     Args:
@@ -193,20 +193,9 @@ class TransformersEngine:
     # ------------------------------------------------------------------ protocol
 
     @property
-    def weights_version(self) -> int:
-        return self._version
-
-    @property
-    def model_name(self) -> str:
-        return self.cfg.model
-
-    @property
     def max_model_len(self) -> int:
         """The context window: ``cfg.max_model_len`` capped by the model's positions."""
         return self._max_len
-
-    def tokenizer(self) -> Any:
-        return self._tok
 
     @property
     def weights_dtype(self) -> torch.dtype:

@@ -52,7 +52,7 @@ import torch
 from ..config import EngineConfig
 from ..models import builtin_models, resolve_model
 from ..schemas import Completion, SamplingParams
-from .base import EngineStartupError, Prompt, PromptTooLongError, UnknownModelError, WeightSyncError
+from .base import EngineBase, EngineStartupError, Prompt, PromptTooLongError, UnknownModelError, WeightSyncError
 from .images import load_image, prompt_images
 from .json_check import check_supported, json_rejection
 from .locks import AsyncRWLock
@@ -153,7 +153,7 @@ def _stat_logger_factory(counter: _StepCounter):
     return _Recorder
 
 
-class VLLMEngine:
+class VLLMEngine(EngineBase):
     """An :class:`~worldagent_ray.engines.base.InferenceEngine` on ``vllm``'s ``AsyncLLM``.
 
     Args:
@@ -241,19 +241,8 @@ class VLLMEngine:
     # ------------------------------------------------------------------ protocol
 
     @property
-    def weights_version(self) -> int:
-        return self._version
-
-    @property
-    def model_name(self) -> str:
-        return self.cfg.model
-
-    @property
     def max_model_len(self) -> int:
         return self.cfg.max_model_len
-
-    def tokenizer(self) -> Any:
-        return self._tok
 
     @property
     def weights_dtype(self) -> torch.dtype | None:

@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..checks import check_int, list_of
+
 
 class EmbeddingCache:
     """Bounded LRU of text -> unit vector, filled by batched encodes.
@@ -36,8 +38,7 @@ class EmbeddingCache:
     """
 
     def __init__(self, embedder: Any, capacity: int = 4096, timeout_s: float = 120.0):
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
-            raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
+        check_int("capacity", capacity, 0)
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         self.embedder = embedder
@@ -62,12 +63,7 @@ class EmbeddingCache:
             TypeError: for a bare string or a non-string item.
             TimeoutError: when another caller's encode of a text does not finish in ``timeout_s``.
         """
-        if isinstance(texts, str):
-            raise TypeError("encode expects a list of strings, got a single str (wrap it in a list)")
-        texts = list(texts)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+        texts = list_of(texts, str, call="encode", arg="texts", plural="strings", one="a str")
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         found: dict[str, np.ndarray] = {}

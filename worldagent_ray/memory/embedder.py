@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..checks import check_int, list_of
+
 BUILTIN_EMBEDDERS: tuple[str, ...] = ("minilm",)
 
 
@@ -55,15 +57,10 @@ class Embedder:
     ):
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"embedder name must be a non-empty string, got {name!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.name = name
         self.device = device
-        self.batch_size = batch_size
-        bad_threads = isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
-        if num_threads is not None and bad_threads:
-            raise ValueError(f"num_threads must be an int >= 1 or None, got {num_threads!r}")
-        self.num_threads = num_threads
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.num_threads = None if num_threads is None else check_int("num_threads", num_threads, 1)
         self._model: Any = None
         self._lock = threading.Lock()
 
@@ -100,12 +97,7 @@ class Embedder:
         Returns:
             `np.ndarray`: float32 array of shape ``(len(texts), dim)``, each row of unit norm.
         """
-        if isinstance(texts, str):
-            raise TypeError("encode expects a list of strings, got a single str (wrap it in a list)")
-        texts = list(texts)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+        texts = list_of(texts, str, call="encode", arg="texts", plural="strings", one="a str")
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         vecs = self.model.encode(

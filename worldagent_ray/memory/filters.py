@@ -126,12 +126,9 @@ class MemoryFilter:
             parts.append(f"phase = {self.phase}")
         if self.min_reward is not None:
             parts.append(f"reward >= {self.min_reward!r}")
-        if self.run_id is not None:
-            parts.append(f"run_id = {sql_str(self.run_id)}")
-        if self.split is not None:
-            parts.append(f"split = {sql_str(self.split)}")
-        if self.status is not None:
-            parts.append(f"status = {sql_str(self.status)}")
+        for column in ("run_id", "split", "status"):  # string columns: exact match
+            if (value := getattr(self, column)) is not None:
+                parts.append(f"{column} = {sql_str(value)}")
         if self.exclude_run_task is not None:
             r, t = self.exclude_run_task
             parts.append(f"NOT (run_id = {sql_str(r)} AND task_id = {sql_str(t)})")

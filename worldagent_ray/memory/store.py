@@ -32,6 +32,7 @@ from typing import Any, Callable, Literal, Sequence, TypeVar
 import numpy as np
 import pyarrow as pa
 
+from worldagent_ray.checks import check_int, list_of
 from worldagent_ray.memory.catalog import CATALOG_COLUMNS, Catalog, mark_row_versions, tracks_row_versions
 from worldagent_ray.memory.embed_cache import EmbeddingCache
 from worldagent_ray.memory.embedder import Embedder
@@ -288,12 +289,7 @@ class EpisodeMemory(Upkeep):
         Raises:
             TypeError: when an item is not an ``Episode``.
         """
-        if isinstance(episodes, Episode):
-            raise TypeError("upsert expects a list of Episode, got a single Episode (wrap it in a list)")
-        episodes = list(episodes)
-        for i, ep in enumerate(episodes):
-            if not isinstance(ep, Episode):
-                raise TypeError(f"episodes[{i}] must be an Episode, got {type(ep).__name__}")
+        episodes = list_of(episodes, Episode, call="upsert", arg="episodes", plural="Episode", one="an Episode")
         if self._closed:
             raise RuntimeError(f"EpisodeMemory at {self.uri!r} is closed")
         unique = list({ep.id: ep for ep in episodes}.values())
@@ -383,12 +379,10 @@ class EpisodeMemory(Upkeep):
         """
         if not isinstance(goal, str) or not goal.strip():
             raise MemoryFilterError(f"goal must be a non-empty str, got {goal!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise MemoryFilterError(f"k must be an int >= 0, got {k!r}")
+        check_int("k", k, 0, MemoryFilterError)
         if query_type not in QUERY_TYPES:
             raise MemoryFilterError(f"query_type must be one of {list(QUERY_TYPES)}, got {query_type!r}")
-        if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 1:
-            raise MemoryFilterError(f"oversample must be an int >= 1, got {oversample!r}")
+        check_int("oversample", oversample, 1, MemoryFilterError)
         where = MemoryFilter.from_kwargs(filters).where()
         table = self._open(create=False)
         if k == 0 or table is None:
@@ -461,8 +455,7 @@ class EpisodeMemory(Upkeep):
 
     def recent(self, n: int = 10, *, run_id: str | None = None) -> list[Episode]:
         """The ``n`` most recently created episodes (by ``created_at``, newest first)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise MemoryFilterError(f"n must be an int >= 0, got {n!r}")
+        check_int("n", n, 0, MemoryFilterError)
         if run_id is not None:
             MemoryFilter(run_id=run_id)
         top = self._sync_catalog().recent_ids(n, run_id) if n else []
@@ -481,8 +474,7 @@ class EpisodeMemory(Upkeep):
         """Goals attempted at least ``min_n`` times with a success rate of at least ``threshold``."""
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
             raise MemoryFilterError(f"threshold must be a number in [0, 1], got {threshold!r}")
-        if isinstance(min_n, bool) or not isinstance(min_n, int) or min_n < 1:
-            raise MemoryFilterError(f"min_n must be an int >= 1, got {min_n!r}")
+        check_int("min_n", min_n, 1, MemoryFilterError)
         flt = MemoryFilter(run_id=run_id, phase=phase)
         return self._sync_catalog().mastered_goals(float(threshold), min_n, flt.run_id, flt.phase)
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Iterable, Literal, Mapping
 
+from worldagent_ray.checks import check_int
 from worldagent_ray.schemas import ScoredGroup
 
 __all__ = ["AddResult", "BufferEntry", "GroupBuffer", "DROP_REASONS"]
@@ -85,10 +86,8 @@ class BufferEntry:
     def __post_init__(self) -> None:
         if not isinstance(self.group_id, str) or not self.group_id:
             raise ValueError(f"group_id must be a non-empty string, got {self.group_id!r}")
-        if isinstance(self.policy_version, bool) or not isinstance(self.policy_version, int) or self.policy_version < 0:
-            raise ValueError(f"policy_version must be an int >= 0, got {self.policy_version!r}")
-        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
-            raise ValueError(f"num_samples must be an int >= 1, got {self.num_samples!r}")
+        check_int("policy_version", self.policy_version, 0)
+        check_int("num_samples", self.num_samples, 1)
         for name in ("reward_mean", "reward_std"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -170,10 +169,8 @@ class GroupBuffer:
         drop_zero_variance: bool = True,
         zero_variance_tol: float = 0.0,
     ):
-        if isinstance(max_groups, bool) or not isinstance(max_groups, int) or max_groups < 1:
-            raise ValueError(f"max_groups must be an int >= 1, got {max_groups!r}")
-        if isinstance(max_staleness, bool) or not isinstance(max_staleness, int) or max_staleness < 0:
-            raise ValueError(f"max_staleness must be an int >= 0, got {max_staleness!r}")
+        check_int("max_groups", max_groups, 1)
+        check_int("max_staleness", max_staleness, 0)
         if stale_policy not in ("drop", "correct"):
             raise ValueError(f"stale_policy must be 'drop' or 'correct', got {stale_policy!r}")
         if zero_variance_tol < 0:
@@ -253,8 +250,7 @@ class GroupBuffer:
         :meth:`ack` or :meth:`requeue`. Under ``"drop"``, stale groups met on the way are
         discarded (see :meth:`evict_stale`) and do not count towards ``n``.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be an int >= 0, got {n!r}")
+        check_int("n", n, 0)
         out: list[BufferEntry] = []
         while self._queue and len(out) < n:
             _, entry = self._queue.popitem(last=False)

@@ -42,10 +42,11 @@ import asyncio
 import collections
 import logging
 import time
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import ray
 
+from ..checks import check_int
 from ..rl.buffer import DROP_REASONS, AddResult, BufferEntry, GroupBuffer
 from .metrics import BufferMetrics
 
@@ -83,23 +84,16 @@ class BufferActor:
     """Async Ray actor holding refs of scored groups; see the module docstring.
 
     Args:
-        max_groups, max_staleness, stale_policy, drop_zero_variance: as :class:`GroupBuffer`.
         put_timeout_s (`float | None`): default wait of ``put`` on a full buffer (None: forever).
         name (`str`): value of the ``buffer`` metrics tag.
+        **buffer: the keyword arguments of :class:`GroupBuffer` (``max_groups``, ``max_staleness``,
+            ``stale_policy``, ``drop_zero_variance``, ``zero_variance_tol``), checked there.
     """
 
-    def __init__(
-        self,
-        max_groups: int,
-        max_staleness: int,
-        stale_policy: Literal["drop", "correct"] = "correct",
-        drop_zero_variance: bool = True,
-        put_timeout_s: float | None = 60.0,
-        name: str = "default",
-    ):
+    def __init__(self, put_timeout_s: float | None = 60.0, name: str = "default", **buffer: Any):
         if put_timeout_s is not None and put_timeout_s < 0:
             raise ValueError(f"put_timeout_s must be >= 0 or None, got {put_timeout_s}")
-        self._core = GroupBuffer(max_groups, max_staleness, stale_policy, drop_zero_variance)
+        self._core = GroupBuffer(**buffer)
         self._put_timeout_s = put_timeout_s
         self._version = 0
         self._cond = asyncio.Condition()
@@ -125,8 +119,7 @@ class BufferActor:
             self._m.staleness.observe(e.staleness)
 
     def _advance(self, version: int) -> None:
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise ValueError(f"current_version must be an int >= 0, got {version!r}")
+        check_int("current_version", version, 0)
         self._version = max(self._version, version)
         if self._core.evict_stale(self._version):
             self._cond.notify_all()
@@ -182,8 +175,7 @@ class BufferActor:
         is the group's metadata (``group_id``, ``policy_version``, ``staleness``,
         ``needs_correction``, reward stats, ...) plus ``"ref"``, the ``ObjectRef`` of its data.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        check_int("n", n, 1)
         self._last_pull = time.monotonic()
         async with self._cond:
             before = dict(self._core.dropped)
@@ -329,11 +321,11 @@ def create_buffer_actor(
             max_concurrency=1000,
         )
         .remote(
-            learner_cfg.buffer_max_groups,
-            learner_cfg.max_staleness,
-            learner_cfg.stale_policy,
-            learner_cfg.drop_zero_variance,
             put_timeout_s=put_timeout_s,
             name=name,
+            max_groups=learner_cfg.buffer_max_groups,
+            max_staleness=learner_cfg.max_staleness,
+            stale_policy=learner_cfg.stale_policy,
+            drop_zero_variance=learner_cfg.drop_zero_variance,
         )
     )

@@ -177,7 +177,6 @@ def _peft(config: dict[str, Any]) -> Any:
 def sft_train_loop(config: dict[str, Any]) -> None:
     """Per worker: TRL ``SFTTrainer`` on this worker's shard (completion-only loss)."""
     from datasets import Dataset
-    from ray.train.huggingface.transformers import prepare_trainer
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
@@ -190,9 +189,17 @@ def sft_train_loop(config: dict[str, Any]) -> None:
         gradient_checkpointing=config.get("gradient_checkpointing", True), **_common_args(config, trainer_dir),
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=_peft(config))
+    _train_and_report(trainer, trainer_dir, tok, dtype, {"examples": float(len(ds))})
+
+
+def _train_and_report(trainer: Any, trainer_dir: Path, tok: Any, dtype: Any, counts: dict[str, float]) -> None:
+    """Prepare ``trainer`` for Ray Train, train it (resuming from its latest checkpoint in
+    ``trainer_dir``), then save the final model on rank 0 or report the metrics elsewhere."""
+    from ray.train.huggingface.transformers import prepare_trainer
+
     trainer = prepare_trainer(trainer)
     out = trainer.train(resume_from_checkpoint=_latest_checkpoint(trainer_dir))
-    metrics = {"train_loss": float(out.training_loss), "steps": float(out.global_step), "examples": float(len(ds))}
+    metrics = {"train_loss": float(out.training_loss), "steps": float(out.global_step), **counts}
     if ray.train.get_context().get_world_rank() == 0:
         _save_final(trainer, tok, dtype, metrics)
     else:
@@ -202,7 +209,6 @@ def sft_train_loop(config: dict[str, Any]) -> None:
 def dpo_train_loop(config: dict[str, Any]) -> None:
     """Per worker: TRL ``DPOTrainer`` on preference pairs (the reference is the starting model)."""
     from datasets import Dataset
-    from ray.train.huggingface.transformers import prepare_trainer
     from trl import DPOConfig, DPOTrainer
 
     examples = _shard_examples()
@@ -212,13 +218,7 @@ def dpo_train_loop(config: dict[str, Any]) -> None:
     args = DPOConfig(beta=config["beta"], loss_type=[config["loss_type"]], num_train_epochs=1.0,
                      max_length=config["max_length"], **_common_args(config, trainer_dir))
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=_peft(config))
-    trainer = prepare_trainer(trainer)
-    out = trainer.train(resume_from_checkpoint=_latest_checkpoint(trainer_dir))
-    metrics = {"train_loss": float(out.training_loss), "steps": float(out.global_step), "pairs": float(len(ds))}
-    if ray.train.get_context().get_world_rank() == 0:
-        _save_final(trainer, tok, dtype, metrics)
-    else:
-        ray.train.report(metrics)
+    _train_and_report(trainer, trainer_dir, tok, dtype, {"pairs": float(len(ds))})
 
 
 # --------------------------------------------------------------------------- launchers

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -33,8 +32,9 @@ from typing import Any, Sequence
 from ..config import DiffusersConfig
 from ..schemas import Plan, Rollout, Task
 from . import media
-from .reference import ReferenceImageError, ReferenceScenes, load_reference_image
-from .tiny_wan import resolve_video_model
+from .base import coerce_plan
+from .pipelines import PipelineWorld, checkpoint_index
+from .reference import ReferenceScenes, reference_or_error
 
 logger = logging.getLogger(__name__)
 
@@ -92,21 +92,11 @@ def plan_to_prompt(task: Task, plan: Plan, template: str, joiner: str) -> str:
     return template.format(goal=task.goal.rstrip("."), steps=steps)
 
 
-def _coerce_plan(plan: Any) -> Plan | None:
-    """A Plan, or a dict that validates as one (requests over the wire); else None."""
-    if isinstance(plan, Plan):
-        return plan
-    try:
-        return Plan.model_validate(plan)
-    except Exception:
-        return None
-
-
 def _safe_stem(task_id: str, plan_index: int) -> str:
     return f"{task_id.replace(':', '_')}.p{plan_index:02d}"
 
 
-class DiffusersWorld:
+class DiffusersWorld(PipelineWorld):
     """A world model backed by a diffusers Wan pipeline (implements ``WorldModel``).
 
     Args:
@@ -138,32 +128,16 @@ class DiffusersWorld:
 
     def __init__(self, cfg: DiffusersConfig, device: str | None = None, critic_frames: int | None = None,
                  scenes: ReferenceScenes | None = None):
-        import torch
-
-        self.cfg = cfg
-        self.critic_frames = media.critic_frames_or_default(critic_frames)
-        self.scenes = scenes
-        try:
-            cfg.prompt_template.format(goal="g", steps="s")
-        except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(
-                f"world.diffusers.prompt_template {cfg.prompt_template!r} must use only the fields "
-                f"{{goal}} and {{steps}} ({type(e).__name__}: {e})"
-            ) from None
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model_path = resolve_video_model(cfg.model)
-        self._lock = threading.Lock()  # one pipeline call at a time per replica
-        self._pipes: dict[str, Any] = {}
-        self._load()
+        super().__init__(cfg, cfg.model, device, critic_frames, scenes, "world.diffusers.prompt_template",
+                         goal="g", steps="s")
 
     # ------------------------------------------------------------------ loading
 
     def _load(self) -> None:
         import torch
-        from diffusers import DiffusionPipeline, WanImageToVideoPipeline, WanPipeline
+        from diffusers import WanImageToVideoPipeline, WanPipeline
 
-        index = DiffusionPipeline.load_config(self.model_path)
-        class_name = index.get("_class_name", "")
+        class_name, index = checkpoint_index(self.model_path)
         expand = bool(index.get("expand_timesteps", False))
         self.checkpoint_class = class_name
         dtype = getattr(torch, _DTYPES[self.cfg.dtype])
@@ -232,20 +206,11 @@ class DiffusersWorld:
         """Videos with the same key can share a pipeline call: (height, width, num_frames)."""
         return (self.cfg.height, self.cfg.width, self.cfg.num_frames)
 
-    def render(
-        self,
-        task: Task,
-        plans: Sequence[Plan | None],
-        out_dir: str,
-        reference_image: str | None = None,
-        seeds: Sequence[int] | None = None,
-    ) -> list[Rollout]:
-        """Render each plan as a video. Never raises for bad input; see ``WorldModel.render``.
-
-        ``reference_image`` defaults to ``task.reference_image``. ``seeds`` (one per plan)
-        default to :func:`default_seed` of the task id and plan index.
-        """
-        return self.render_batch([RenderRequest(task, plans, out_dir, reference_image, seeds)])[0]
+    def render_plans(self, task: Task, plans: Sequence[Plan | None], out_dir: str, ref: str | None,
+                     seeds: Sequence[int] | None) -> list[Rollout]:
+        """Render each plan as a video (see :meth:`WorldModel.render`). Never raises for bad input.
+        ``seeds`` default to :func:`default_seed` of the task id and plan index."""
+        return self.render_batch([RenderRequest(task, plans, out_dir, ref, seeds)])[0]
 
     def render_batch(self, requests: Sequence[RenderRequest]) -> list[list[Rollout]]:
         """Render several requests, sharing pipeline calls between plans of the same mode and
@@ -284,7 +249,7 @@ class DiffusersWorld:
                 out[i] = self._error(task.id, i, seeds[i], req_error)
             elif plan is None:
                 out[i] = self._error(task.id, i, seeds[i], "no plan: the action agent produced none")
-            elif isinstance(plan, str) or (plan := _coerce_plan(plan)) is None:
+            elif isinstance(plan, str) or (plan := coerce_plan(plan)) is None:
                 out[i] = self._error(task.id, i, seeds[i], f"plans[{i}] is not a Plan: {req.plans[i]!r:.200}")
             elif not plan.steps:
                 out[i] = self._error(task.id, i, seeds[i], "plan has no steps; nothing to render")
@@ -300,12 +265,9 @@ class DiffusersWorld:
     def _choose_mode(self, req: RenderRequest) -> tuple[str, Any, str | None]:
         """Return (mode, PIL image or None, error for every plan or None)."""
         uri = req.reference_image if req.reference_image is not None else req.task.reference_image
-        image = None
-        if uri is not None:
-            try:
-                image = load_reference_image(uri, self.cfg.max_reference_pixels)
-            except ReferenceImageError as e:
-                return "t2v", None, f"reference_image: {e}"
+        image, error = reference_or_error(uri, self.cfg.max_reference_pixels)
+        if error is not None:
+            return "t2v", None, error
         if image is not None and self.supports_image:
             return "i2v", image, None
         if not self.supports_text:

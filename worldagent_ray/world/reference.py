@@ -159,6 +159,17 @@ def validate_reference_image(uri: str, max_pixels: int, timeout_s: float | None 
     return None
 
 
+def reference_or_error(uri: str | None, max_pixels: int) -> tuple[Image.Image | None, str | None]:
+    """``(image, None)`` for a usable reference image, ``(None, "reference_image: ...")`` for a bad
+    one, ``(None, None)`` when there is none (never raises)."""
+    if uri is None:
+        return None, None
+    try:
+        return load_reference_image(uri, max_pixels), None
+    except ReferenceImageError as e:
+        return None, f"reference_image: {e}"
+
+
 # --------------------------------------------------------------------------- reference scenes
 
 

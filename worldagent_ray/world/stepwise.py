@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
 import warnings
 from typing import Any, Sequence
@@ -45,8 +44,10 @@ import numpy as np
 from ..config import StepwiseConfig
 from ..schemas import Plan, Rollout, StepFrames, Task
 from . import media
-from .reference import ReferenceImageError, load_reference_image
-from .tiny_wan import resolve_lora, resolve_video_model
+from .base import coerce_plan
+from .pipelines import PipelineWorld, checkpoint_index
+from .reference import reference_or_error
+from .tiny_wan import resolve_lora
 
 logger = logging.getLogger(__name__)
 
@@ -85,18 +86,7 @@ def _uint8(frames: Any) -> np.ndarray:
     return arr
 
 
-def _as_plan(plan: Any) -> Plan | None:
-    if isinstance(plan, Plan):
-        return plan
-    if isinstance(plan, dict):
-        try:
-            return Plan.model_validate(plan)
-        except Exception:
-            return None
-    return None
-
-
-class StepwiseWorld:
+class StepwiseWorld(PipelineWorld):
     """A world model that renders a plan step by step (implements ``WorldModel``).
 
     Args:
@@ -112,33 +102,16 @@ class StepwiseWorld:
 
     def __init__(self, cfg: StepwiseConfig, device: str | None = None, critic_frames: int | None = None,
                  scenes: Any = None):
-        import torch
-
-        self.cfg = cfg
-        self.critic_frames = media.critic_frames_or_default(critic_frames)
-        self.scenes = scenes
-        try:
-            cfg.prompt_template.format(goal="g", step=1, action="a")
-        except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(
-                f"world.stepwise.prompt_template {cfg.prompt_template!r} may use only {{goal}}, {{step}} and "
-                f"{{action}} ({type(e).__name__}: {e})"
-            ) from None
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = cfg.model or DEFAULT_MODELS[cfg.method]
-        self.model_path = resolve_video_model(self.model)
-        self._lock = threading.Lock()  # one pipeline call at a time per replica
-        self._pipes: dict[str, Any] = {}
-        self._load()
+        super().__init__(cfg, self.model, device, critic_frames, scenes, "world.stepwise.prompt_template",
+                         goal="g", step=1, action="a")
 
     # ------------------------------------------------------------------ loading
 
     def _load(self) -> None:
         import torch
-        from diffusers import DiffusionPipeline
 
-        index = DiffusionPipeline.load_config(self.model_path)
-        cls_name = index.get("_class_name", "")
+        cls_name, index = checkpoint_index(self.model_path)
         self.checkpoint_class = cls_name
         dtype = getattr(torch, self.cfg.dtype)
         with warnings.catch_warnings():
@@ -237,27 +210,16 @@ class StepwiseWorld:
             return self.cfg.clip_frames - prefix_frames(self.cfg.overlap_history, self.block, self.temporal)
         return self.cfg.clip_frames - 1
 
-    def render(
-        self,
-        task: Task,
-        plans: Sequence[Plan | None],
-        out_dir: str,
-        reference_image: str | None = None,
-        seeds: Sequence[int] | None = None,
-    ) -> list[Rollout]:
-        """Render each plan step by step. Never raises for bad input (see ``WorldModel.render``)."""
-        uri = reference_image if reference_image is not None else task.reference_image
-        image, ref_error = None, None
-        if uri is not None:
-            try:
-                image = load_reference_image(uri, self.cfg.max_reference_pixels)
-            except ReferenceImageError as e:
-                ref_error = f"reference_image: {e}"
+    def render_plans(self, task: Task, plans: Sequence[Plan | None], out_dir: str, ref: str | None,
+                     seeds: Sequence[int] | None) -> list[Rollout]:
+        """Render each plan step by step (see :meth:`WorldModel.render`); plan ``k``'s seed defaults
+        to :func:`plan_seed`. Never raises for bad input."""
+        image, ref_error = reference_or_error(ref, self.cfg.max_reference_pixels)
         out = []
         for k, raw in enumerate(plans):
             seed = int(seeds[k]) if seeds is not None and k < len(seeds) else plan_seed(task.id, k)
             base = dict(task_id=task.id, plan_index=k, world=self.name, seed=seed)
-            plan = _as_plan(raw)
+            plan = coerce_plan(raw)
             if ref_error:
                 out.append(Rollout(**base, error=ref_error))
             elif raw is None:

@@ -23,6 +23,18 @@ def _rollout(task, actions, tmp_path):
     return plan, r
 
 
+def _stove_on(tmp_path):
+    """The turn_on_stove task and its one-step solution, rendered: ``(task, plan, rollout)``."""
+    task = build_task("turn_on_stove", {})
+    return (task, *_rollout(task, ["turn on the stove"], tmp_path))
+
+
+def _verdict(caption: str) -> str:
+    """A judge's verdict JSON: success, every score 1 but physics 0.5."""
+    return (f'{{"state_caption": "{caption}", "success": true, "scores": {{"action_following": 1, '
+            '"temporal_consistency": 1, "object_interaction": 1, "goal_achievement": 1, "physics": 0.5}}')
+
+
 def _tasks():
     g = SandboxTaskGenerator(5)
     return [g.sample(p, index=i) for p in (1, 2, 3) for i in range(4)]
@@ -147,8 +159,7 @@ class ScriptedEngine:
 
 
 def test_text_judge_caption_used_and_batched(tmp_path):
-    task = build_task("turn_on_stove", {})
-    plan, r = _rollout(task, ["turn on the stove"], tmp_path)
+    task, plan, r = _stove_on(tmp_path)
     eng = ScriptedEngine(['{"state_caption": "The stove is on."}'])
     vs = Critic(CriticConfig(), {"judge": eng}).score_batch([(task, plan, r)] * 3)
     assert len(eng.calls) == 1 and len(eng.calls[0][0]) == 3  # one batched call
@@ -161,18 +172,15 @@ def test_text_judge_caption_used_and_batched(tmp_path):
                                     ScriptedEngine(error=RuntimeError("engine died")),
                                     ScriptedEngine(['{}'], finish_reason="error"), None])
 def test_text_judge_falls_back_to_state_description(engine, tmp_path):
-    task = build_task("turn_on_stove", {})
-    plan, r = _rollout(task, ["turn on the stove"], tmp_path)
+    task, plan, r = _stove_on(tmp_path)
     v = Critic(CriticConfig(), {"judge": engine} if engine else None).score(task, plan, r)
     assert v.state_caption == r.ground_truth.state_description and v.success
     assert any(n.startswith("text_judge:") for n in v.notes)
 
 
 def test_vlm_judge_parses_scores_and_survives_garbage(tmp_path):
-    task = build_task("turn_on_stove", {})
-    plan, r = _rollout(task, ["turn on the stove"], tmp_path)
-    good = ('{"state_caption": "stove on", "success": true, "scores": {"action_following": 1, '
-            '"temporal_consistency": 1, "object_interaction": 1, "goal_achievement": 1, "physics": 0.5}}')
+    task, plan, r = _stove_on(tmp_path)
+    good = _verdict("stove on")
     eng = ScriptedEngine([good])
     cfg = CriticConfig(scorers=["vlm_judge"], num_frames=2)
     v = Critic(cfg, {"judge": eng}).score(task, plan, r)
@@ -211,8 +219,7 @@ def _build_engine(model):
 def test_text_judge_with_tiny_random_llama(tmp_path):
     engine = _build_engine("tiny-random-llama")
     try:
-        task = build_task("turn_on_stove", {})
-        plan, r = _rollout(task, ["turn on the stove"], tmp_path)
+        task, plan, r = _stove_on(tmp_path)
         [(cap, notes)] = TextJudge(engine, CriticConfig(max_tokens=48)).caption_batch([(task, plan, r.ground_truth)])
         assert cap and isinstance(cap, str)  # a random model: either its JSON caption or the noted fallback
         assert notes == [] or notes[0].startswith("text_judge:")
@@ -224,8 +231,7 @@ def test_text_judge_with_tiny_random_llama(tmp_path):
 def test_vlm_judge_with_tiny_random_qwen2_vl(tmp_path):
     engine = _build_engine("tiny-random-qwen2-vl")
     try:
-        task = build_task("turn_on_stove", {})
-        plan, r = _rollout(task, ["turn on the stove"], tmp_path)
+        task, plan, r = _stove_on(tmp_path)
         [(scores, cap, notes)] = VLMJudge(engine, CriticConfig(max_tokens=96, num_frames=2)).judge_batch(
             [(task, plan, r)])
         assert scores is not None and all(0.0 <= x <= 1.0 for x in scores.as_dict().values())
@@ -239,8 +245,7 @@ def test_vlm_judge_with_tiny_random_qwen2_vl(tmp_path):
 
 def test_surrogate_and_looping_captions_never_break_score_batch(tmp_path):
     """Issue 9 item 3: a caption with a lone surrogate broke Verdict inside score_batch."""
-    task = build_task("turn_on_stove", {})
-    plan, r = _rollout(task, ["turn on the stove"], tmp_path)
+    task, plan, r = _stove_on(tmp_path)
     for text in ['{"state_caption": "stove \\ud83c on"}', '{"state_caption": "' + "The kitchen is now equipped "
                  "with a kitchen robot, " * 20 + '"}', '{"state_caption": "Goal conditions met: none, '
                  'goal_state_description:"}', "\ud83c", '{"state_caption": "' + "x" * 5000 + '"}']:
@@ -268,8 +273,7 @@ class FixedRewardModel:
 
 
 def test_reward_model_scorer_combines_by_weights_and_sets_success(tmp_path):
-    task = build_task("turn_on_stove", {})
-    plan, r = _rollout(task, ["turn on the stove"], tmp_path)
+    task, plan, r = _stove_on(tmp_path)
     rm_only = CriticConfig(scorers=["reward_model"], reward_model="x")
     v = Critic(rm_only, reward_model=FixedRewardModel([0.8])).score(task, plan, r)
     assert v.reward == pytest.approx(0.8) and v.success and v.scorer == "reward_model"
@@ -292,10 +296,8 @@ def test_reward_model_scorer_combines_by_weights_and_sets_success(tmp_path):
 
 
 def test_text_judge_verdict_mode_scores_from_the_observation(tmp_path):
-    task = build_task("turn_on_stove", {})
-    plan, r = _rollout(task, ["turn on the stove"], tmp_path)
-    good = ('{"state_caption": "The stove is on.", "success": true, "scores": {"action_following": 1, '
-            '"temporal_consistency": 1, "object_interaction": 1, "goal_achievement": 1, "physics": 0.5}}')
+    task, plan, r = _stove_on(tmp_path)
+    good = _verdict("The stove is on.")
     eng = ScriptedEngine([good])
     v = Critic(CriticConfig(scorers=["text_judge"], text_judge_mode="verdict"), {"judge": eng}).score(task, plan, r)
     assert v.scorer == "text_judge" and v.scores.physics == 0.5 and v.success and v.state_caption == "The stove is on."

@@ -7,24 +7,23 @@ import numpy as np
 import pytest
 
 from worldagent_ray import storage
-from worldagent_ray.config import CriticConfig, EngineConfig, SandboxConfig, WorldConfig
+from worldagent_ray.config import CriticConfig, SandboxConfig, WorldConfig
 from worldagent_ray.critic import VLMJudge
 from worldagent_ray.schemas import Scores
 from worldagent_ray.world import media
 from worldagent_ray.world.reference import ReferenceScenes
 from worldagent_ray.world.sandbox import SandboxWorld, build_task, reference_plan
 
+from tests.factories import running_engine
+
 SANDBOX = SandboxConfig(image_size=32, frames_per_step=2, write_mp4=False, write_gif=False)
 
 
 @pytest.fixture(scope="module")
 def vl_engine():
-    from worldagent_ray.engines.factory import build_engine
-
-    engine = build_engine(EngineConfig(backend="transformers", model="tiny-random-qwen2-vl", dtype="float32",
-                                       max_model_len=1024, max_json_retries=0))
-    yield engine
-    engine.shutdown()
+    with running_engine(backend="transformers", model="tiny-random-qwen2-vl", dtype="float32", max_model_len=1024,
+                        max_json_retries=0) as engine:
+        yield engine
 
 
 class Recording:

@@ -20,6 +20,8 @@ from worldagent_ray.engines.json_check import json_rejection
 from worldagent_ray.engines.vllm_engine import apply_cpu_env
 from worldagent_ray.schemas import Plan, SamplingParams, parse_plan_json
 
+from tests.factories import running_engine
+
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 vllm = pytest.importorskip("vllm")
 
@@ -35,12 +37,9 @@ def _chat(goal: str):
 
 @pytest.fixture(scope="module")
 def engine():
-    from worldagent_ray.engines.vllm_engine import VLLMEngine
-
-    eng = VLLMEngine(EngineConfig(backend="vllm", model="smollm2-135m-instruct", dtype="bfloat16",
-                                  max_model_len=1024, max_json_retries=2))
-    yield eng
-    eng.shutdown()
+    with running_engine(backend="vllm", model="smollm2-135m-instruct", dtype="bfloat16", max_model_len=1024,
+                        max_json_retries=2) as eng:
+        yield eng
     assert not glob.glob(f"/dev/shm/worldagent-weights-{os.getpid()}-*"), "weight files left in /dev/shm"
 
 

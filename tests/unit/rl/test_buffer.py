@@ -11,23 +11,7 @@ from hypothesis import strategies as st
 from worldagent_ray.rl.buffer import AddResult, BufferEntry, GroupBuffer, meta_of
 from worldagent_ray.schemas import ScoredGroup
 
-
-def _group(gid: str, version: int = 0, rewards=(0.0, 1.0), task: str = "t") -> ScoredGroup:
-    n = len(rewards)
-    return ScoredGroup(
-        group_id=gid,
-        task_id=task,
-        policy_version=version,
-        prompt_token_ids=[1, 2, 3],
-        completion_token_ids=[[10 + i, 20 + i] for i in range(n)],
-        rollout_logprobs=[[-0.5, -0.25] for _ in range(n)],
-        rewards=list(rewards),
-        episode_ids=[f"{gid}-ep{i}" for i in range(n)],
-    )
-
-
-def _entry(gid: str, version: int = 0, rewards=(0.0, 1.0)) -> BufferEntry:
-    return BufferEntry.from_group(_group(gid, version, rewards), ref=f"payload-{gid}")
+from tests.factories import buffer_entry, scored_group
 
 
 # --------------------------------------------------------------------------- pure core
@@ -36,7 +20,7 @@ def _entry(gid: str, version: int = 0, rewards=(0.0, 1.0)) -> BufferEntry:
 def test_fifo_and_payload_kept():
     buf = GroupBuffer(max_groups=8, max_staleness=2)
     for i in range(5):
-        assert buf.add(_entry(f"g{i}")) is AddResult.ACCEPTED
+        assert buf.add(buffer_entry(f"g{i}")) is AddResult.ACCEPTED
     got = buf.take(3, current_version=0)
     assert [e.group_id for e in got] == ["g0", "g1", "g2"]
     assert [e.ref for e in got] == ["payload-g0", "payload-g1", "payload-g2"]
@@ -46,47 +30,47 @@ def test_fifo_and_payload_kept():
 
 def test_duplicates_and_consumed_ids_rejected_and_counted():
     buf = GroupBuffer(max_groups=8, max_staleness=2)
-    assert buf.add(_entry("a")).accepted
-    assert buf.add(_entry("a")) is AddResult.DUPLICATE
+    assert buf.add(buffer_entry("a")).accepted
+    assert buf.add(buffer_entry("a")) is AddResult.DUPLICATE
     buf.take(1, 0)
-    assert buf.add(_entry("a")) is AddResult.CONSUMED
+    assert buf.add(buffer_entry("a")) is AddResult.CONSUMED
     assert len(buf) == 0
     assert buf.stats()["dropped"] == {"duplicate": 1, "consumed": 1, "zero_variance": 0, "full": 0, "stale": 0}
 
 
 def test_zero_variance_dropped_when_enabled():
     buf = GroupBuffer(max_groups=8, max_staleness=2, drop_zero_variance=True)
-    assert buf.add(_entry("flat", rewards=(0.5, 0.5, 0.5))) is AddResult.ZERO_VARIANCE
-    assert buf.add(_entry("ok", rewards=(0.5, 0.6))).accepted
+    assert buf.add(buffer_entry("flat", rewards=(0.5, 0.5, 0.5))) is AddResult.ZERO_VARIANCE
+    assert buf.add(buffer_entry("ok", rewards=(0.5, 0.6))).accepted
     assert buf.stats()["dropped"]["zero_variance"] == 1 and len(buf) == 1
     keep = GroupBuffer(max_groups=8, max_staleness=2, drop_zero_variance=False)
-    assert keep.add(_entry("flat", rewards=(0.5, 0.5))).accepted
+    assert keep.add(buffer_entry("flat", rewards=(0.5, 0.5))).accepted
 
 
 def test_full_refused_and_counted():
     buf = GroupBuffer(max_groups=2, max_staleness=2)
-    assert buf.add(_entry("a")).accepted and buf.add(_entry("b")).accepted
-    assert buf.check(_entry("c")) is AddResult.FULL and buf.stats()["dropped"]["full"] == 0  # check is pure
-    assert buf.add(_entry("c")) is AddResult.FULL
+    assert buf.add(buffer_entry("a")).accepted and buf.add(buffer_entry("b")).accepted
+    assert buf.check(buffer_entry("c")) is AddResult.FULL and buf.stats()["dropped"]["full"] == 0  # check is pure
+    assert buf.add(buffer_entry("c")) is AddResult.FULL
     assert buf.stats()["dropped"]["full"] == 1 and "c" not in buf
 
 
 def test_staleness_drop_policy():
     buf = GroupBuffer(max_groups=8, max_staleness=1, stale_policy="drop")
     for gid, v in [("v0", 0), ("v1", 1), ("v2", 2), ("v3", 3)]:
-        buf.add(_entry(gid, version=v))
+        buf.add(buffer_entry(gid, version=v))
     got = buf.take(2, current_version=3)  # v0 (3 behind) and v1 (2 behind) are stale
     assert [(e.group_id, e.staleness, e.needs_correction) for e in got] == [("v2", 1, False), ("v3", 0, False)]
     s = buf.stats(current_version=3)
     assert s["dropped"]["stale"] == 2 and s["taken_staleness"] == {0: 1, 1: 1}
     assert "v0" not in buf.consumed_ids  # a regenerated v0 group would be welcome
-    assert buf.add(_entry("v0", version=3)).accepted
+    assert buf.add(buffer_entry("v0", version=3)).accepted
 
 
 def test_staleness_correct_policy_flags_instead_of_dropping():
     buf = GroupBuffer(max_groups=8, max_staleness=1, stale_policy="correct")
-    buf.add(_entry("old", version=0))
-    buf.add(_entry("new", version=4))
+    buf.add(buffer_entry("old", version=0))
+    buf.add(buffer_entry("new", version=4))
     got = buf.take(2, current_version=4)
     assert [(e.group_id, e.staleness, e.needs_correction) for e in got] == [("old", 4, True), ("new", 0, False)]
     assert buf.stats()["corrected"] == 1 and buf.stats()["dropped"]["stale"] == 0
@@ -94,11 +78,11 @@ def test_staleness_correct_policy_flags_instead_of_dropping():
 
 def test_evict_stale_frees_space_only_under_drop():
     drop = GroupBuffer(max_groups=2, max_staleness=0, stale_policy="drop")
-    drop.add(_entry("a", 0))
-    drop.add(_entry("b", 1))
+    drop.add(buffer_entry("a", 0))
+    drop.add(buffer_entry("b", 1))
     assert [e.group_id for e in drop.evict_stale(1)] == ["a"] and not drop.full
     corr = GroupBuffer(max_groups=2, max_staleness=0, stale_policy="correct")
-    corr.add(_entry("a", 0))
+    corr.add(buffer_entry("a", 0))
     assert corr.evict_stale(5) == [] and len(corr) == 1
     assert corr.queued_staleness(5) == {5: 1}
 
@@ -106,8 +90,8 @@ def test_evict_stale_frees_space_only_under_drop():
 def test_acked_ids_survive_state_dict_round_trip_in_flight_ones_do_not():
     buf = GroupBuffer(max_groups=8, max_staleness=1, stale_policy="drop")
     for i in range(4):
-        buf.add(_entry(f"g{i}", version=i))
-    buf.add(_entry("g0"))  # duplicate
+        buf.add(buffer_entry(f"g{i}", version=i))
+    buf.add(buffer_entry("g0"))  # duplicate
     buf.take(4, current_version=3)  # g0, g1 stale -> dropped; g2, g3 in flight
     assert buf.ack(["g2"]) == (1, [])
     state = json.loads(json.dumps(buf.state_dict()))  # JSON-safe
@@ -117,8 +101,8 @@ def test_acked_ids_survive_state_dict_round_trip_in_flight_ones_do_not():
     fresh = GroupBuffer(max_groups=8, max_staleness=1, stale_policy="drop")
     fresh.load_state_dict(state)
     assert fresh.consumed_ids == fresh.acked_ids == {"g2", "g3"}
-    assert fresh.add(_entry("g2", version=3)) is AddResult.CONSUMED
-    assert fresh.add(_entry("g0", version=3)).accepted
+    assert fresh.add(buffer_entry("g2", version=3)) is AddResult.CONSUMED
+    assert fresh.add(buffer_entry("g0", version=3)).accepted
     st = fresh.stats()
     assert st["taken"] == 2 and st["dropped"]["stale"] == 2 and st["dropped"]["duplicate"] == 1
     assert st["dropped"]["consumed"] == 1 and st["taken_staleness"] == {0: 1, 1: 1}
@@ -166,7 +150,7 @@ def test_scored_group_validation():
         ScoredGroup(group_id="g", task_id="t", policy_version=0, prompt_token_ids=[[1], [2], [3]],
                     completion_token_ids=[[1], [2]], rollout_logprobs=[[-1.0], [-1.0]], rewards=[1.0, 0.0],
                     episode_ids=["a", "b"])
-    g = _group("g", rewards=(0.0, 1.0))
+    g = scored_group("g", rewards=(0.0, 1.0))
     assert meta_of(g) == {"group_id": "g", "task_id": "t", "policy_version": 0, "reward_mean": 0.5,
                           "reward_std": 0.5, "num_samples": 2}
 
@@ -177,10 +161,10 @@ def test_scored_group_validation():
 def test_taken_groups_stay_in_flight_until_acked():
     buf = GroupBuffer(max_groups=8, max_staleness=5)
     for i in range(4):
-        buf.add(_entry(f"g{i}"))
+        buf.add(buffer_entry(f"g{i}"))
     got = buf.take(2, 0)
     assert buf.in_flight == ["g0", "g1"] and buf.consumed_ids == {"g0", "g1"} and not buf.acked_ids
-    assert buf.add(_entry("g0")) is AddResult.CONSUMED  # in flight counts as handed to the learner
+    assert buf.add(buffer_entry("g0")) is AddResult.CONSUMED  # in flight counts as handed to the learner
     assert buf.ack(["g1", "nope"]) == (1, ["nope"])
     assert buf.ack(["g1"]) == (0, [])  # idempotent
     assert buf.in_flight == ["g0"] and buf.acked_ids == {"g1"}
@@ -192,10 +176,10 @@ def test_taken_groups_stay_in_flight_until_acked():
 def test_requeue_puts_in_flight_groups_first_in_hand_out_order():
     buf = GroupBuffer(max_groups=3, max_staleness=5)
     for i in range(3):
-        buf.add(_entry(f"g{i}"))
+        buf.add(buffer_entry(f"g{i}"))
     buf.take(2, 0)
-    buf.add(_entry("g3"))
-    buf.add(_entry("g4"))
+    buf.add(buffer_entry("g3"))
+    buf.add(buffer_entry("g4"))
     assert buf.full and len(buf) == 3
     assert buf.requeue() == ["g0", "g1"]
     assert len(buf) == 5 and not buf.in_flight  # over capacity for a while, nothing dropped
@@ -217,7 +201,7 @@ def test_no_group_is_lost_whatever_the_order_of_operations(ops, policy):
     version, n, accepted, stale_dropped = 0, 0, set(), set()
     for op, k in ops:
         if op == "add":
-            e = _entry(f"g{n % 12}", version=version)
+            e = buffer_entry(f"g{n % 12}", version=version)
             n += 1
             if buf.add(e).accepted:
                 accepted.add(e.group_id)

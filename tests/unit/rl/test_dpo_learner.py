@@ -6,29 +6,14 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from worldagent_ray.config import LearnerConfig
-from worldagent_ray.models import resolve_model
 from worldagent_ray.rl.dpo import group_pairs, pairs_from_groups
 from worldagent_ray.rl.learner import LearnerCore
 
 from tests.factories import make_groups
 
-pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def model_path() -> str:
-    return resolve_model("tiny-random-llama")
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _spread(groups, lo=0.0, hi=1.0):
@@ -55,11 +40,11 @@ def test_group_pairs_best_vs_worst_above_margin():
     assert [(g.group_id, c, r) for g, c, r in got] == [(groups[0].group_id, 3, 0), (groups[1].group_id, 3, 0)]
 
 
-def test_dpo_term_adds_lambda_times_dpo_to_the_grpo_loss(model_path):
+def test_dpo_term_adds_lambda_times_dpo_to_the_grpo_loss(tiny_llama_path):
     groups = _spread(make_groups(1, n_groups=2, group_size=4))
-    plain = LearnerCore(LearnerConfig(lr=1e-3, seed=0), model_path)
+    plain = LearnerCore(LearnerConfig(lr=1e-3, seed=0), tiny_llama_path)
     m0 = plain.step(groups)
-    both = LearnerCore(LearnerConfig(lr=1e-3, seed=0, dpo_coef=0.5, dpo_beta=0.2, dpo_margin=0.5), model_path)
+    both = LearnerCore(LearnerConfig(lr=1e-3, seed=0, dpo_coef=0.5, dpo_beta=0.2, dpo_margin=0.5), tiny_llama_path)
     m1 = both.step(groups)
     # Step 1: the policy is the reference, so every log-ratio is 0 and sigmoid DPO is log 2.
     assert m1["dpo_pairs"] == 2.0
@@ -71,21 +56,21 @@ def test_dpo_term_adds_lambda_times_dpo_to_the_grpo_loss(model_path):
     assert diff > 0
 
 
-def test_dpo_alone_raises_the_chosen_margin(model_path):
+def test_dpo_alone_raises_the_chosen_margin(tiny_llama_path):
     """With GRPO's advantages zeroed out (all rewards of a group equal except the pair), DPO steps
     push the chosen completion's log-ratio above the rejected one's."""
     groups = _spread(make_groups(2, n_groups=2, group_size=2))
     core = LearnerCore(LearnerConfig(lr=3e-3, seed=0, dpo_coef=1.0, dpo_beta=0.5, dpo_margin=0.5,
-                                     loss_type="grpo"), model_path)
+                                     loss_type="grpo"), tiny_llama_path)
     margins = [core.step(groups)["dpo_reward_margin"] for _ in range(4)]
     assert margins[0] == pytest.approx(0.0, abs=1e-6)
     assert margins[-1] > margins[0] + 1e-3, margins
 
 
-def test_dpo_with_lora_uses_the_base_model_as_reference(model_path):
+def test_dpo_with_lora_uses_the_base_model_as_reference(tiny_llama_path):
     groups = _spread(make_groups(4, n_groups=1, group_size=4))
     core = LearnerCore(LearnerConfig(lr=1e-3, seed=0, lora=True, lora_rank=4, lora_alpha=8, dpo_coef=1.0,
-                                     dpo_loss_type="ipo", dpo_margin=0.5), model_path)
+                                     dpo_loss_type="ipo", dpo_margin=0.5), tiny_llama_path)
     assert core.ref_module is None
     m = core.step(groups)
     # IPO at step 1 (log-ratios 0): (0 - 1 / (2 beta))^2 with beta = 0.1.

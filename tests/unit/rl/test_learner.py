@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worldagent_ray.config import EngineConfig, LearnerConfig
+from worldagent_ray.config import LearnerConfig
 from worldagent_ray.models import resolve_model
 from worldagent_ray.rl.learner import (
     LORA_SCALING_KEY,
@@ -24,24 +24,9 @@ from worldagent_ray.rl.batch import shard_rows
 from worldagent_ray.rl.weight_sync import load_base_weights, merge_lora
 from worldagent_ray.schemas import SamplingParams, ScoredGroup
 
-from tests.factories import make_groups
+from tests.factories import make_groups, running_engine
 
-pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # On a shared 2-core machine, 2 OpenMP threads spin against each other and a step takes
-    # ~25x longer than with 1 thread; results do not depend on it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def model_path() -> str:
-    return resolve_model("tiny-random-llama")
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_torch_thread")]
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -51,8 +36,8 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- core step
 
 
-def test_step_updates_weights_and_bumps_version(model_path):
-    core = LearnerCore(LearnerConfig(lr=1e-3), model_path)
+def test_step_updates_weights_and_bumps_version(tiny_llama_path):
+    core = LearnerCore(LearnerConfig(lr=1e-3), tiny_llama_path)
     before = snapshot(core.module)
     groups = make_groups(0)
     m = core.step(groups)
@@ -69,9 +54,9 @@ def test_step_updates_weights_and_bumps_version(model_path):
     assert core.policy_version == 2
 
 
-def test_lora_step_changes_only_adapters_and_exports_only_adapters(model_path):
+def test_lora_step_changes_only_adapters_and_exports_only_adapters(tiny_llama_path):
     cfg = LearnerConfig(lr=1e-2, lora=True, lora_rank=4, lora_alpha=8)
-    core = LearnerCore(cfg, model_path)
+    core = LearnerCore(cfg, tiny_llama_path)
     before = snapshot(core.module)
     for s in range(2):  # lora_B starts at 0, so lora_A moves only from the second step on
         core.step(make_groups(s))
@@ -88,19 +73,19 @@ def test_lora_step_changes_only_adapters_and_exports_only_adapters(model_path):
     assert sum(v.numel() for v in exported.values()) < base_numel / 10
 
 
-def test_lora_merge_matches_peft_merge(model_path):
-    core = LearnerCore(LearnerConfig(lr=1e-2, lora=True, lora_rank=4, lora_alpha=16), model_path)
+def test_lora_merge_matches_peft_merge(tiny_llama_path):
+    core = LearnerCore(LearnerConfig(lr=1e-2, lora=True, lora_rank=4, lora_alpha=16), tiny_llama_path)
     for s in range(2):
         core.step(make_groups(s))
-    merged = merge_lora(load_base_weights(model_path), core.export_weights())
+    merged = merge_lora(load_base_weights(tiny_llama_path), core.export_weights())
     reference = {k: v for k, v in core.module.merge_and_unload().state_dict().items()}
     assert set(reference) - set(merged) <= {"lm_head.weight"}  # tied to the embeddings
     for k, v in merged.items():
         torch.testing.assert_close(v, reference[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_kl_to_frozen_reference(model_path):
-    core = LearnerCore(LearnerConfig(lr=1e-2, beta=0.1), model_path)
+def test_kl_to_frozen_reference(tiny_llama_path):
+    core = LearnerCore(LearnerConfig(lr=1e-2, beta=0.1), tiny_llama_path)
     m0 = core.step(make_groups(0))
     m1 = core.step(make_groups(0))
     assert m0["kl"] == pytest.approx(0.0, abs=1e-7)  # policy == reference before the first update
@@ -114,11 +99,8 @@ def test_kl_to_frozen_reference(model_path):
 
 @pytest.fixture(scope="module")
 def engine():
-    from worldagent_ray.engines.hf import TransformersEngine
-
-    eng = TransformersEngine(EngineConfig(model="tiny-random-llama", backend="transformers", dtype="float32"))
-    yield eng
-    eng.shutdown()
+    with running_engine(model="tiny-random-llama", backend="transformers", dtype="float32") as eng:
+        yield eng
 
 
 def _greedy(engine, prompt: str = "Plan: pick up the cup") -> tuple[list[int], int]:
@@ -126,8 +108,8 @@ def _greedy(engine, prompt: str = "Plan: pick up the cup") -> tuple[list[int], i
     return c.token_ids, c.weights_version
 
 
-def test_engine_generates_with_new_full_weights(model_path, engine):
-    core = LearnerCore(LearnerConfig(lr=3e-2), model_path)
+def test_engine_generates_with_new_full_weights(tiny_llama_path, engine):
+    core = LearnerCore(LearnerConfig(lr=3e-2), tiny_llama_path)
     before, v0 = _greedy(engine)
     # reward the greedy continuation's tokens negatively: the argmax must move
     [[c]] = engine.generate(["Plan: pick up the cup"], SamplingParams(temperature=1.0, max_tokens=8, n=1, seed=1))
@@ -157,14 +139,14 @@ def test_engine_generates_with_new_full_weights(model_path, engine):
     assert m["is_weight/min"] == pytest.approx(1.0, abs=1e-3) and m["is_weight/max"] == pytest.approx(1.0, abs=1e-3)
 
 
-def test_engine_generates_with_merged_lora_weights(model_path, engine):
-    core = LearnerCore(LearnerConfig(lr=5e-2, lora=True, lora_rank=8, lora_alpha=16), model_path)
+def test_engine_generates_with_merged_lora_weights(tiny_llama_path, engine):
+    core = LearnerCore(LearnerConfig(lr=5e-2, lora=True, lora_rank=8, lora_alpha=16), tiny_llama_path)
     for s in range(3):
         core.step(make_groups(s))
     before, v0 = _greedy(engine, "Say hello")
     payload = core.export_weights()
     version = v0 + 1
-    engine.load_weights(merge_lora(load_base_weights(model_path), payload), version)
+    engine.load_weights(merge_lora(load_base_weights(tiny_llama_path), payload), version)
     after, v1 = _greedy(engine, "Say hello")
     assert v1 == version == engine.weights_version
     assert after != before
@@ -174,20 +156,20 @@ def test_engine_generates_with_merged_lora_weights(model_path, engine):
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_resume_is_exact_at_core_level(model_path, tmp_path, lora):
+def test_resume_is_exact_at_core_level(tiny_llama_path, tmp_path, lora):
     cfg = LearnerConfig(lr=1e-2, lr_schedule="cosine", lr_warmup_steps=1, max_steps=5, weight_decay=0.01,
                         lora=lora, lora_rank=4, lora_alpha=8)
     N, k = 4, 2
     data = [make_groups(100 + s) for s in range(N)]
-    cont = LearnerCore(cfg, model_path)
+    cont = LearnerCore(cfg, tiny_llama_path)
     cont_metrics = [cont.step(g) for g in data]
 
-    first = LearnerCore(cfg, model_path)
+    first = LearnerCore(cfg, tiny_llama_path)
     for g in data[:k]:
         first.step(g)
     first.save_checkpoint(tmp_path / "ckpt", extra={"consumed": ["a", "b"]})
     random.random(), torch.rand(3)  # disturb the RNGs: the checkpoint must restore them
-    resumed = LearnerCore(cfg, model_path)
+    resumed = LearnerCore(cfg, tiny_llama_path)
     extra = resumed.load_checkpoint(tmp_path / "ckpt")
     assert extra == {"consumed": ["a", "b"]}
     assert (resumed.step_count, resumed.policy_version) == (k, k)
@@ -200,15 +182,15 @@ def test_resume_is_exact_at_core_level(model_path, tmp_path, lora):
     assert resumed.policy_version == cont.policy_version == N
 
 
-def test_checkpoint_refuses_a_lora_mismatch(model_path, tmp_path):
-    core = LearnerCore(LearnerConfig(lr=1e-3), model_path)
+def test_checkpoint_refuses_a_lora_mismatch(tiny_llama_path, tmp_path):
+    core = LearnerCore(LearnerConfig(lr=1e-3), tiny_llama_path)
     core.save_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="lora"):
-        LearnerCore(LearnerConfig(lr=1e-3, lora=True), model_path).load_checkpoint(tmp_path)
+        LearnerCore(LearnerConfig(lr=1e-3, lora=True), tiny_llama_path).load_checkpoint(tmp_path)
 
 
-def test_checkpoint_has_no_pickled_objects(model_path, tmp_path):
-    core = LearnerCore(LearnerConfig(lr=1e-3, lora=True), model_path)
+def test_checkpoint_has_no_pickled_objects(tiny_llama_path, tmp_path):
+    core = LearnerCore(LearnerConfig(lr=1e-3, lora=True), tiny_llama_path)
     core.step(make_groups(0))
     core.save_checkpoint(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "learner_state.json", "trainer_state.pt"]
@@ -266,12 +248,12 @@ def test_lr_schedules():
 # --------------------------------------------------------------------------- learning
 
 
-def test_reward_rises_on_even_token_task(model_path, engine):
+def test_reward_rises_on_even_token_task(tiny_llama_path, engine):
     """Closed loop on CPU: the engine samples groups, a synthetic reward (the fraction of
     even token ids in the completion) scores them, LearnerCore steps, the engine loads the new
     weights. Sampling at temperature 0.3 makes the toy policy learnable in a few steps."""
     temperature, steps = 0.3, 16
-    core = LearnerCore(LearnerConfig(lr=1e-2, loss_type="dapo"), model_path, temperature=temperature)
+    core = LearnerCore(LearnerConfig(lr=1e-2, loss_type="dapo"), tiny_llama_path, temperature=temperature)
     engine.load_weights(core.export_weights(), engine.weights_version + 1)  # start from the base
     base_version = engine.weights_version
     history = []
@@ -303,7 +285,7 @@ def test_shard_rows_partition_every_row_once_in_near_equal_chunks(rows, world):
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_rank_shards_average_to_the_single_process_gradient(model_path, monkeypatch, loss_type):
+def test_rank_shards_average_to_the_single_process_gradient(tiny_llama_path, monkeypatch, loss_type):
     """What DDP/FSDP do with the ranks' gradients (average them) gives exactly the gradient of
     one process on the whole batch, for every loss type, also with more ranks than rows
     (those ranks run a weight-0 row)."""
@@ -311,7 +293,7 @@ def test_rank_shards_average_to_the_single_process_gradient(model_path, monkeypa
     from worldagent_ray.rl.batch import collate_groups as collate
     from worldagent_ray.rl.grpo import group_advantages
 
-    core = LearnerCore(LearnerConfig(lr=1e-3, loss_type=loss_type, gradient_checkpointing=False), model_path)
+    core = LearnerCore(LearnerConfig(lr=1e-3, loss_type=loss_type, gradient_checkpointing=False), tiny_llama_path)
     groups = make_groups(7, n_groups=2, group_size=3)  # 6 rows of uneven lengths
     batch = collate(groups, 0, core.pad_token_id)
     adv = group_advantages(batch.rewards, batch.group_index, core.cfg.scale_rewards)
@@ -353,7 +335,7 @@ print("PATH", core.model_path, "VERSION", core.policy_version, "LOSS", m["loss"]
 """
 
 
-def test_hub_id_loads_from_the_hub_cache_offline(model_path, tmp_path):
+def test_hub_id_loads_from_the_hub_cache_offline(tiny_llama_path, tmp_path):
     """A hub id (not a builtin, not a folder) is passed through to from_pretrained, which finds it
     in the hub cache with HF_HUB_OFFLINE=1 (the cluster path, minus the download)."""
     import os
@@ -365,7 +347,7 @@ def test_hub_id_loads_from_the_hub_cache_offline(model_path, tmp_path):
     repo = tmp_path / "hub" / "models--test-org--tiny-policy"
     commit = "0123456789abcdef0123456789abcdef01234567"
     snap = repo / "snapshots" / commit
-    shutil.copytree(model_path, snap, ignore=shutil.ignore_patterns(".worldagent-complete"))
+    shutil.copytree(tiny_llama_path, snap, ignore=shutil.ignore_patterns(".worldagent-complete"))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     root = Path(__file__).resolve().parents[3]
@@ -515,7 +497,7 @@ def test_fsdp_with_lora_is_refused_naming_the_alternative():
 
 
 @pytest.mark.slow
-def test_fsdp_two_ranks_gather_the_full_state_on_rank_zero_and_resume(model_path, tmp_path):
+def test_fsdp_two_ranks_gather_the_full_state_on_rank_zero_and_resume(tiny_llama_path, tmp_path):
     """2 gloo ranks under FSDP2 train like one process; the export gathers the full state dict
     on rank 0 only; a checkpoint restores every rank's shards and training continues as the
     single process does."""
@@ -527,10 +509,10 @@ def test_fsdp_two_ranks_gather_the_full_state_on_rank_zero_and_resume(model_path
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_fsdp_rank, args=(2, port, model_path, lora, str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(_fsdp_rank, args=(2, port, tiny_llama_path, lora, str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
     cfg = LearnerConfig(lr=1e-2, lora=lora, lora_rank=4, lora_alpha=8, gradient_checkpointing=False)
-    ref = LearnerCore(cfg, model_path)
+    ref = LearnerCore(cfg, tiny_llama_path)
     for s in range(2):
         ref.step(make_groups(300 + s, n_groups=2, group_size=3))
     exported = torch.load(tmp_path / "export.pt", weights_only=True)

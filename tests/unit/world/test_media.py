@@ -21,15 +21,6 @@ from worldagent_ray.world.sandbox import SandboxWorld, build_task, reference_pla
 CFG = SandboxConfig(image_size=32, frames_per_step=2)
 
 
-@pytest.fixture(params=["local", "file", "s3"])
-def root(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "run")
-    if request.param == "file":
-        return f"file://{tmp_path}/run"
-    return request.getfixturevalue("s3_env") + "/run"
-
-
 _READER = """
 import json, sys
 import numpy as np
@@ -41,16 +32,16 @@ sys.stdout.write(json.dumps(out))
 """
 
 
-def test_sandbox_rollouts_are_read_back_by_another_process(root):
+def test_sandbox_rollouts_are_read_back_by_another_process(storage_root):
     """A world replica writes; a critic in another process (another node) reads the same URIs."""
     world = SandboxWorld(CFG, critic_frames=3)
     task = build_task("put_on_plate", {"item": "cup", "item_loc": "counter"})
     plan = Plan.from_actions(["put the cup on the table"])  # the cup moves in every frame (a GIF merges repeats)
     frames, _ = world.simulate(task, plan, seed=4)
-    [r] = world.render(task, [plan], storage.join(root, "videos", task.id), seeds=[4])
+    [r] = world.render(task, [plan], storage.join(storage_root, "videos", task.id), seeds=[4])
     assert r.error is None and r.num_frames == len(frames) == 3
     for uri in (r.video_uri, r.gif_uri, *r.frame_uris):
-        assert uri.startswith(storage.normalize(root)) and storage.exists(uri)
+        assert uri.startswith(storage.normalize(storage_root)) and storage.exists(uri)
     out = subprocess.run([sys.executable, "-c", _READER, r.model_dump_json()], capture_output=True, text=True,
                          timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert out.returncode == 0, out.stderr[-2000:]

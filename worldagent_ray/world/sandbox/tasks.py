@@ -98,16 +98,31 @@ def _put_on_plate(p):
             [_at(f"{it}_at_{d}", it, d)], _open(loc) + [(f"put the {it} {_prep(d)} the {d}", 1)])
 
 
-def _wash(p):
-    it, loc = p["item"], p["item_loc"]
-    return (f"Wash the {it} from the {loc}", {it: loc}, [_prop(f"{it}_washed", it, "washed")],
-            _open(loc) + [(f"wash the {it}", 1)])
+def _treat(verb: str, done: str, tools: tuple[str, ...] = ()) -> Build:
+    """``<Verb> the <item> from the <loc>`` (``wash``/``washed``, ``slice``/``sliced``), with
+    ``tools`` on the counter."""
+
+    def build(p):
+        it, loc = p["item"], p["item_loc"]
+        return (f"{verb.capitalize()} the {it} from the {loc}", {it: loc, **dict.fromkeys(tools, "counter")},
+                [_prop(f"{it}_{done}", it, done)], _open(loc) + [(f"{verb} the {it}", 1)])
+
+    return build
 
 
-def _slice(p):
-    it, loc = p["item"], p["item_loc"]
-    return (f"Slice the {it} from the {loc}", {it: loc, "knife": "counter"}, [_prop(f"{it}_sliced", it, "sliced")],
-            _open(loc) + [(f"slice the {it}", 1)])
+def _treat_and_place(verb: str, done: str, tools: tuple[str, ...] = ()) -> Build:
+    """:func:`_treat`, then put the item in or on ``dest``."""
+
+    def build(p):
+        it, loc, d = p["item"], p["item_loc"], p["dest"]
+        return (
+            f"{verb.capitalize()} the {it} from the {loc} and put it {_prep(d)} the {d}",
+            {it: loc, **dict.fromkeys(tools, "counter"), d: "counter"},
+            [_prop(f"{it}_{done}", it, done), _at(f"{it}_at_{d}", it, d)],
+            _open(loc) + [(f"{verb} the {it}", 1), (f"put the {it} {_prep(d)} the {d}", 2)],
+        )
+
+    return build
 
 
 def _crack_and_whisk(p):
@@ -120,16 +135,6 @@ def _crack_and_whisk(p):
     )
 
 
-def _slice_and_plate(p):
-    it, loc, d = p["item"], p["item_loc"], p["dest"]
-    return (
-        f"Slice the {it} from the {loc} and put it {_prep(d)} the {d}",
-        {it: loc, "knife": "counter", d: "counter"},
-        [_prop(f"{it}_sliced", it, "sliced"), _at(f"{it}_at_{d}", it, d)],
-        _open(loc) + [(f"slice the {it}", 1), (f"put the {it} {_prep(d)} the {d}", 2)],
-    )
-
-
 def _wash_and_slice(p):
     it, loc = p["item"], p["item_loc"]
     return (
@@ -137,16 +142,6 @@ def _wash_and_slice(p):
         {it: loc, "knife": "counter"},
         [_prop(f"{it}_washed", it, "washed"), _prop(f"{it}_sliced", it, "sliced")],
         _open(loc) + [(f"wash the {it}", 1), (f"slice the {it}", 2)],
-    )
-
-
-def _wash_and_place(p):
-    it, loc, d = p["item"], p["item_loc"], p["dest"]
-    return (
-        f"Wash the {it} from the {loc} and put it {_prep(d)} the {d}",
-        {it: loc, d: "counter"},
-        [_prop(f"{it}_washed", it, "washed"), _at(f"{it}_at_{d}", it, d)],
-        _open(loc) + [(f"wash the {it}", 1), (f"put the {it} {_prep(d)} the {d}", 2)],
     )
 
 
@@ -223,12 +218,14 @@ FAMILIES: dict[str, Family] = {
                                              [("fill the kettle", 1)], {"kettle": "counter"})),
         Family("pick_up", 1, {"item": FOOD + TOOLS, "item_loc": LOCS}, _pick_up),
         Family("put_on_plate", 1, {"item": FOOD + ("cup",), "item_loc": LOCS, "dest": DESTS}, _put_on_plate),
-        Family("wash", 1, {"item": WASHABLE, "item_loc": LOCS}, _wash),
-        Family("slice", 1, {"item": SLICEABLE, "item_loc": LOCS}, _slice),
+        Family("wash", 1, {"item": WASHABLE, "item_loc": LOCS}, _treat("wash", "washed")),
+        Family("slice", 1, {"item": SLICEABLE, "item_loc": LOCS}, _treat("slice", "sliced", ("knife",))),
         Family("crack_and_whisk", 2, {"item_loc": LOCS, "dest": ("bowl", "pan")}, _crack_and_whisk),
-        Family("slice_and_plate", 2, {"item": SLICEABLE, "item_loc": LOCS, "dest": DESTS}, _slice_and_plate),
+        Family("slice_and_plate", 2, {"item": SLICEABLE, "item_loc": LOCS, "dest": DESTS},
+               _treat_and_place("slice", "sliced", ("knife",))),
         Family("wash_and_slice", 2, {"item": WASHABLE, "item_loc": LOCS}, _wash_and_slice),
-        Family("wash_and_place", 2, {"item": WASHABLE, "item_loc": LOCS, "dest": DESTS}, _wash_and_place),
+        Family("wash_and_place", 2, {"item": WASHABLE, "item_loc": LOCS, "dest": DESTS},
+               _treat_and_place("wash", "washed")),
         Family("boil_water", 2, {}, _simple(
             "Boil water in the kettle", [_prop("kettle_filled", "kettle", "filled"),
                                          _prop("water_boiled", "kettle", "boiled")],

@@ -18,6 +18,7 @@ import numpy as np
 from ...config import SandboxConfig
 from ...schemas import GroundTruth, Plan, Rollout, StepFrames, StepOutcome, StepStatus, Task
 from .. import media
+from ..base import WorldModel
 from ..reference import validate_reference_image
 from .parser import StepParser
 from .render import KitchenRenderer
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 _PREP_IN = "in"
 
 
-class SandboxWorld:
+class SandboxWorld(WorldModel):
     """The symbolic kitchen world (``name = "sandbox"``).
 
     Args:
@@ -221,18 +222,11 @@ class SandboxWorld:
 
     # ------------------------------------------------------------------ WorldModel
 
-    def render(
-        self,
-        task: Task,
-        plans: Sequence[Plan | None],
-        out_dir: str,
-        reference_image: str | None = None,
-        seeds: Sequence[int] | None = None,
-    ) -> list[Rollout]:
-        """Render each plan (see :class:`~worldagent_ray.world.base.WorldModel`). Never raises
-        for bad input: a missing plan, a bad reference image or a failure while rendering
-        gives a Rollout with ``error`` set."""
-        ref = reference_image if reference_image is not None else task.reference_image
+    def render_plans(self, task: Task, plans: Sequence[Plan | None], out_dir: str, ref: str | None,
+                     seeds: Sequence[int] | None) -> list[Rollout]:
+        """Render each plan (see :meth:`WorldModel.render`); plan ``k``'s seed defaults to ``k``.
+        Never raises for bad input: a missing plan, a bad reference image or a failure while
+        rendering gives a Rollout with ``error`` set."""
         ref_error = None
         if ref is not None:
             msg = validate_reference_image(ref, self.cfg.max_reference_pixels)
