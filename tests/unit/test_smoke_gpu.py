@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ JOB = str(ROOT / "jobs" / "smoke_gpu.py")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, JOB, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))  # this checkout, whatever is installed
+    return subprocess.run([sys.executable, JOB, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: run the job itself")
