@@ -167,24 +167,12 @@ class Bundle:
         return f"Bundle({self.part}, {self.demand()})"
 
 
-def used_engines(cfg) -> list[str]:
-    """The engines a run starts (the same rule as ``runtime.apps.used_engines``, which imports
-    Ray; tests/ray/test_cluster_placement.py checks that both agree)."""
-    a = cfg.agents
-    names = [a.action.engine]
-    if any(s in ("text_judge", "vlm_judge") for s in a.critic.scorers):
-        names.append(a.critic.engine)
-    if a.curriculum.use_llm:
-        names.append(a.curriculum.engine)
-    return list(dict.fromkeys(names))
-
-
 def profile_bundles(cfg, *, learn: bool = True, world: str = "min") -> list[Bundle]:
     """Every replica and worker a run of ``cfg`` reserves: engines (fixed replicas), the Serve
     parts (autoscaled parts at their ``min`` or ``max`` replicas), the memory actor and, with
     ``learn`` (or ``learner.enabled``), the learner workers (a GPU each when ``use_gpu``, as the
     Ray Train scaling config asks)."""
-    from worldagent_ray.config import PartResources
+    from worldagent_ray.config import PartResources, used_engines
 
     r = cfg.resources
 

@@ -10,7 +10,7 @@ A variable the user has already set is never changed.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, MutableMapping
+from typing import Any, Iterable, Mapping, MutableMapping
 
 QUIET_DEFAULTS = {
     "RUST_LOG": "error",  # LanceDB logs a warning per query otherwise
@@ -52,9 +52,15 @@ def apply_env_defaults(offline: bool | None = None, cfg: Any = None,
         offline = cfg is None or not needs_hub(config_models(cfg))
     if offline:
         wanted.update(OFFLINE_DEFAULTS)
+    return set_missing(env, wanted)
+
+
+def set_missing(environ: MutableMapping[str, str], wanted: Mapping[str, str]) -> dict[str, str]:
+    """Set each variable of ``wanted`` that ``environ`` lacks (a value already set always
+    wins); returns the ones set."""
     applied = {}
     for k, v in wanted.items():
-        if k not in env:
-            env[k] = v
+        if k not in environ:
+            environ[k] = v
             applied[k] = v
     return applied

@@ -18,46 +18,47 @@ from __future__ import annotations
 from .base import (  # noqa: F401
     ConfigError,
 )
-from .services import (  # noqa: F401
-    EngineConfig,
-    ActionConfig,
-    CriticConfig,
-    CriticTrainingConfig,
-    CurriculumConfig,
-    AgentsConfig,
-    SandboxConfig,
-    DiffusersConfig,
-    StepwiseConfig,
-    WorldConfig,
-    MemoryConfig,
-)
-from .training import (  # noqa: F401
-    FSDP_LORA_REFUSAL,
-    LearnerConfig,
-    PlannerConfig,
-    ExportConfig,
-    SFTConfig,
-    OfflineDPOConfig,
-    TrainingConfig,
+from .loading import (  # noqa: F401
+    ENV_PREFIX,
+    PROFILE_DIR,
+    apply_overrides,
+    available_profiles,
+    dump_config,
+    env_overrides,
+    load_config,
+    validate_tree,
 )
 from .root import (  # noqa: F401
     AutoscalingConfig,
-    PartResources,
-    ResourcesConfig,
-    StageLimits,
-    PipelineConfig,
-    RunConfig,
     Config,
+    PartResources,
+    PipelineConfig,
+    ResourcesConfig,
+    RunConfig,
+    StageLimits,
+    used_engines,
 )
-from .loading import (  # noqa: F401
-    PROFILE_DIR,
-    ENV_PREFIX,
-    available_profiles,
-    apply_overrides,
-    env_overrides,
-    validate_tree,
-    load_config,
-    dump_config,
+from .services import (  # noqa: F401
+    ActionConfig,
+    AgentsConfig,
+    CriticConfig,
+    CriticTrainingConfig,
+    CurriculumConfig,
+    DiffusersConfig,
+    EngineConfig,
+    MemoryConfig,
+    SandboxConfig,
+    StepwiseConfig,
+    WorldConfig,
+)
+from .training import (  # noqa: F401
+    FSDP_LORA_REFUSAL,
+    ExportConfig,
+    LearnerConfig,
+    OfflineDPOConfig,
+    PlannerConfig,
+    SFTConfig,
+    TrainingConfig,
 )
 
 __all__ = [
@@ -87,6 +88,7 @@ __all__ = [
     "PipelineConfig",
     "RunConfig",
     "Config",
+    "used_engines",
     "PROFILE_DIR",
     "ENV_PREFIX",
     "available_profiles",

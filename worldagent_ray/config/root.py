@@ -181,3 +181,15 @@ class Config(_Section):
         if self.learner.backend == "nccl" and not self.learner.use_gpu:
             raise ValueError("learner.backend=nccl needs learner.use_gpu=true (use gloo on CPU)")
         return self
+
+
+def used_engines(cfg: Config) -> list[str]:
+    """The engines a run starts: the Action policy's, the critic's when a judge scorer is on,
+    the curriculum's when it proposes with an LLM (each once, in that order)."""
+    a = cfg.agents
+    names = [a.action.engine]
+    if any(s in ("text_judge", "vlm_judge") for s in a.critic.scorers):
+        names.append(a.critic.engine)
+    if a.curriculum.use_llm:
+        names.append(a.curriculum.engine)
+    return list(dict.fromkeys(names))

@@ -50,9 +50,17 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..config import EngineConfig
+from ..env import set_missing
 from ..models import builtin_models, resolve_model
 from ..schemas import Completion, SamplingParams
-from .base import EngineBase, EngineStartupError, Prompt, PromptTooLongError, UnknownModelError, WeightSyncError
+from .base import (
+    EngineBase,
+    EngineStartupError,
+    Prompt,
+    PromptTooLongError,
+    UnknownModelError,
+    WeightSyncError,
+)
 from .images import load_image, prompt_images
 from .json_check import check_supported, json_rejection
 from .locks import AsyncRWLock
@@ -95,12 +103,7 @@ def apply_cpu_env(cfg: EngineConfig, environ: dict[str, str] | None = None) -> d
         "VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(cfg.kv_cache_gib))),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     }
-    applied = {}
-    for key, value in wanted.items():
-        if key not in environ:
-            environ[key] = value
-            applied[key] = value
-    return applied
+    return set_missing(environ, wanted)
 
 
 def checkpoint_keys(path: str) -> set[str] | None:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from ray import serve
 
-from ..config import Config, load_config
+from ..config import Config, load_config, used_engines
 from .agent_deployments import action_app, critic_app, curriculum_app
 from .engine_deployment import engine_app, engine_app_name
 from .reward_model_deployment import REWARD_MODEL_APP, reward_model_app
@@ -47,16 +47,6 @@ class Handles:
 
 class AttachError(RuntimeError):
     """``--attach`` found an application missing or not running."""
-
-
-def used_engines(cfg: Config) -> list[str]:
-    a = cfg.agents
-    names = [a.action.engine]
-    if any(s in ("text_judge", "vlm_judge") for s in a.critic.scorers):
-        names.append(a.critic.engine)
-    if a.curriculum.use_llm:
-        names.append(a.curriculum.engine)
-    return list(dict.fromkeys(names))
 
 
 def uses_reward_model(cfg: Config) -> bool:
