@@ -85,3 +85,41 @@ def wait_for_episodes(run: Path, n: int, proc: subprocess.Popen, timeout: float 
         time.sleep(0.3)
     assert proc.poll() is None, "the run ended before the fault could be injected"
     pytest.fail(f"fewer than {n} episodes after {timeout}s")
+
+
+ACTORS_SCRIPT = """
+import json, os, signal, sys
+import ray
+from ray.util.state import list_actors
+ray.init(address="auto", log_to_driver=False)
+action, marker = sys.argv[1], sys.argv[2]
+alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if marker in (a.class_name or "")]
+if action == "list":
+    print("ACTORS", json.dumps(sorted(a.actor_id for a in alive)))
+    sys.exit(0)
+assert alive, f"no live actor whose class contains {marker!r}"
+a = alive[0]
+if a.name:  # named (Serve replicas, the memory actor): a restartable kill, as a crash would be
+    ray.kill(ray.get_actor(a.name, namespace=a.ray_namespace), no_restart=False)
+else:  # Ray Train workers are unnamed: kill the worker process (all on this machine)
+    os.kill(a.pid, signal.SIGKILL)
+print("KILLED", a.class_name, a.actor_id)
+"""
+"""Run in a fresh process (Ray reads RAY_AUTH_MODE at import) against the cluster of RAY_ADDRESS."""
+
+
+def alive_actors(marker: str, env: dict[str, str]) -> list[str]:
+    """Ids of the live actors whose class name contains ``marker`` (Ray's state API)."""
+    p = subprocess.run([PY, "-c", ACTORS_SCRIPT, "list", marker], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("ACTORS ")]
+    assert line, p.stdout[-1000:] + p.stderr[-2000:]
+    return json.loads(line[0][len("ACTORS "):])
+
+
+def kill_actor(marker: str, env: dict[str, str]) -> str:
+    """Kill one live actor whose class name contains ``marker`` (a fault, as a crash would be)."""
+    p = subprocess.run([PY, "-c", ACTORS_SCRIPT, "kill", marker], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert "KILLED" in p.stdout, p.stdout[-1000:] + p.stderr[-3000:]
+    return p.stdout.strip()

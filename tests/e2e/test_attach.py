@@ -4,7 +4,6 @@ other share the same world replicas; scaling the world app while a driver runs l
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 
@@ -16,21 +15,13 @@ from tests.e2e.helpers import (
     FAST_OVERRIDES,
     PY,
     ROOT,
+    alive_actors,
     check_complete,
     job_env_vars,
     wait_for_episodes,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
-
-WORLD_STATE = """
-import json, ray
-from ray.util.state import list_actors
-ray.init(address="auto", log_to_driver=False)
-alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "WorldDeployment" in (a.class_name or "")]
-print("WORLD", json.dumps(sorted(a.actor_id for a in alive)))
-"""
-
 
 def serve_config(path, world_replicas: int) -> None:
     """The shipped local-cpu Serve config with the fast test settings; the world app's replica
@@ -56,10 +47,7 @@ def wait_running(serve_bin, address, env, n_apps: int) -> None:
 
 
 def world_replicas(env) -> list[str]:
-    p = subprocess.run([PY, "-c", WORLD_STATE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    line = [ln for ln in p.stdout.splitlines() if ln.startswith("WORLD ")]
-    assert line, p.stdout[-1000:] + p.stderr[-2000:]
-    return json.loads(line[0][6:])
+    return alive_actors("WorldDeployment", env)
 
 
 def test_drivers_attach_share_replicas_and_survive_scaling(ray_head, tmp_path):

@@ -18,6 +18,7 @@ from tests.e2e.helpers import (
     PY,
     ROOT,
     job_env_vars,
+    kill_actor,
     ledger_episodes,
     memory_ids,
     run_evolve_job,
@@ -26,33 +27,11 @@ from tests.e2e.helpers import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-KILL = """
-import os, signal, sys
-import ray
-from ray.util.state import list_actors
-ray.init(address="auto", log_to_driver=False)
-marker = sys.argv[1]
-alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if marker in (a.class_name or "")]
-assert alive, f"no live actor whose class contains {marker!r}"
-a = alive[0]
-if a.name:  # named (Serve replicas, the memory actor): a restartable kill, as a crash would be
-    ray.kill(ray.get_actor(a.name, namespace=a.ray_namespace), no_restart=False)
-else:  # Ray Train workers are unnamed: kill the worker process (all on this machine)
-    os.kill(a.pid, signal.SIGKILL)
-print("KILLED", a.class_name, a.actor_id)
-"""
-
 ARGS = [*FAST, "--set", "run.iterations=5", "--set", "agents.action.group_size=2",
         "--set", "learner.groups_per_step=1", "--set", "learner.checkpoint_every=1",
         "--set", "learner.drop_zero_variance=false", "--set", "learner.max_staleness=100",
         "--set", "learner.max_failures=3", "--set", "run.max_retries=4", "--set", "run.retry_backoff_s=1"]
 PLANNED = 5 * 2 * 2
-
-
-def kill(marker: str, env) -> str:
-    p = subprocess.run([PY, "-c", KILL, marker], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert "KILLED" in p.stdout, p.stdout[-1000:] + p.stderr[-3000:]
-    return p.stdout.strip()
 
 
 def test_kill_everything_then_resume(ray_head, tmp_path):
@@ -67,7 +46,7 @@ def test_kill_everything_then_resume(ray_head, tmp_path):
     try:
         for moment, marker in zip(moments[:3], ("WorldDeployment", "MemoryActor", "RayTrainWorker")):
             wait_for_episodes(run, moment, proc)
-            killed.append(kill(marker, env))
+            killed.append(kill_actor(marker, env))
         wait_for_episodes(run, moments[3], proc)
         proc.send_signal(signal.SIGKILL)  # the driver dies with no chance to clean up
         proc.wait(timeout=60)

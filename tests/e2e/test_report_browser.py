@@ -32,7 +32,13 @@ from worldagent_ray.orchestration.evolve import summarize
 from worldagent_ray.orchestration.report import write_report
 from worldagent_ray.orchestration.run_folder import RunFolder
 from worldagent_ray.rl.learner import LearnerCore
-from worldagent_ray.schemas import CurriculumState, Episode, EpisodeRow, LearnerStep, Plan
+from worldagent_ray.schemas import (
+    CurriculumState,
+    Episode,
+    EpisodeRow,
+    LearnerStep,
+    Plan,
+)
 from worldagent_ray.world.sandbox import SandboxWorld
 from worldagent_ray.world.sandbox.tasks import SandboxTaskGenerator, reference_plan
 
