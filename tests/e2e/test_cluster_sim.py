@@ -3,11 +3,10 @@ with no work, an ``llm`` and a ``video`` node mirroring cluster/rayjob.yaml) and
 server; ``ray job submit ... python jobs/evolve.py --profile cluster-sim --learn`` runs two
 rounds; then every episode, video and checkpoint is under the S3 root, world replicas ran only
 on the video node, the learner ran with 2 workers (on the llm node), both policy engine replicas
-served ``policy_version >= 1`` and the judge scored frames read from S3.
+served ``policy_version >= 1`` (published by the collective broadcast, gloo here) and the judge
+scored frames read from S3.
 
-DRAFT: it needs the storage layer and the S3 server fixture (branch wp-storage), the
-``tiny-random-qwen2.5-vl`` builtin and the VLM learner (wp-learner) and ``learner.sync_method``
-wired (collective sync); until they are merged it skips and names what is missing.
+It skips, naming what is missing, only when a prerequisite is not installed (moto, s3fs).
 """
 
 from __future__ import annotations
@@ -160,6 +159,7 @@ def test_evolve_on_the_simulated_cluster_with_s3(cluster, s3, monkeypatch):
     # both policy engine replicas served weights the learner published (policy_version >= 1)
     learner = summary["learner"]
     assert "error" not in learner and learner.get("policy_version", 0) >= 1, learner
+    assert learner["transport"] == "collective" and learner["published_version"] >= 1, learner
     replicas = learner["replicas"]  # the weight publisher's status: {replica id: {"acked": version, ...}}
     assert len(replicas) == cfg.resources.engines["policy"].replicas
     assert all(r["acked"] >= 1 for r in replicas.values()), replicas
