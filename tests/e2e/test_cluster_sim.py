@@ -130,8 +130,11 @@ def test_evolve_on_the_simulated_cluster_with_s3(cluster, s3, monkeypatch):
     episodes = [r for r in rows if r.get("kind") == "episode"]
     G, tasks = cfg.agents.action.group_size, cfg.agents.curriculum.tasks_per_proposal
     assert len(episodes) == cfg.run.iterations * tasks * G == len({e["id"] for e in episodes}) == summary["episodes"]
-    rendered = [e for e in episodes if e["status"] == "ok"]
+    # an unparseable plan (tiny random policy) is an ok episode with a plan_error and no video;
+    # every parsed plan was rendered, and its video is under the run root
+    rendered = [e for e in episodes if e["status"] == "ok" and e["plan_error"] is None]
     assert rendered, "no episode was rendered"
+    assert all(e["video"] is None for e in episodes if e["plan_error"] is not None)
     for e in rendered:
         assert e["video"].startswith(run_root + "/") and storage.exists(e["video"]), e["video"]
     import lancedb
