@@ -392,6 +392,50 @@ def test_collective_broadcast_path_on_gloo(model_path):
     ray.get([a.close.remote() for a in (sender, r1, r2)])
 
 
+@ray.remote(num_cpus=0)
+class _DdpRank:
+    """A process that already has a torch.distributed default group, as the learner's rank 0
+    has inside a Ray Train DDP worker group (world size 2 there, 1 here)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+    def broadcast(self, group: str, world: int, rank: int, seed: int):
+        sync = NcclBroadcastSync(group, world, rank, backend="gloo", timeout_ms=60_000)
+        try:
+            sync.setup()
+            if rank == 0:
+                g = torch.Generator().manual_seed(seed)
+                sent = {"a.weight": torch.randn(3, 4, generator=g), "b.bias": torch.arange(5, dtype=torch.int64)}
+                sync.send(sent)
+                return {k: float(v.double().sum()) for k, v in sent.items()}
+            from worldagent_ray.runtime.weight_publisher import tensor_manifest
+
+            manifest = tensor_manifest({"a.weight": torch.empty(3, 4), "b.bias": torch.empty(5, dtype=torch.int64)})
+            return {k: float(v.double().sum()) for k, v in sync.receive(manifest).items()}
+        finally:
+            sync.destroy()
+
+
+def test_collective_gloo_works_beside_a_default_process_group():
+    """Regression (cluster-sim e2e): the learner's rank 0 lives in a DDP worker group, so the
+    broadcast group must not be carved out of the default process group (Ray 2.60's gloo
+    collective does that and fails: "the new group's world size should be less or equal to
+    the world size set by init_process_group"). Every process here has a default group of
+    its own, and two versions in a row (two fresh groups) both arrive."""
+    ranks = [_DdpRank.remote() for _ in range(3)]
+    for version in (1, 2):
+        group = f"wsync-ddp-{uuid.uuid4().hex[:6]}-v{version}"
+        got = ray.get([a.broadcast.remote(group, 3, i, version) for i, a in enumerate(ranks)], timeout=120)
+        assert got[1] == got[2] == got[0], got
+    g = torch.Generator().manual_seed(2)
+    assert got[0]["a.weight"] == float(torch.randn(3, 4, generator=g).double().sum())
+    for a in ranks:
+        ray.kill(a)
+
+
 def test_collective_sync_rejects_bad_roles():
     with pytest.raises(ValueError, match="world_size must be >= 2"):
         NcclBroadcastSync("g", 1, 0, backend="gloo")

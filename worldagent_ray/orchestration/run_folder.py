@@ -7,6 +7,13 @@ newline at the end) is moved to ``<ledger>.torn`` (kept, never silently dropped)
 is truncated back to its last complete row, so the next append never glues onto a fragment.
 Readers skip (and count) any line that is not a complete JSON row.
 
+When ``artifacts`` is a URI (``run.root`` on object storage, e.g. ``s3://...``) the local
+folder is only the driver's working copy (on a cluster it lives in the job's ephemeral working
+directory), so after every write the ledgers, the config snapshot and the curriculum state are
+copied to ``<artifacts>/<same name>`` (:meth:`RunFolder.mirror`: whole-file PUTs, each atomic).
+A failed copy is logged and counted (``mirror_errors``) and retried by the next write; the
+local ledger stays the source of truth, so no row is lost.
+
 ``tasks.jsonl`` holds one :class:`~worldagent_ray.schemas.RoundRow` per curriculum round: a
 round is written in one line before any of its tasks is dispatched, so it is recorded entirely
 or not at all (a torn round is proposed again on resume).
@@ -15,6 +22,7 @@ or not at all (a torn round is proposed again on resume).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -26,7 +34,13 @@ from pydantic import BaseModel, ValidationError
 from ..config import Config, dump_config, validate_tree
 from ..schemas import CurriculumState, EpisodeRow, EventRow, LearnerStep, RoundRow, Task
 
+log = logging.getLogger(__name__)
+
+MIRRORED = ("config.yaml", "run.json", "tasks.jsonl", "metrics.jsonl", "curriculum.json")
+"""The run-folder files copied to a URI ``artifacts`` after every write (:meth:`RunFolder.mirror`)."""
+
 M = TypeVar("M", bound=BaseModel)
+
 
 def is_uri(p: str) -> bool:
     """True for object-store style URIs (``s3://...``); plain paths and ``file://`` are local."""
@@ -124,6 +138,30 @@ class RunFolder:
         self.run_id = self.local.name
         self.tasks_ledger = Ledger(self.local / "tasks.jsonl")
         self.metrics_ledger = Ledger(self.local / "metrics.jsonl")
+        self.mirror_errors = 0  # failed copies to a URI ``artifacts`` (see mirror())
+
+    def mirror(self, names: tuple[str, ...] = MIRRORED) -> int:
+        """Copy the named run-folder files that exist to ``<artifacts>/<name>`` when
+        ``artifacts`` is a URI (a no-op for a local run root, where they already are). Returns
+        how many were copied; a failure is logged, counted in ``mirror_errors`` and left to
+        the next call (the local file is the source of truth)."""
+        if not is_uri(self.artifacts):
+            return 0
+        from .. import storage
+
+        copied = 0
+        for name in names:
+            p = self.local / name
+            if not p.exists():
+                continue
+            try:
+                storage.write_bytes(f"{self.artifacts.rstrip('/')}/{name}", p.read_bytes())
+                copied += 1
+            except OSError as e:  # StorageError is an OSError
+                self.mirror_errors += 1
+                log.warning("copy of %s to %s failed (kept locally, retried on the next write): %s",
+                            name, self.artifacts, e)
+        return copied
 
     @classmethod
     def create(cls, cfg: Config, name: str | None = None) -> "RunFolder":
@@ -166,6 +204,7 @@ class RunFolder:
     def save_config(self, cfg: Config) -> None:
         (self.local / "config.yaml").write_text(dump_config(cfg))
         (self.local / "run.json").write_text(json.dumps({"run_id": self.run_id, "artifacts": self.artifacts}))
+        self.mirror(("config.yaml", "run.json"))
 
     def load_config(self) -> Config:
         tree = yaml.safe_load((self.local / "config.yaml").read_text())
@@ -175,6 +214,7 @@ class RunFolder:
     def record_round(self, round_index: int, tasks: list[Task], sources: list[str]) -> None:
         row = RoundRow(round=round_index, tasks=tasks, sources=sources, t=time.time())
         self.tasks_ledger.append([row.model_dump(mode="json")])
+        self.mirror(("tasks.jsonl",))
 
     def rounds(self) -> list[RoundRow]:
         """Every completely recorded round, the last record of a round winning."""
@@ -190,6 +230,7 @@ class RunFolder:
 
     def record_episodes(self, rows: list[EpisodeRow]) -> None:
         self.metrics_ledger.append([r.model_dump(mode="json") for r in rows])
+        self.mirror(("metrics.jsonl",))
 
     def episode_rows(self) -> list[EpisodeRow]:
         """Every episode row, in the order written (several rows per id when retried)."""
@@ -198,6 +239,7 @@ class RunFolder:
     def record_event(self, event: str, **fields: Any) -> None:
         row = EventRow(t=time.time(), event=event, **fields)
         self.metrics_ledger.append([row.model_dump(mode="json")])
+        self.mirror(("metrics.jsonl",))
 
     def events(self, event: str | None = None) -> list[dict[str, Any]]:
         return [r for r in self.metrics_ledger.rows()
@@ -207,6 +249,7 @@ class RunFolder:
         """The learner's per-step records (``kind: "learner"`` rows; the report's learning curve)."""
         if steps:
             self.metrics_ledger.append([s.model_dump(mode="json", exclude_none=True) for s in steps])
+            self.mirror(("metrics.jsonl",))
 
     def learner_steps(self) -> list[LearnerStep]:
         """Every learner step recorded, in order (a resumed learner may repeat a step)."""
@@ -233,6 +276,7 @@ class RunFolder:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.local / "curriculum.json")
+        self.mirror(("curriculum.json",))
 
     def load_curriculum(self) -> CurriculumState | None:
         p = self.local / "curriculum.json"

@@ -78,6 +78,24 @@ def is_lora_payload(named_tensors: Mapping[str, Tensor]) -> bool:
     return LORA_SCALING_KEY in named_tensors
 
 
+def _base_key(base: Mapping[str, Tensor], key: str) -> str:
+    """``key`` (an adapter target, named as the module is in memory) as it is named in ``base``.
+
+    transformers 5 renames some models' modules on load (Qwen2.5-VL: the checkpoint's
+    ``model.layers.*`` is ``model.language_model.layers.*`` in memory), so a base read from the
+    checkpoint files (what vLLM loads) may lack one path segment of the target: the target
+    matches the one base name it equals with exactly one segment removed; no match or more
+    than one is an error."""
+    if key in base:
+        return key
+    parts = key.split(".")
+    found = {c for c in (".".join(parts[:i] + parts[i + 1:]) for i in range(len(parts) - 1)) if c in base}
+    if len(found) != 1:
+        raise WeightSyncError(f"LoRA target {key!r} is not a base weight"
+                              + (f" (ambiguous: {sorted(found)})" if found else ""))
+    return found.pop()
+
+
 def merge_lora(base: Mapping[str, Tensor], adapters: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Merge LoRA adapters into a copy of the base weights: ``W = W0 + scaling * B @ A``.
 
@@ -87,8 +105,9 @@ def merge_lora(base: Mapping[str, Tensor], adapters: Mapping[str, Tensor]) -> di
             ``...lora_B.weight``) and :data:`LORA_SCALING_KEY` (``lora_alpha / lora_rank``).
 
     Returns:
-        A new full state dict (the base's dtypes); tensors without an adapter are shared with
-        ``base``, not copied.
+        A new full state dict with ``base``'s names and dtypes (a target named as in memory
+        finds its checkpoint name, see :func:`_base_key`); tensors without an adapter are
+        shared with ``base``, not copied.
 
     Raises:
         WeightSyncError: the payload lacks the scaling, an ``A`` lacks its ``B`` (or the reverse),
@@ -115,9 +134,7 @@ def merge_lora(base: Mapping[str, Tensor], adapters: Mapping[str, Tensor]) -> di
     for module, ab in pairs.items():
         if set(ab) != {"lora_A", "lora_B"}:
             raise WeightSyncError(f"LoRA payload for {module!r} has only {sorted(ab)}")
-        key = f"{module}.weight"
-        if key not in base:
-            raise WeightSyncError(f"LoRA target {key!r} is not a base weight")
+        key = _base_key(base, f"{module}.weight")
         w0 = base[key]
         delta = (ab["lora_B"].float() @ ab["lora_A"].float()) * scaling
         if delta.shape != w0.shape:

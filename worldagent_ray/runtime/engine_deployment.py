@@ -23,7 +23,7 @@ from ray import serve
 
 from ..config import Config, EngineConfig, PartResources
 from ..engines.aio import bounded
-from ..engines.base import EngineError, EngineTimeoutError, InferenceEngine, StaleWeightsError
+from ..engines.base import EngineError, EngineTimeoutError, InferenceEngine, StaleWeightsError, WeightSyncError
 from ..engines.locks import AsyncRWLock
 from ..schemas import Completion, SamplingParams
 from .metrics import EngineMetrics
@@ -104,13 +104,31 @@ class EngineDeployment:
             # otherwise it starts anyway and the subscriber catches up (or reports it stale)
             await asyncio.wait({self._connect_task}, timeout=min(self._sync_timeout_s, 10.0))
 
+    def _base_weights(self, model_path: str) -> dict:
+        """The base weights a LoRA payload is merged into, named as this engine's
+        ``load_weights`` expects them. The transformers engine wants its in-memory module names,
+        which transformers 5 renames on load for some models (Qwen2.5-VL: ``model.layers.*`` on
+        disk is ``model.language_model.layers.*`` in memory, the names the learner's adapters
+        carry), so it is the engine's own state dict, taken while it still serves the base
+        weights (a subscriber asks once, before it merges its first LoRA payload). Other
+        engines get the checkpoint's tensors as saved (vLLM maps checkpoint names itself)."""
+        from ..engines.hf import TransformersEngine
+        from ..rl.weight_sync import load_base_weights
+
+        if isinstance(self.engine, TransformersEngine):
+            if self.engine.weights_version != 0:
+                raise WeightSyncError(f"replica {self.replica_id!r}: base weights asked for at weights version "
+                                      f"{self.engine.weights_version}; only version 0 serves them")
+            return {k: v.detach().clone() for k, v in self.engine._model.state_dict().items()}
+        return load_base_weights(model_path)
+
     async def _connect(self) -> None:
         """Find the publisher (retrying until it exists), start the subscriber, and try one
         registration + load now; on failure the subscriber's own loop keeps retrying."""
         import ray
 
         from ..models import resolve_model
-        from ..rl.weight_sync import WeightSubscriber, load_base_weights
+        from ..rl.weight_sync import WeightSubscriber
         from .weight_publisher import collective_fetcher
 
         delay = 0.2
@@ -129,7 +147,7 @@ class EngineDeployment:
         sub = WeightSubscriber(
             self.engine, handle, self.replica_id, lock=self.rw, timeout_s=self._sync_timeout_s,
             stale_after_s=self._sync_timeout_s, fetch=fetch,
-            base_weights=lambda: load_base_weights(model_path),  # only used for LoRA payloads
+            base_weights=lambda: self._base_weights(model_path),  # only used for LoRA payloads
         )
         self.subscriber = sub
         try:

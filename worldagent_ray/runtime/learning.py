@@ -228,7 +228,10 @@ class LearningSession:
     def finish(self, timeout_s: float = 600.0) -> dict[str, Any]:
         """Close the buffer (no more rollouts) and wait up to ``timeout_s`` for a healthy learner
         to drain it, checkpoint and stop. Returns the feeding counts, the buffer's stats
-        (``acked``, ``in_flight``, ``consumed_ids``, ...) and the learner's final metrics or error."""
+        (``acked``, ``in_flight``, ``consumed_ids``, ...), the weight publisher's view
+        (``published_version``, ``transport``: ``object_store`` or ``collective``, and
+        ``replicas``: ``{replica id: {"acked", "behind", "live"}}``, the version each engine
+        replica acknowledged serving) and the learner's final metrics or error."""
         import ray
 
         t0 = time.time()
@@ -248,9 +251,18 @@ class LearningSession:
             stats = ray.get(self.buffer.stats.remote(), timeout=30)
         except Exception as e:
             stats = {"error": f"{type(e).__name__}: {e}"}
+        try:  # what the engines serve: the publisher's latest version and each replica's ack
+            weights = ray.get(self.publisher.status.remote(), timeout=30)
+        except Exception as e:
+            weights = {"error": f"{type(e).__name__}: {e}"}
         f = self.feeder
         out: dict[str, Any] = {"fed_groups": f.fed, "refused": f.refused, "skipped": f.skipped,
-                               "not_fed": f.not_fed, "buffer": stats, "wait_s": round(time.time() - t0, 1)}
+                               "not_fed": f.not_fed, "buffer": stats, "wait_s": round(time.time() - t0, 1),
+                               "published_version": weights.get("version"), "transport": weights.get("transport"),
+                               "replicas": {rid: {k: r[k] for k in ("acked", "behind", "live")}
+                                            for rid, r in (weights.get("replicas") or {}).items()}}
+        if "error" in weights:
+            out["publisher_error"] = weights["error"]
         if f.stopped is not None:
             out["feeding_stopped"] = f.stopped
         if self.error is not None:

@@ -13,8 +13,9 @@ The learner's rank 0 calls ONE interface, whatever the transport::
   replicas; :func:`~worldagent_ray.rl.weight_sync.pack_state_dict`) and announced with
   ``publish(version, [ref])`` (the caller owns the object; the publisher keeps a reference
   until a newer version replaces it). Replicas also accept a plain dict of tensors.
-- ``collective`` (:class:`CollectiveSender`): a fresh ``ray.util.collective`` group per
-  version (``learner.backend``: NCCL on GPU, gloo on CPU) made of the sender (rank 0) and the
+- ``collective`` (:class:`CollectiveSender`): a fresh broadcast group per version
+  (:class:`~worldagent_ray.runtime.collective.NcclBroadcastSync`; ``learner.backend``: NCCL on
+  GPU, gloo on CPU) made of the sender (rank 0) and the
   replicas that are live when the version is published (ranks 1..N, listed in the
   announcement); the tensors are broadcast into buffers on the replicas, never through the
   object store. The announcement carries the manifest (names, shapes, dtypes) and the ranks.
@@ -47,6 +48,7 @@ import torch
 from ..config import LearnerConfig
 from ..engines.aio import bounded
 from ..engines.base import WeightSyncError
+from .collective import NcclBroadcastSync, TensorSpec, tensor_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -271,125 +273,6 @@ def create_publisher_actor(
     return ray.remote(WeightPublisherActor).options(
         name=name, namespace=namespace, get_if_exists=True, lifetime=None, num_cpus=0, max_restarts=0
     ).remote(liveness_timeout_s)
-
-
-# --------------------------------------------------------------------------- collective
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """What a receiver needs to allocate one tensor before a broadcast."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-
-def tensor_manifest(named_tensors: Mapping[str, torch.Tensor]) -> list[TensorSpec]:
-    """The broadcast order and buffer specs: names sorted, shapes and dtypes as strings."""
-    return [
-        TensorSpec(name, tuple(int(x) for x in t.shape), str(t.dtype).removeprefix("torch."))
-        for name, t in sorted(named_tensors.items())
-    ]
-
-
-class NcclBroadcastSync:
-    """Broadcast a state dict from one sender to many receivers through ``ray.util.collective``.
-
-    For large models on GPUs (``backend="nccl"``, CUDA tensors): weights go device to device,
-    never through the object store. The learner's rank 0 is collective rank 0; each engine
-    worker that holds a shard of the policy is another rank. All ranks must call
-    :meth:`setup` (it rendezvouses), then the sender calls :meth:`send` while every receiver
-    calls :meth:`receive` with the same manifest (the manifest and the version travel through
-    the :class:`WeightPublisherActor`, which stays the source of truth for versions and acks).
-    ``backend="gloo"`` runs the same code on CPU tensors (used by the tests).
-
-    The group's membership is fixed when it is created, so use this path with a fixed number
-    of engine replicas; replicas added by autoscaling join through the object-store path.
-
-    Args:
-        group_name (`str`): a name shared by all ranks.
-        world_size (`int`): 1 sender + the number of receivers.
-        rank (`int`): 0 for the sender.
-        backend (`str`): ``"nccl"`` (GPU) or ``"gloo"`` (CPU).
-        device (`str | torch.device | None`): where receive buffers live (default ``cuda``
-            for nccl, ``cpu`` for gloo).
-        timeout_ms (`int`): gloo operation timeout.
-    """
-
-    def __init__(
-        self,
-        group_name: str,
-        world_size: int,
-        rank: int,
-        backend: str = "nccl",
-        device: str | torch.device | None = None,
-        timeout_ms: int = 60_000,
-    ):
-        if world_size < 2:
-            raise ValueError(f"world_size must be >= 2 (a sender and a receiver), got {world_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        if backend not in ("nccl", "gloo"):
-            raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
-        self.group_name, self.world_size, self.rank, self.backend = group_name, world_size, rank, backend
-        self.device = torch.device(device if device is not None else ("cuda" if backend == "nccl" else "cpu"))
-        self.timeout_ms = int(timeout_ms)
-        self._ready = False
-
-    def setup(self) -> None:
-        """Join the collective group (blocks until every rank has joined)."""
-        import ray.util.collective as col
-
-        if self._ready:
-            return
-        if self.backend == "gloo":
-            col.init_collective_group(
-                self.world_size, self.rank, backend="gloo", group_name=self.group_name, gloo_timeout=self.timeout_ms
-            )
-        else:
-            col.init_collective_group(self.world_size, self.rank, backend="nccl", group_name=self.group_name)
-        self._ready = True
-
-    def _check_ready(self) -> None:
-        if not self._ready:
-            raise WeightSyncError(f"collective group {self.group_name!r} is not set up; call setup() on every rank")
-
-    def send(self, named_tensors: Mapping[str, torch.Tensor]) -> list[TensorSpec]:
-        """Rank 0: broadcast every tensor (in manifest order); returns the manifest."""
-        import ray.util.collective as col
-
-        self._check_ready()
-        if self.rank != 0:
-            raise WeightSyncError(f"send() is for rank 0; this is rank {self.rank}")
-        manifest = tensor_manifest(named_tensors)
-        for spec in manifest:
-            t = named_tensors[spec.name].detach()
-            if t.device != self.device or not t.is_contiguous():
-                t = t.to(self.device).contiguous()
-            col.broadcast(t, src_rank=0, group_name=self.group_name)
-        return manifest
-
-    def receive(self, manifest: list[TensorSpec]) -> dict[str, torch.Tensor]:
-        """Ranks > 0: allocate buffers per ``manifest`` and receive the broadcast into them."""
-        import ray.util.collective as col
-
-        self._check_ready()
-        if self.rank == 0:
-            raise WeightSyncError("receive() is for ranks > 0; rank 0 sends")
-        out: dict[str, torch.Tensor] = {}
-        for spec in manifest:
-            buf = torch.empty(spec.shape, dtype=getattr(torch, spec.dtype), device=self.device)
-            col.broadcast(buf, src_rank=0, group_name=self.group_name)
-            out[spec.name] = buf
-        return out
-
-    def destroy(self) -> None:
-        import ray.util.collective as col
-
-        if self._ready:
-            col.destroy_collective_group(self.group_name)
-            self._ready = False
 
 
 # --------------------------------------------------------------------------- senders

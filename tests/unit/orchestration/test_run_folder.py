@@ -100,3 +100,31 @@ def test_run_folder_repairs_both_ledgers_on_open(tmp_path):
     reopened.record_event("two")
     assert [e["event"] for e in reopened.events()] == ["one", "two"]
     assert json.loads((run.local / "run.json").read_text())["run_id"] == "torn"
+
+
+def test_ledgers_are_mirrored_to_a_uri_run_root_and_a_failed_copy_is_retried(s3_env, s3_server, tmp_path):
+    """With the run root on S3 the local folder is only a working copy: after every write the
+    ledger is copied under the run root. A copy that fails (here: the bucket does not exist
+    yet) is counted, the local row is kept, and the next write copies the whole ledger."""
+    from worldagent_ray import storage
+
+    missing = f"{s3_env}-later"  # a bucket that does not exist yet
+    run = RunFolder(tmp_path / "r1", artifacts=f"{missing}/runs/r1")
+    run.record_event("first")
+    assert run.mirror_errors == 1 and [e["event"] for e in run.events()] == ["first"]
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=missing.removeprefix("s3://"))
+    run.record_event("second")
+    copy = storage.read_bytes(f"{missing}/runs/r1/metrics.jsonl")
+    assert copy == run.metrics_path.read_bytes()
+    assert [json.loads(line)["event"] for line in copy.decode().splitlines()] == ["first", "second"]
+
+    ok = RunFolder(tmp_path / "r2", artifacts=f"{s3_env}/runs/r2")
+    assert ok.mirror() == 0  # nothing written yet
+    ok.record_event("x")
+    assert ok.mirror_errors == 0 and storage.exists(f"{s3_env}/runs/r2/metrics.jsonl")
+    local = RunFolder(tmp_path / "r3")  # a local run root: the ledgers are already there
+    local.record_event("y")
+    assert local.mirror() == 0

@@ -438,6 +438,15 @@ def test_vlm_lora_targets_the_language_model_only_and_merges(vl_path, tmp_path):
     assert changed and all(".language_model." in k for k in changed)
     for k in changed:
         torch.testing.assert_close(merged[k], reference[k], rtol=0, atol=1e-6, msg=k)
+    # the checkpoint's names (what vLLM loads; transformers 5 renames model.layers.* on load)
+    from worldagent_ray.rl.weight_sync import load_base_weights
+
+    disk = load_base_weights(vl_path)
+    on_disk = merge_lora(disk, payload)
+    assert set(on_disk) == set(disk)
+    for k in changed:
+        d = k.replace("model.language_model.", "model.", 1)
+        torch.testing.assert_close(on_disk[d], reference[k], rtol=0, atol=1e-6, msg=d)
 
 
 def test_vlm_full_fine_tuning_keeps_the_vision_tower_frozen(vl_path, tmp_path):
