@@ -24,8 +24,8 @@ excluded), plus the wall time with loading.
 Not a test: the numbers depend on the machine and its load. Run::
 
     python jobs/bench_learning.py --quick         # a smoke run (about 10 min on 2 shared cores)
-    python jobs/bench_learning.py                 # the default: 1 seed, 32 tasks per set, SFT 16 steps x 8,
-                                                  # GRPO 3 min per arm (about 25-30 min on 2 shared cores)
+    python jobs/bench_learning.py                 # the default: 1 seed, 24 tasks per set, SFT 12 steps x 8,
+                                                  # GRPO 2.5 min per arm (about 25-30 min on 2 shared cores)
     python jobs/bench_learning.py --seeds 3 --eval-tasks 48 --sft-steps 150 \
         --grpo-minutes 12 --memory-rounds 48      # the full protocol (hours on 2 cores)
 
@@ -106,21 +106,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke settings: 1 seed, 8 tasks, tiny budgets")
     p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--eval-tasks", type=int, default=32, help="held-out compositions per phase")
+    p.add_argument("--eval-tasks", type=int, default=24, help="held-out compositions per phase")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--backend", default="vllm", choices=["vllm", "transformers", "auto"])
-    p.add_argument("--sft-steps", type=int, default=16, help="SFT optimizer steps")
+    p.add_argument("--sft-steps", type=int, default=12, help="SFT optimizer steps")
     p.add_argument("--sft-batch", type=int, default=8)
     p.add_argument("--sft-lr", type=float, default=2e-4)
     p.add_argument("--sft-precision", default=default_precision(), choices=["bf16", "fp32"],
                    help="SFT autocast precision (default: bf16 where the CPU has native bf16 matmul (AMX / "
                         "AVX512-BF16) or a GPU, else fp32); GRPO steps follow the engine dtype (bfloat16 on vLLM)")
-    p.add_argument("--grpo-minutes", type=float, default=3.0, help="GRPO training time per arm (d)/(e)")
+    p.add_argument("--grpo-minutes", type=float, default=2.5, help="GRPO training time per arm (d)/(e)")
     p.add_argument("--group", type=int, default=8, help="G plans per training task")
     p.add_argument("--lr", type=float, default=4e-6, help="GRPO learning rate")
     p.add_argument("--dpo-coef", type=float, default=0.1, help="lambda of arm (e)")
     p.add_argument("--phase2-frac", type=float, default=0.75)
-    p.add_argument("--memory-rounds", type=int, default=8, help="train tasks the base policy fills memory with")
+    p.add_argument("--memory-rounds", type=int, default=6, help="train tasks the base policy fills memory with")
     p.add_argument("--memory-k", type=int, default=2)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--eval-temperature", type=float, default=0.3)
