@@ -284,7 +284,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
     work = tempfile.mkdtemp(prefix="bench-critic-")
-    overrides = [f"run.root={work}"] + args.overrides
+    # Training runs alone, before any judge engine starts: its Ray Train worker gets every core (Ray
+    # sets a worker's OMP_NUM_THREADS to its CPU share; the profile's share would train on one thread).
+    # A --set of resources.learner.num_cpus still wins (it comes later).
+    cores = os.cpu_count() or 1
+    overrides = [f"run.root={work}", f"resources.learner.num_cpus={cores}"] \
+        + args.overrides
     cfg = load_config(args.profile, overrides=overrides)
     ct = cfg.critic_training
     say(f"bench_critic: judge backbone {ct.base_model}, {args.heldout_tasks} held-out tasks per phase, "
