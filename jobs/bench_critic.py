@@ -208,43 +208,41 @@ def judge_with(cfg, scorers: list[str], items: Sequence[tuple], reward_model: st
 
 def grpo_arm(args, rm_model: str) -> dict[str, float]:
     """GRPO from the same base policy, rewarded by (a) the verifiable scorer, (b) ONLY the frozen
-    reward model; both evaluated by ground truth on held-out tasks."""
+    reward model; both evaluated by ground truth (the verifiable scorer) on the same held-out
+    phase-2 tasks with the same prompts and sampling seeds (the machinery of bench_learning)."""
     from worldagent_ray.config import CriticConfig
     from worldagent_ray.critic import Critic
+    from worldagent_ray.models import resolve_model
 
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_learning.py")
     spec = importlib.util.spec_from_file_location("bench_learning", path)
     bl = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bl)  # type: ignore[union-attr]
+    bargs = bl.parse_args(["--grpo-minutes", str(args.grpo_minutes), "--eval-tasks", str(args.grpo_eval_tasks),
+                           "--model", args.policy, "--backend", args.backend])
     out: dict[str, float] = {}
     for arm in ("verifiable", "rm"):
-        bargs = bl.parse_args(["--minutes", str(args.grpo_minutes), "--eval-every", str(10 * args.grpo_minutes + 1),
-                               "--eval-tasks", str(args.grpo_eval_tasks), "--phases", "1,2", "--model",
-                               args.policy, "--backend", args.backend, "--seed", str(args.seed)])
         work = tempfile.mkdtemp(prefix=f"bench-critic-grpo-{arm}-")
-        b = bl.build_bench(bargs, work)
+        b = bl.Bench(bargs, args.seed, work)
         verifiable = b.critic
         try:
-            import torch
-
-            from worldagent_ray.models import resolve_model
-            from worldagent_ray.rl.learner import LearnerCore
-            from worldagent_ray.config import LearnerConfig
-
-            dtype = torch.bfloat16 if args.backend != "transformers" else torch.float32
-            before = bl.evaluate(b, [2], False, f"{arm}-before")[2]["success"]
-            if arm == "rm":
+            before = b.evaluate(f"{arm}-before", use_memory=False)["p2"]
+            if arm == "rm":  # the trainer's reward: ONLY the frozen reward model
                 b.critic = Critic(CriticConfig(scorers=["reward_model"], reward_model=rm_model))
-            core = LearnerCore(LearnerConfig(lr=bargs.lr, loss_type="dapo", groups_per_step=bargs.groups_per_step,
-                                             beta=0.0, seed=args.seed), resolve_model(args.policy),
-                               temperature=bargs.temperature, dtype=torch.float32)
-            _, st = bl.train_grpo(b, core, dtype)
+            tr, core = b.phase2(resolve_model(args.policy), 0.0, f"critic-{arm}")
+            tr.push_weights()
+            st = tr.run(minutes=args.grpo_minutes)
+            b.version = tr.version
             b.critic = verifiable  # evaluation is always by ground truth
-            after = bl.evaluate(b, [2], False, f"{arm}-after")[2]["success"]
-            say(f"  GRPO arm [{arm}]: held-out phase-2 success {before:.1f}% -> {after:.1f}% "
-                f"({st['steps']} steps, {st['rounds']} rounds, train success {100 * st['success'] / max(1, st['samples']):.0f}%)")
-            out[f"grpo_{arm}"] = after
-            out[f"grpo_{arm}_before"] = before
+            after = b.evaluate(f"{arm}-after", use_memory=False)["p2"]
+            pb, pa = 100 * sum(before) / len(before), 100 * sum(after) / len(after)
+            lo, hi = wilson(sum(after), len(after))
+            say(f"  GRPO arm [{arm}]: held-out phase-2 success {pb:.1f}% -> {pa:.1f}% [{100 * lo:.1f}, "
+                f"{100 * hi:.1f}] ({st.steps} steps, {st.rounds} rounds, train success "
+                f"{100 * st.success / max(1, st.samples):.0f}% by its own reward)")
+            out[f"grpo_{arm}"] = pa
+            out[f"grpo_{arm}_before"] = pb
+            del core
         finally:
             b.engine.shutdown()
             b.memory.close()
@@ -286,7 +284,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
     work = tempfile.mkdtemp(prefix="bench-critic-")
-    overrides = [f"run.root={work}"] + args.overrides
+    # Training runs alone, before any judge engine starts: its Ray Train worker gets every core (Ray
+    # sets a worker's OMP_NUM_THREADS to its CPU share; the profile's share would train on one thread).
+    # A --set of resources.learner.num_cpus still wins (it comes later).
+    cores = os.cpu_count() or 1
+    overrides = [f"run.root={work}", f"resources.learner.num_cpus={cores}"] \
+        + args.overrides
     cfg = load_config(args.profile, overrides=overrides)
     ct = cfg.critic_training
     say(f"bench_critic: judge backbone {ct.base_model}, {args.heldout_tasks} held-out tasks per phase, "

@@ -220,6 +220,11 @@ class VLLMEngine(EngineBase):
                 gpu_memory_utilization=self.cfg.gpu_memory_utilization,
                 tensor_parallel_size=self.cfg.tensor_parallel_size,
             )
+        else:
+            # vLLM-CPU (0.32) crashes the engine core ("CPU Generator does not use offset") when a request
+            # with its own seed has its prompt prefilled in chunks (concurrent seeded requests beyond the
+            # step's token budget): every prompt is prefilled whole instead.
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(self.cfg.max_model_len, 2048))
         t0 = time.perf_counter()
         try:
             llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs),

@@ -138,6 +138,11 @@ def export_critic_data(cfg: Config, out_dir: str, write: bool = True) -> dict[st
     for split in ("train", "heldout"):
         part = records.filter(lambda r, s=split: r["split"] == s)
         out[f"sft_{split}"] = part.map(lambda r: cdata.sft_example(r, modality, frames_n)).materialize()
+        if part.count() == 0:  # e.g. heldout_tasks_per_phase=0: an empty block has no task_id to group by
+            import pyarrow as pa
+
+            out[f"pairs_{split}"] = ray.data.from_arrow(_pairs_of_group(pa.table({}), 0.0, 0, 0)).materialize()
+            continue
         out[f"pairs_{split}"] = part.groupby("task_id").map_groups(
             _pairs_of_group, batch_format="pyarrow",
             fn_kwargs=dict(margin=ct.pair_margin, max_pairs=ct.max_pairs_per_task, seed=ct.seed)).materialize()

@@ -147,7 +147,9 @@ def _common_args(config: dict[str, Any], trainer_dir: Path) -> dict[str, Any]:
         output_dir=str(trainer_dir), per_device_train_batch_size=config["batch_size"], learning_rate=config["lr"],
         max_steps=config["max_steps"], lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=5,
         save_steps=config.get("save_steps", 50), save_total_limit=2, report_to=[], seed=config["seed"],
-        use_cpu=not use_gpu, bf16=use_gpu, dataloader_num_workers=0, disable_tqdm=True,
+        use_cpu=not use_gpu, bf16=config.get("precision", "auto") == "bf16" or (
+            use_gpu and config.get("precision", "auto") == "auto"),
+        dataloader_num_workers=0, disable_tqdm=True,
     )
 
 
@@ -256,6 +258,7 @@ def launch_sft(cfg: Config, dataset: "ray.data.Dataset", work_dir: str, model: s
         "batch_size": s.batch_size, "lr": s.lr, "epochs": s.epochs, "max_steps": s.max_steps, "seed": s.seed,
         "max_length": s.max_length, "lora": s.lora, "lora_rank": s.lora_rank, "lora_alpha": s.lora_alpha,
         "save_steps": s.save_steps, "gradient_checkpointing": cfg.learner.gradient_checkpointing,
+        "precision": s.precision,
     }
     return _trainer(sft_train_loop, loop_config, cfg, dataset, work_dir, "sft", s.num_workers)
 

