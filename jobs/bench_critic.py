@@ -45,6 +45,7 @@ import time
 from typing import Any, Sequence
 
 from worldagent_ray.env import apply_env_defaults  # noqa: E402
+from worldagent_ray.stats import wilson
 
 apply_env_defaults(offline=True)
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -56,15 +57,6 @@ def say(msg: str) -> None:
 
 # --------------------------------------------------------------------------- statistics
 
-
-def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
 
 
 def ranks(xs: Sequence[float]) -> list[float]:
@@ -117,7 +109,11 @@ def pair_accuracy(rows: Sequence[dict], rewards: Sequence[float], margin: float 
 
 
 def measure(name: str, rows: Sequence[dict], verdicts: Sequence[Any]) -> dict[str, Any]:
-    from worldagent_ray.critic.captions import cap_length, caption_faithfulness, sanitize_text
+    from worldagent_ray.critic.captions import (
+        cap_length,
+        caption_faithfulness,
+        sanitize_text,
+    )
 
     truth = [bool(r["success"]) for r in rows]
     rewards = [float(v.reward) for v in verdicts]
@@ -159,9 +155,9 @@ def heldout_rows(cfg, n_tasks: int, out_dir: str) -> list[dict]:
 
 def items_of(rows: Sequence[dict], out_dir: str) -> list[tuple]:
     """Rebuild (task, plan, rollout) items from rows (the sandbox is deterministic)."""
+    from worldagent_ray.config import SandboxConfig
     from worldagent_ray.schemas import Plan, Task
     from worldagent_ray.world.sandbox import SandboxWorld
-    from worldagent_ray.config import SandboxConfig
 
     world = SandboxWorld(SandboxConfig(image_size=32, frames_per_step=1, write_mp4=False, write_gif=False), critic_frames=1)
     items = []

@@ -50,6 +50,7 @@ import time
 from typing import Any, Sequence
 
 from worldagent_ray.env import apply_env_defaults  # noqa: E402
+from worldagent_ray.stats import wilson
 
 apply_env_defaults(offline=True)
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -67,16 +68,6 @@ def say(msg: str) -> None:
 
 # --------------------------------------------------------------------------- statistics
 
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n (in %)."""
-    if n == 0:
-        return (0.0, 100.0)
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (100 * max(0.0, mid - half), 100 * min(1.0, mid + half))
 
 
 def paired_diff(a: Sequence[int], b: Sequence[int], z: float = 1.96) -> tuple[float, float, float]:
@@ -138,7 +129,12 @@ class Bench:
     def __init__(self, args: argparse.Namespace, seed: int, work: str):
         import torch
 
-        from worldagent_ray.config import ActionConfig, CriticConfig, EngineConfig, SandboxConfig
+        from worldagent_ray.config import (
+            ActionConfig,
+            CriticConfig,
+            EngineConfig,
+            SandboxConfig,
+        )
         from worldagent_ray.critic import Critic
         from worldagent_ray.engines.factory import build_engine
         from worldagent_ray.memory import Embedder, EpisodeMemory
@@ -301,7 +297,7 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], wall_min: float
         cells = []
         for s in SETS:
             v = pooled[arm][s]
-            lo, hi = wilson(sum(v), len(v))
+            lo, hi = (100 * x for x in wilson(sum(v), len(v)))
             cells.append(f"{100 * sum(v) / len(v):6.1f} [{lo:4.1f}, {hi:4.1f}]")
         say(f"{LABELS[arm]:24s}" + "".join(f"{c:>24s}" for c in cells))
     say("")

@@ -26,7 +26,6 @@ Last line: ``RESULT single=… best_of_n=… cem=… calls=… …``.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import statistics
@@ -35,6 +34,7 @@ import tempfile
 import time
 
 from worldagent_ray.env import apply_env_defaults  # noqa: E402
+from worldagent_ray.stats import wilson
 
 apply_env_defaults(offline=True)
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -42,15 +42,6 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 METHODS = ("single", "best_of_n", "cem")
 
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
 
 
 def paired_bootstrap(a: list[int], b: list[int], reps: int = 4000, seed: int = 0) -> tuple[float, float]:
@@ -76,8 +67,19 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from worldagent_ray.agents.planner import ActionProposer, CriticJudge, Planner, WorldImagination
-    from worldagent_ray.config import ActionConfig, CriticConfig, EngineConfig, PlannerConfig, SandboxConfig
+    from worldagent_ray.agents.planner import (
+        ActionProposer,
+        CriticJudge,
+        Planner,
+        WorldImagination,
+    )
+    from worldagent_ray.config import (
+        ActionConfig,
+        CriticConfig,
+        EngineConfig,
+        PlannerConfig,
+        SandboxConfig,
+    )
     from worldagent_ray.critic import Critic
     from worldagent_ray.engines import build_engine
     from worldagent_ray.world.sandbox import SandboxTaskGenerator, SandboxWorld

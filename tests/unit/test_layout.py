@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "worldagent_ray"
-PURE = ("schemas", "config", "models.py", "env.py", "checks.py", "engines", "agents", "world", "critic", "memory", "rl",
+PURE = ("schemas", "config", "stats.py", "models.py", "env.py", "checks.py", "engines", "agents", "world", "critic", "memory", "rl",
         "datasets")
 
 
