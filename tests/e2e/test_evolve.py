@@ -36,7 +36,11 @@ def test_ctrl_c_then_resume_has_every_episode_once_and_a_report(tmp_path):
     dashboard): every episode exactly once, the report and the summary."""
     env = job_env_vars()
     run = tmp_path / "r"
-    args = ["--run-name", "r", "--set", f"run.root={tmp_path}", *FAST, "--set", "run.iterations=4"]
+    # Long enough that it cannot end between two polls of the ledger (a quiet machine commits
+    # about 6 episodes/s of this fast loop; the interrupt lands within a poll of 2 episodes).
+    rounds = 30
+    total = rounds * 2 * 2
+    args = ["--run-name", "r", "--set", f"run.root={tmp_path}", *FAST, "--set", f"run.iterations={rounds}"]
     proc = subprocess.Popen([PY, "jobs/evolve.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -49,18 +53,18 @@ def test_ctrl_c_then_resume_has_every_episode_once_and_a_report(tmp_path):
     assert proc.returncode == 130, out[-3000:]
     assert f"--resume {run}" in out
     first = {r["id"] for r in ledger_episodes(run)}
-    assert 2 <= len(first) < 2 * EXPECTED, "the first part must stop early"
+    assert 2 <= len(first) < total, "the first part must stop early"
     p = run_evolve_job(["--resume", str(run)], env)
-    eps = check_complete(run, 2 * EXPECTED)
+    eps = check_complete(run, total)
     assert first <= {r["id"] for r in eps}, "resume must keep what the first part wrote"
     assert all(r["status"] in ("ok", "failed") for r in eps)
     assert all(r["status"] == "failed" or r["scores"] is not None for r in eps)
     report = (run / "report.html").read_text()
     assert "Reward and success over time" in report and "<svg" in report
-    assert report.count('class="group"') == 2 * EXPECTED // 2
+    assert report.count('class="group"') == total // 2
     assert "episodes/s" in p.stdout and str(run / "report.html") in p.stdout
     assert "dashboard: http://127.0.0.1:" in p.stdout and "serve applications: engine-policy, world" in p.stdout
-    assert (run / "config.yaml").exists() and json.loads((run / "curriculum.json").read_text())["proposed"] >= 8
+    assert (run / "config.yaml").exists() and json.loads((run / "curriculum.json").read_text())["proposed"] >= total // 2
 
 
 @pytest.mark.vllm
