@@ -7,7 +7,8 @@ group with each sample's GIF, a link to its video file, its plan and verdict. Al
 models is HTML-escaped: model output is data.
 
 Ledger rows it reads from ``metrics.jsonl``: ``kind: "episode"`` (the driver's), ``kind:
-"event"`` and ``kind: "learner"`` (one per optimizer step, see :func:`learner_row`).
+"event"`` and ``kind: "learner"`` (one per optimizer step:
+:meth:`~worldagent_ray.orchestration.run_folder.RunFolder.record_learner_steps`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import html
 import math
 import os
-import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -28,19 +28,6 @@ from .run_folder import RunFolder
 DIMS = ("action_following", "temporal_consistency", "object_interaction", "goal_achievement", "physics")
 SHORT = {"action_following": "follow", "temporal_consistency": "order", "object_interaction": "objects",
          "goal_achievement": "goal", "physics": "physics"}
-
-
-def learner_row(metrics: Mapping[str, Any], t: float | None = None) -> dict[str, Any]:
-    """The ledger row of one learner step (a :class:`~worldagent_ray.schemas.LearnerStep`
-    dumped to a dict), from the metrics dict the learner reports
-    (:meth:`~worldagent_ray.rl.learner.LearnerCore.step` plus ``idle_frac``).
-
-    Raises:
-        pydantic.ValidationError: ``step`` or ``policy_version`` is missing, or a value is
-            not a number (the error names the field).
-    """
-    step = LearnerStep.from_metrics(dict(metrics), time.time() if t is None else float(t))
-    return step.model_dump(exclude_none=True)
 
 
 def _rolling(xs: Sequence[float], w: int) -> list[float]:
@@ -135,7 +122,7 @@ def _learning_html(rows: Iterable[Mapping[str, Any]]) -> str:
         try:
             s = LearnerStep.model_validate(r)
         except ValidationError:
-            continue  # not a row written by learner_row(): skipped, never fatal to the report
+            continue  # not a valid learner step: skipped, never fatal to the report
         by_step[s.step] = s.model_dump()  # a resumed learner may repeat a step: the last row wins
     if not by_step:
         return ""

@@ -7,9 +7,14 @@ from pydantic import ValidationError
 
 from worldagent_ray.config import load_config
 from worldagent_ray.orchestration.evolve import summarize
-from worldagent_ray.orchestration.report import learner_row, write_report
+from worldagent_ray.orchestration.report import write_report
 from worldagent_ray.orchestration.run_folder import RunFolder
 from worldagent_ray.schemas import Episode, EpisodeRow, LearnerStep, Plan, Rollout, Scores, Task, Verdict
+
+
+def learner_row(metrics, t=1.0) -> dict:
+    """A learner step as the run folder writes it (``record_learner_steps``)."""
+    return LearnerStep.from_metrics(metrics, t).model_dump(mode="json", exclude_none=True)
 
 
 def _run(tmp_path, learner_rows=()):
