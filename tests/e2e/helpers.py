@@ -7,7 +7,10 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -74,9 +77,7 @@ def free_port() -> int:
 def wait_for_episodes(run: Path, n: int, proc: subprocess.Popen, timeout: float = 400) -> None:
     """Wait until the ledger of ``run`` holds ``n`` distinct episodes while ``proc`` (the run's
     driver) is still running; fail the test if it ends first or the time runs out."""
-    import time
 
-    import pytest
 
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:

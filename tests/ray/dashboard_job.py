@@ -37,7 +37,6 @@ OVERRIDES = [
     "learner.groups_per_step=1", "learner.drop_zero_variance=false", "learner.beta=0.04",
     "learner.max_staleness=8", "learner.checkpoint_every=1000",
 ]
-APPS = ["action", "curriculum", "critic", "world", "engine-policy"]  # callers before callees
 
 
 class _FlakyServices(RayServices):
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from worldagent_ray.runtime.apps import deploy
+    from worldagent_ray.runtime.apps import deploy, owned_apps
     from worldagent_ray.runtime.cluster import NAMESPACE, connect
     from worldagent_ray.runtime.learning import start_learning
     from worldagent_ray.runtime.lifecycle import job_dashboard_url, orderly_shutdown
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         time.sleep(0.2)
     learned = learner.finish(timeout_s=120)
-    problems = orderly_shutdown(APPS, [memory, learner.buffer, learner.publisher], stop_ray=True, timeout_s=60)
+    problems = orderly_shutdown(owned_apps(handles), [memory, learner.buffer, learner.publisher], stop_ray=True, timeout_s=60)
     assert not ray.is_initialized()
     print("SUMMARY " + json.dumps({"episodes": summary["episodes"], "failed": summary["failed"],
                                    "learner_error": learned.get("error"), "policy_version": learned.get("policy_version"),

@@ -83,12 +83,10 @@ def run_evolve(cfg: Config, run: RunFolder, *, learn: bool = False, attach: bool
             summary["report"] = str(write_report(run, summary))
         return summary
     finally:  # Serve applications first (attached ones stay up), then this run's actors
-        from ..runtime.lifecycle import stop_actors
+        from ..runtime.lifecycle import orderly_shutdown
 
-        problems = apps.teardown(handles)
-        problems += stop_actors([memory, *((session.buffer, session.publisher) if session else ())])
-        for p in problems:
-            say(f"shutdown: {p}")
+        orderly_shutdown(apps.owned_apps(handles), [memory, *((session.buffer, session.publisher) if session else ())],
+                         stop_ray=False, say=say)
 
 
 def print_summary(summary: dict[str, Any]) -> None:

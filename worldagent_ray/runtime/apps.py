@@ -113,19 +113,16 @@ def attach(cfg: Config, progress: Callable[[str], None] = print) -> Handles:
     return Handles(engines=engines, attached=True, reward_model=reward_model, **handles)
 
 
-def teardown(handles: Handles | None, timeout_s: float = 60.0) -> list[str]:
-    """Delete the applications this driver deployed (agents first, then the world, then the
-    engines), each awaited until gone, bounded by ``timeout_s`` in all; attached applications
-    are left running. The Serve controller is left alone (on a cluster other jobs share it; a
-    Ray this process started ends with the process). Engines shut down in their replicas'
-    destructors (which frees vLLM's shared memory). Returns the problems met (never raises)."""
-    from .lifecycle import delete_serve_apps
-
+def owned_apps(handles: Handles | None) -> list[str]:
+    """The applications this driver deployed, in the order to delete them (agents first, then
+    the world, then the engines); none when it attached (attached applications stay up). The
+    Serve controller is left alone: on a cluster other jobs share it, and a Ray this process
+    started ends with the process. Engines shut down in their replicas' destructors (which
+    frees vLLM's shared memory). See :func:`~worldagent_ray.runtime.lifecycle.orderly_shutdown`."""
     if handles is None or handles.attached:
         return []
     rm = [REWARD_MODEL_APP] if handles.reward_model is not None else []
-    names = ["action", "curriculum", "critic", *rm, "world", *(engine_app_name(e) for e in handles.engines)]
-    return delete_serve_apps(names, timeout_s)
+    return ["action", "curriculum", "critic", *rm, "world", *(engine_app_name(e) for e in handles.engines)]
 
 
 # ----------------------------------------------------------------- serve deploy
