@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -49,13 +51,21 @@ def cluster():
     import ray
 
     dash, metrics = _free_port(), _free_port()
+    # Its own temp dir, with the address file `ray start` would write there: Ray's job supervisor
+    # starts the driver with RAY_ADDRESS="auto" resolved from that file, and without it picks ANY
+    # gcs_server running on the machine (a leftover Ray elsewhere made the driver join the wrong
+    # cluster, whose GCS had never seen the job's working_dir package).
+    temp_dir = tempfile.mkdtemp(prefix="wa-dash-", dir="/tmp")
     ctx = ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash,
                    _metrics_export_port=metrics, _node_ip_address="127.0.0.1", log_to_driver=False,
-                   namespace="test-dashboard", _system_config={"metrics_report_interval_ms": 1000})
+                   namespace="test-dashboard", _temp_dir=temp_dir,
+                   _system_config={"metrics_report_interval_ms": 1000})
+    Path(temp_dir, "ray_current_cluster").write_text(ray.get_runtime_context().gcs_address)
     try:
         yield {"dashboard": f"http://{ctx.dashboard_url}"}
     finally:
         ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _get(url: str, timeout_s: float = 10.0):
