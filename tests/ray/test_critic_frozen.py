@@ -51,7 +51,7 @@ def test_judge_and_reward_model_stay_at_version_zero_while_policy_weights_are_pu
         "run.stage_timeout_s=120"])
     ray.init(num_cpus=2, include_dashboard=False, namespace=NS, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+        serve.start(proxy_location="Disabled")  # handles only: no port taken
         pub = create_publisher_actor("frozen-weights")
         policy = serve.run(engine_app(cfg, "policy", "frozen-weights", NS), name=engine_app_name("policy"),
                            route_prefix=None)

@@ -121,6 +121,11 @@ class RunConfig(_Section):
     lookahead_rounds: int = Field(
         default=2, ge=1, description="Rounds in flight at once: later rounds wait, so the curriculum sees outcomes."
     )
+    deploy_timeout_s: float = Field(
+        default=1800.0, gt=0,
+        description="Bound of the wait for the Serve applications to be RUNNING (model downloads included); "
+                    "an application whose replicas cannot start (DEPLOY_FAILED) is reported at once.",
+    )
     report: bool = Field(default=True, description="Write report.html at the end.")
 
 

@@ -59,36 +59,88 @@ def app_names(cfg: Config) -> list[str]:
 
 
 def start_serve() -> None:
-    """Start Serve bound to localhost (a cluster exposes it deliberately, not by default)."""
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    """Start Serve with no HTTP proxy: the loop calls its applications through handles (none
+    has an HTTP route), so no port is taken and two runs on one machine cannot collide. On a
+    cluster where Serve already runs (``serve deploy``), this joins it as it is."""
+    serve.start(proxy_location="Disabled")
 
 
 def _parts(cfg: Config) -> dict[str, Callable[[Config], Any]]:
     return {"world": world_app, "critic": critic_app, "curriculum": curriculum_app, "action": action_app}
 
 
+class DeployError(RuntimeError):
+    """A Serve application failed to deploy, or was not RUNNING within ``run.deploy_timeout_s``."""
+
+
+def run_together(apps: dict[str, Any], timeout_s: float, progress: Callable[[str], None] = print,
+                 labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """Deploy the applications ``{name: app}`` at once and wait until every one is RUNNING.
+
+    Replicas of different applications start in parallel (``serve.run`` one by one would wait
+    for each in turn). Each application is announced as it becomes ready.
+
+    Returns:
+        `dict[str, DeploymentHandle]`: the ingress handle of each application.
+
+    Raises:
+        DeployError: an application is DEPLOY_FAILED (its message is quoted), or some are not
+            RUNNING after ``timeout_s`` (they are named with their status).
+    """
+    t0 = time.monotonic()
+    names = list(apps)
+    started = serve.run_many([serve.RunTarget(apps[n], name=n, route_prefix=None) for n in names],
+                             wait_for_applications_running=False)  # waits only for the ingress to exist
+    handles = dict(zip(names, started))
+    pending = set(apps)
+    while pending:
+        status = serve.status().applications
+        for name in sorted(pending):
+            st = status.get(name)
+            if st is None:
+                continue
+            if st.status == "RUNNING":
+                pending.discard(name)
+                progress(f"{(labels or {}).get(name, name)} ready in {time.monotonic() - t0:.1f}s")
+            elif st.status == "DEPLOY_FAILED":
+                why = "; ".join(f"{d}: {ds.message}" for d, ds in st.deployments.items() if ds.message)
+                raise DeployError(f"Serve application {name!r} failed to deploy: {why or st.message}")
+        if pending and time.monotonic() - t0 > timeout_s:
+            raise DeployError(
+                f"Serve applications not RUNNING after run.deploy_timeout_s={timeout_s:g}s: "
+                + ", ".join(f"{n} ({status[n].status.value if n in status else 'missing'})" for n in sorted(pending)))
+        if pending:
+            time.sleep(0.2)
+    return handles
+
+
 def deploy(cfg: Config, publisher: str | None = None, namespace: str | None = None,
            progress: Callable[[str], None] = print) -> Handles:
-    """Deploy every part (engines first: agents look their engine up by name)."""
+    """Deploy every part, in two waves of applications that start in parallel: the engines,
+    the reward model and the world (which call nothing), then the critic, curriculum and
+    action agents (which look their engines up by name when they start).
+
+    Raises:
+        DeployError: see :func:`run_together` (bounded by ``run.deploy_timeout_s``).
+    """
     start_serve()
-    engines = {}
+    deadline = time.monotonic() + cfg.run.deploy_timeout_s
+    first: dict[str, Any] = {}
+    labels: dict[str, str] = {}
     for name in used_engines(cfg):
-        t0 = time.time()
         pub = publisher if name == cfg.agents.action.engine else None
-        engines[name] = serve.run(engine_app(cfg, name, pub, namespace), name=engine_app_name(name),
-                                  route_prefix=None)
-        progress(f"engine {name!r} ({cfg.engines[name].model}) ready in {time.time() - t0:.1f}s")
-    reward_model = None
+        first[engine_app_name(name)] = engine_app(cfg, name, pub, namespace)
+        labels[engine_app_name(name)] = f"engine {name!r} ({cfg.engines[name].model})"
     if uses_reward_model(cfg):  # the frozen learned Critic, before the critic that calls it
-        t0 = time.time()
-        reward_model = serve.run(reward_model_app(cfg), name=REWARD_MODEL_APP, route_prefix=None)
-        progress(f"reward model ({cfg.agents.critic.reward_model}) ready in {time.time() - t0:.1f}s")
-    handles = {}
-    for name, build in _parts(cfg).items():
-        t0 = time.time()
-        handles[name] = serve.run(build(cfg), name=name, route_prefix=None)
-        progress(f"{name} ready in {time.time() - t0:.1f}s")
-    return Handles(engines=engines, reward_model=reward_model, **handles)
+        first[REWARD_MODEL_APP] = reward_model_app(cfg)
+        labels[REWARD_MODEL_APP] = f"reward model ({cfg.agents.critic.reward_model})"
+    first["world"] = world_app(cfg)
+    ready = run_together(first, cfg.run.deploy_timeout_s, progress, labels)
+    agents = {name: build(cfg) for name, build in _parts(cfg).items() if name != "world"}
+    ready |= run_together(agents, max(1.0, deadline - time.monotonic()), progress)
+    return Handles(engines={e: ready[engine_app_name(e)] for e in used_engines(cfg)},
+                   reward_model=ready.get(REWARD_MODEL_APP),
+                   **{name: ready[name] for name in PART_APPS})
 
 
 def attach(cfg: Config, progress: Callable[[str], None] = print) -> Handles:
@@ -113,16 +165,17 @@ def attach(cfg: Config, progress: Callable[[str], None] = print) -> Handles:
     return Handles(engines=engines, attached=True, reward_model=reward_model, **handles)
 
 
-def owned_apps(handles: Handles | None) -> list[str]:
-    """The applications this driver deployed, in the order to delete them (agents first, then
-    the world, then the engines); none when it attached (attached applications stay up). The
-    Serve controller is left alone: on a cluster other jobs share it, and a Ray this process
-    started ends with the process. Engines shut down in their replicas' destructors (which
-    frees vLLM's shared memory). See :func:`~worldagent_ray.runtime.lifecycle.orderly_shutdown`."""
+def owned_apps(handles: Handles | None) -> list[list[str]]:
+    """The applications this driver deployed, in waves to delete (callers before callees: the
+    agents and the world, then the reward model and the engines); none when it attached
+    (attached applications stay up). The Serve controller is left alone: on a cluster other
+    jobs share it, and a Ray this process started ends with the process. Engines shut down in
+    their replicas' destructors (which frees vLLM's shared memory). See
+    :func:`~worldagent_ray.runtime.lifecycle.orderly_shutdown`."""
     if handles is None or handles.attached:
         return []
     rm = [REWARD_MODEL_APP] if handles.reward_model is not None else []
-    return ["action", "curriculum", "critic", *rm, "world", *(engine_app_name(e) for e in handles.engines)]
+    return [["action", "curriculum", "critic", "world"], [*rm, *(engine_app_name(e) for e in handles.engines)]]
 
 
 # ----------------------------------------------------------------- serve deploy

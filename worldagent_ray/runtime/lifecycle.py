@@ -6,8 +6,9 @@ ServeController.graceful_shutdown failed ... The actor is dead because it was ki
 `ray.kill`") comes from calls still in flight to the Serve controller when it kills itself:
 Ray reports each failed call of an actor with infinite retries to the driver. So:
 
-1. **Serve applications** of the run are deleted one by one (agents before the engines they
-   call) and awaited until gone, each wait bounded. The Serve controller itself is left
+1. **Serve applications** of the run are deleted in waves (the agents and the world, then the
+   engines they call), each wave's replicas stopping in parallel, and awaited until gone
+   (bounded). The Serve controller itself is left
    alone: on a cluster it is shared with other jobs (``serve.shutdown()`` would end theirs),
    and on a Ray this process started, step 3 ends it.
 2. **Actors** (memory, buffer, weight publisher...) are stopped once the calls already
@@ -58,8 +59,10 @@ def job_dashboard_url() -> str | None:
     return f"{base}/#/jobs/{job or ray.get_runtime_context().get_job_id()}"
 
 
-def delete_serve_apps(apps: Sequence[str], timeout_s: float = 60.0) -> list[str]:
-    """Delete the named Serve applications, in order, waiting for each to be gone (bounded).
+def delete_serve_apps(apps: Sequence[str | Sequence[str]], timeout_s: float = 60.0) -> list[str]:
+    """Delete the named Serve applications wave by wave, waiting for each wave to be gone
+    (bounded by ``timeout_s`` in all). An entry is a name (a wave of one) or a list of names
+    deleted together (their replicas stop in parallel).
 
     Returns:
         `list[str]`: one line per application that could not be deleted in time.
@@ -73,25 +76,29 @@ def delete_serve_apps(apps: Sequence[str], timeout_s: float = 60.0) -> list[str]
     except Exception as e:  # Serve never started, or Ray is gone
         log.debug("serve.status: %s", e)
         return []
-    for name in apps:
-        if name not in live:
-            continue
-        try:
-            serve.delete(name, _blocking=False)
-        except Exception as e:
-            problems.append(f"serve app {name!r}: delete failed: {type(e).__name__}: {e}")
-            continue
-        while True:
+    for wave in apps:
+        names = [wave] if isinstance(wave, str) else list(wave)
+        deleting = []
+        for name in names:
+            if name not in live:
+                continue
             try:
-                if name not in serve.status().applications:
-                    break
+                serve.delete(name, _blocking=False)
+                deleting.append(name)
             except Exception as e:
-                problems.append(f"serve app {name!r}: status failed: {type(e).__name__}: {e}")
+                problems.append(f"serve app {name!r}: delete failed: {type(e).__name__}: {e}")
+        while deleting:
+            try:
+                present = set(serve.status().applications)
+            except Exception as e:
+                problems.append(f"serve apps {deleting}: status failed: {type(e).__name__}: {e}")
                 break
-            if time.monotonic() > deadline:
-                problems.append(f"serve app {name!r} still deleting after {timeout_s:.0f}s")
+            deleting = [n for n in deleting if n in present]
+            if deleting and time.monotonic() > deadline:
+                problems += [f"serve app {n!r} still deleting after {timeout_s:.0f}s" for n in deleting]
                 break
-            time.sleep(0.2)
+            if deleting:
+                time.sleep(0.2)
     return problems
 
 
@@ -140,8 +147,9 @@ def orderly_shutdown(
     """Serve applications, then actors, then Ray (see the module docstring).
 
     Args:
-        apps: Serve application names of this run, callers before callees (e.g. ``action,
-            curriculum, critic, world, engine-policy, engine-judge``).
+        apps: Serve application names of this run, callers before callees, as names or waves
+            of names deleted together (e.g. ``[[action, curriculum, critic, world],
+            [engine-policy, engine-judge]]``, what ``apps.owned_apps`` gives).
         actors: actor handles of this run (memory, buffer, publisher); ``None`` entries are skipped.
         stop_ray: call ``ray.shutdown()`` at the end.
         timeout_s: bound of each of the first two steps.
