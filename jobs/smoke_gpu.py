@@ -126,11 +126,12 @@ def part_wan(args: argparse.Namespace) -> str:
 
 
 def part_nccl(args: argparse.Namespace) -> str:
-    import ray
     import torch
 
     if torch.cuda.device_count() < 2:
         raise _Skip(f"needs 2 GPUs (NCCL refuses two ranks on one GPU); found {torch.cuda.device_count()}")
+    import ray
+
     from worldagent_ray.runtime.weight_publisher import (
         NcclBroadcastSync,
         tensor_manifest,
