@@ -366,13 +366,14 @@ def sim_start_commands(nodes: dict[str, dict], gcs_port: int = 6379) -> list[tup
 
 
 def start_sim_cluster(nodes: dict[str, dict], *, env: dict[str, str] | None = None,
-                      timeout_s: float = 180.0) -> SimCluster:
+                      timeout_s: float = 180.0, system_config: dict | None = None) -> SimCluster:
     """Start the simulated multi-node cluster of :func:`sim_start_commands` on this machine,
     with token auth (``RAY_AUTH_MODE=token``; the token is ``~/.ray/auth_token``). Added for
     tests: every port chosen free and bound to 127.0.0.1, a temp folder per node, a small object
     store, ``--block`` in its own process group. ``env`` is the nodes' environment (e.g. S3
     endpoint and credentials: Ray workers inherit them; jobs never forward them). Returns once
-    every node is alive (``timeout_s``). Stop it with :func:`stop_sim_cluster` (never
+    every node is alive (``timeout_s``). ``system_config`` goes to the head's
+    ``--system-config``. Stop it with :func:`stop_sim_cluster` (never
     ``ray stop``, which kills every Ray on the machine)."""
     import json
     import os
@@ -400,6 +401,8 @@ def start_sim_cluster(nodes: dict[str, dict], *, env: dict[str, str] | None = No
         if group == "head":
             test_flags += ["--include-dashboard=true", f"--dashboard-port={dash}",
                            f"--ray-client-server-port={_free_port()}"]
+            if system_config:
+                test_flags.append(f"--system-config={json.dumps(system_config)}")
         specs.append((group, [ray_bin, *argv[1:], *test_flags], {**base, **extra}))
     try:
         for group, cmd, node_env in specs:

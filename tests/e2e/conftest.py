@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +20,9 @@ def ray_head(tmp_path_factory):
     """A `ray start --head` cluster in its own process group, torn down without `ray stop`
     (which would kill every Ray on the machine)."""
     gcs, dash = free_port(), free_port()
-    tmp = tmp_path_factory.mktemp("rayhead")
+    # A short temp dir: Ray's socket paths must stay under 107 bytes, which pytest's nested
+    # tmp folders (with a worker folder under pytest-xdist) can exceed.
+    tmp = Path(tempfile.mkdtemp(prefix="wa-head-", dir="/tmp"))
     env = job_env_vars(RAY_AUTH_MODE="token")  # the head and every client share ~/.ray/auth_token
     proc = subprocess.Popen(
         [str(Path(PY).parent / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
@@ -35,7 +39,8 @@ def ray_head(tmp_path_factory):
     import urllib.request
 
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
-    for _ in range(120):
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:  # a head that died is reported at once
         try:
             opener.open(f"{url}/api/version", timeout=2)
             break
@@ -44,11 +49,13 @@ def ray_head(tmp_path_factory):
         except Exception:
             time.sleep(1)
     else:
-        os.killpg(proc.pid, signal.SIGTERM)
-        pytest.fail(f"ray head did not start: {(tmp / 'head.log').read_text()[-2000:]}")
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        pytest.fail(f"ray head did not start (exit {proc.poll()}): {(tmp / 'head.log').read_text()[-2000:]}")
     yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": url}
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(tmp, ignore_errors=True)

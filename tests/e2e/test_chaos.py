@@ -27,11 +27,14 @@ from tests.e2e.helpers import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-ARGS = [*FAST, "--set", "run.iterations=5", "--set", "agents.action.group_size=2",
+# 12 rounds: far more than the kills need, so that the driver is killed mid-run even on a fast
+# machine (the three actor kills take seconds each, during which the loop goes on).
+ROUNDS = 12
+ARGS = [*FAST, "--set", f"run.iterations={ROUNDS}", "--set", "agents.action.group_size=2",
         "--set", "learner.groups_per_step=1", "--set", "learner.checkpoint_every=1",
         "--set", "learner.drop_zero_variance=false", "--set", "learner.max_staleness=100",
         "--set", "learner.max_failures=3", "--set", "run.max_retries=4", "--set", "run.retry_backoff_s=1"]
-PLANNED = 5 * 2 * 2
+PLANNED = ROUNDS * 2 * 2
 
 
 def test_kill_everything_then_resume(ray_head, tmp_path):

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -39,33 +36,25 @@ APPS = {"engine-policy", "world", "critic", "curriculum", "action"}
 EXPECTED_EPISODES, EXPECTED_FAILED = 8, 2  # 2 rounds x 2 tasks x 2 samples; the first task's group fails
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    """One local Ray with the dashboard for the module, metrics exported every second."""
+    """A `ray start` cluster for the module (a head with the dashboard on 127.0.0.1 and one node
+    of 4 CPUs, every port chosen free, so other Rays on the machine cannot collide with it),
+    metrics exported every second; this process joins it. (A local ``ray.init()`` would take
+    the fixed dashboard-agent port, and its job supervisor resolves RAY_ADDRESS="auto" to ANY
+    gcs_server on the machine: a job once joined another test's Ray.)"""
     import ray
 
-    dash, metrics = _free_port(), _free_port()
-    # Its own temp dir, with the address file `ray start` would write there: Ray's job supervisor
-    # starts the driver with RAY_ADDRESS="auto" resolved from that file, and without it picks ANY
-    # gcs_server running on the machine (a leftover Ray elsewhere made the driver join the wrong
-    # cluster, whose GCS had never seen the job's working_dir package).
-    temp_dir = tempfile.mkdtemp(prefix="wa-dash-", dir="/tmp")
-    ctx = ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash,
-                   _metrics_export_port=metrics, _node_ip_address="127.0.0.1", log_to_driver=False,
-                   namespace="test-dashboard", _temp_dir=temp_dir,
-                   _system_config={"metrics_report_interval_ms": 1000})
-    Path(temp_dir, "ray_current_cluster").write_text(ray.get_runtime_context().gcs_address)
+    from tests.factories import start_sim_cluster, stop_sim_cluster
+
+    sim = start_sim_cluster({"worker": {"resources": {"CPU": 4}, "labels": {"role": "worker"}}},
+                            system_config={"metrics_report_interval_ms": 1000})
     try:
-        yield {"dashboard": f"http://{ctx.dashboard_url}"}
+        ray.init(address=sim.gcs, log_to_driver=False, namespace="test-dashboard")
+        yield {"dashboard": sim.dashboard}
     finally:
         ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        stop_sim_cluster(sim)
 
 
 def _get(url: str, timeout_s: float = 10.0):

@@ -93,23 +93,29 @@ def print_summary(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"WorldAgent-Ray: {summary['episodes']} episodes in {summary['elapsed_s']:.0f}s "
-                    f"({summary['episodes_per_s']:.2f} episodes/s)")
+    # Plain lines never wrap (soft_wrap) and are data, not markup: a path or a learner dict
+    # printed by a piped run stays one copyable line.
+    console = Console(soft_wrap=True, highlight=False)
+    say = lambda line: console.print(line, markup=False)  # noqa: E731
+    say(f"WorldAgent-Ray: {summary['episodes']} episodes in {summary['elapsed_s']:.0f}s "
+        f"({summary['episodes_per_s']:.2f} episodes/s)")
+    t = Table()
     for col in ("phase", "episodes", "failed", "success rate", "mean reward"):
         t.add_column(col, justify="right")
     for p, d in summary["by_phase"].items():
         t.add_row(str(p), str(d["episodes"]), str(d["failed"]), f"{d['success_rate']:.0%}", f"{d['mean_reward']:.3f}")
-    console = Console()
     console.print(t)
     for ev in summary.get("promotions") or []:
-        console.print(f"curriculum: phase {ev['from']} -> {ev['to']} at success {ev['success_rate']:.0%}")
+        say(f"curriculum: phase {ev['from']} -> {ev['to']} at success {ev['success_rate']:.0%}")
     if summary.get("skipped_rounds"):
-        console.print(f"rounds skipped (proposed again on --resume): {summary['skipped_rounds']}")
+        say(f"rounds skipped (proposed again on --resume): {summary['skipped_rounds']}")
     if summary.get("uncommitted"):
-        console.print(f"episodes not written to memory (redone on --resume): {summary['uncommitted']}")
+        say(f"episodes not written to memory (redone on --resume): {summary['uncommitted']}")
     if summary.get("learner"):
-        console.print(f"learner: {summary['learner']}")
+        say(f"learner: {summary['learner']}")
     if summary.get("report"):
-        console.print(f"report: {summary['report']}")
+        say(f"report: {summary['report']}")
     if summary.get("error"):
-        console.print(f"[red]stopped early:[/red] {summary['error']}")
+        from rich.text import Text
+
+        console.print(Text("stopped early: ", style="red") + Text(str(summary["error"])))
