@@ -149,8 +149,8 @@ class GrammarMask(LogitsProcessor):
             or None.
 
     ``failed[r]`` is True when row ``r`` drew a token its matcher refused (it cannot, unless
-    the row was ended by a stop string); that row is no longer masked, and validation
-    rejects its text.
+    the row was ended by a stop string) or its mask allowed no token at all; that row is no
+    longer masked, and validation rejects its text.
     """
 
     def __init__(self, grammar: Any, rows: int, vocab_size: int, allowed_bits: torch.Tensor | None = None):
@@ -180,6 +180,10 @@ class GrammarMask(LogitsProcessor):
             self._bitmask[live] &= self._allowed
         if scores.shape[-1] != self._vocab_size:
             raise ValueError(f"logits have width {scores.shape[-1]}, the grammar was compiled for {self._vocab_size}")
-        scores = scores.float().clone()
-        xgr.apply_token_bitmask_inplace(scores, self._bitmask.to(scores.device), indices=live)
-        return scores
+        masked = scores.float().clone()
+        xgr.apply_token_bitmask_inplace(masked, self._bitmask.to(scores.device), indices=live)
+        dead = torch.isinf(masked).all(dim=-1) & ~torch.isinf(scores).all(dim=-1)
+        for r in torch.nonzero(dead)[:, 0].tolist():  # nothing allowed: never expected; do not crash the batch
+            masked[r] = scores[r].float()
+            self.failed[r] = True
+        return masked

@@ -5,10 +5,11 @@ It returns exactly what :class:`~worldagent_ray.engines.vllm_engine.VLLMEngine` 
 
 Logprobs. ``Completion.logprobs[i]`` is the log-probability of ``token_ids[i]`` under the
 *sampling* distribution: ``log_softmax`` of the logits after temperature, top-k and top-p
-(tokens cut by top-k/top-p get zero mass, the rest is renormalised). This is vLLM's
+(tokens cut by top-k/top-p get zero mass, the rest is renormalised); under a JSON schema the
+grammar mask comes first, so tokens the grammar forbids get zero mass too. This is vLLM's
 ``logprobs_mode="processed_logprobs"``, which :class:`VLLMEngine` sets, so both backends
 report the behaviour policy the learner's importance correction needs. With temperature 0
-(greedy) no warper runs and the values are ``log_softmax`` of the raw logits. The learner
+(greedy) no warper runs and the values are ``log_softmax`` of the raw (or grammar-masked) logits. The learner
 recomputes its own logprobs; these are the behaviour-policy side.
 
 Batching. Concurrent calls are gathered by a micro-batcher

@@ -74,8 +74,6 @@ def test_properties_come_in_the_schema_order(tiny_engine):
 def test_seeded_constrained_calls_reproduce_alone_and_batched(tiny_engine):
     p = SamplingParams(max_tokens=MAX_TOKENS, n=2, seed=7, temperature=1.0)
     first = tiny_engine.generate([CHAT], p, json_schema=PLAN)
-    again = tiny_engine.generate([CHAT], p, json_schema=PLAN)
-    assert [c.token_ids for c in first[0]] == [c.token_ids for c in again[0]]
     other = SamplingParams(max_tokens=MAX_TOKENS, n=2, seed=8, temperature=1.0)
 
     async def together():
@@ -89,7 +87,8 @@ def test_seeded_constrained_calls_reproduce_alone_and_batched(tiny_engine):
 
     batches, (mine, _) = asyncio.run(asyncio.wait_for(together(), 120))
     assert batches == 1  # one batch, two seeded calls with one schema
-    assert [c.token_ids for c in mine[0]] == [c.token_ids for c in first[0]]
+    assert [c.token_ids for c in mine[0]] == [c.token_ids for c in first[0]]  # as alone
+    assert all(_valid(c, PLAN) for c in mine[0])
 
 
 def test_rows_with_and_without_a_schema_are_batched_apart(tiny_engine):
@@ -180,3 +179,22 @@ def test_tokens_with_raw_control_bytes_are_never_allowed(tiny_engine):
     banned = set(torch.nonzero(logits[0] == float("-inf"))[:, 0].tolist())
     control = {t for t, b in enumerate(info.decoded_vocab) if any(x < 0x20 for x in b)}
     assert control and banned == control - set(tiny_engine._eos_ids)
+
+
+def test_a_row_whose_mask_allows_nothing_is_left_unmasked_and_marked_failed(tiny_engine):
+    """Never expected (a grammar always allows a next token); if it happened, the batch must
+    not end in NaNs: the row keeps its logits and is marked failed (validation then rejects it)."""
+    from worldagent_ray.engines.grammar import GrammarMask
+
+    cache = GrammarCache(tiny_engine.tokenizer(), tiny_engine._logits_width, tiny_engine._eos_ids)
+    nothing = torch.zeros_like(cache.json_safe_bits)
+    mask = GrammarMask(cache.get(PLAN), rows=2, vocab_size=cache.vocab_size, allowed_bits=nothing)
+    scores = torch.randn(2, cache.vocab_size)
+    out = mask(torch.zeros(2, 3, dtype=torch.long), scores)
+    assert torch.equal(out, scores) and mask.failed == [True, True]
+    ok = GrammarMask(cache.get(PLAN), rows=1, vocab_size=cache.vocab_size, allowed_bits=cache.json_safe_bits)
+    first = ok(torch.zeros(1, 3, dtype=torch.long), scores[:1])
+    allowed = torch.isfinite(first[0]).nonzero()[:, 0].tolist()
+    assert ok.failed == [False] and allowed and all(
+        tiny_engine.tokenizer().decode([t]) and '{"steps": ['.startswith(tiny_engine.tokenizer().decode([t]))
+        for t in allowed)
