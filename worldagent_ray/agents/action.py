@@ -102,7 +102,8 @@ class ActionAgent:
 
     def schema_for(self, req: ActionRequest) -> dict[str, Any]:
         vocab = req.vocabulary if (self.cfg.constrain_to_vocabulary and req.vocabulary) else None
-        return Plan.decoding_schema(max_steps=self.cfg.max_steps, vocabulary=vocab)
+        return Plan.decoding_schema(max_steps=self.cfg.max_steps, vocabulary=vocab,
+                                    max_action_chars=self.cfg.max_action_chars)
 
     def act(self, requests: Sequence[ActionRequest]) -> list[list[PlanSample]]:
         """G samples for each request. Requests with the same schema share one engine call."""

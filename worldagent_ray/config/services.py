@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..schemas import SCORE_DIMENSIONS
+from ..schemas import MAX_ACTION_CHARS, SCORE_DIMENSIONS
 from .base import _Section
 
 # --------------------------------------------------------------------------- engines
@@ -69,6 +69,11 @@ class ActionConfig(_Section):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="Sampling temperature of the plans.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     max_tokens: int = Field(default=192, ge=16, description="Most tokens one plan may take.")
+    max_action_chars: int = Field(
+        default=MAX_ACTION_CHARS, ge=1, le=MAX_ACTION_CHARS,
+        description="Longest free-text action the plan's decoding schema allows (its maxLength; unused when "
+        "actions are constrained to a vocabulary). A small cap lets a weak model finish a plan within max_tokens.",
+    )
     use_memory: bool = Field(default=True, description="Put retrieved episodes into the prompt.")
     memory_top_k: int = Field(default=3, ge=0, le=32, description="Episodes retrieved from memory per task.")
     constrain_to_vocabulary: bool = Field(
@@ -117,7 +122,11 @@ class CriticConfig(_Section):
     text_judge_mode: Literal["caption", "verdict"] = Field(
         default="caption", description="'caption': the text judge writes the caption only; 'verdict': it also "
         "rates the five dimensions and success from the scene text (the format jobs/train_critic.py trains).")
-    caption_max_chars: int = Field(default=400, ge=40, le=2000, description="Judge captions are cut to this length.")
+    caption_max_chars: int = Field(
+        default=400, ge=40, le=2000,
+        description="Judge captions are cut to this length; it is also the caption's maxLength in the judge's "
+        "decoding schema (Verdict.decoding_schema), so a judge under constrained decoding writes no longer ones.",
+    )
     reward_model: str | None = Field(default=None, description="Frozen reward model of the 'reward_model' scorer: a "
                                      "folder from `jobs/train_critic.py --stage rm` or a hub id; never updated.")
     reward_model_max_length: int = Field(default=1024, ge=64, le=32_768, description="Reward-model input tokens at most.")

@@ -156,7 +156,7 @@ class TextJudge:
         if not items:
             return []
         fallback, outs, why = self._ask(items, lambda: [verdict_messages(t, p, observation_text(gt))
-                                                        for t, p, gt in items], Verdict.decoding_schema())
+                                                        for t, p, gt in items], Verdict.decoding_schema(limit))
         if why is not None:
             return [(None, fb, [f"text_judge: {why}; no scores"]) for fb in fallback]
         result: list[Judged] = []

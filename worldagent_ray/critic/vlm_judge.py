@@ -117,7 +117,7 @@ class VLMJudge:
             return out
         params = SamplingParams(temperature=0.0, max_tokens=self.cfg.max_tokens, n=1, seed=0, logprobs=False)
         try:
-            gens = self.engine.generate([m for _, m in todo], params, json_schema=Verdict.decoding_schema())
+            gens = self.engine.generate([m for _, m in todo], params, json_schema=Verdict.decoding_schema(self.cfg.caption_max_chars))
         except Exception as e:
             for k, _ in todo:
                 out[k] = (Scores.zeros(), "", read_notes.get(k, []) + [

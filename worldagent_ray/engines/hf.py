@@ -5,10 +5,11 @@ It returns exactly what :class:`~worldagent_ray.engines.vllm_engine.VLLMEngine` 
 
 Logprobs. ``Completion.logprobs[i]`` is the log-probability of ``token_ids[i]`` under the
 *sampling* distribution: ``log_softmax`` of the logits after temperature, top-k and top-p
-(tokens cut by top-k/top-p get zero mass, the rest is renormalised). This is vLLM's
+(tokens cut by top-k/top-p get zero mass, the rest is renormalised); under a JSON schema the
+grammar mask comes first, so tokens the grammar forbids get zero mass too. This is vLLM's
 ``logprobs_mode="processed_logprobs"``, which :class:`VLLMEngine` sets, so both backends
 report the behaviour policy the learner's importance correction needs. With temperature 0
-(greedy) no warper runs and the values are ``log_softmax`` of the raw logits. The learner
+(greedy) no warper runs and the values are ``log_softmax`` of the raw (or grammar-masked) logits. The learner
 recomputes its own logprobs; these are the behaviour-policy side.
 
 Batching. Concurrent calls are gathered by a micro-batcher
@@ -18,11 +19,16 @@ Each row samples with its own parameters and its own seeded stream
 (:class:`~worldagent_ray.engines.sampling.RowSampler`), so a seeded call gives the same
 tokens whatever it is batched with (up to floating-point effects of padding).
 
-JSON schemas. transformers has no grammar-constrained decoding, so a schema is enforced by
-validation and bounded retries: each sample whose text is not a valid document is redrawn,
-up to ``EngineConfig.max_json_retries`` times. Every rejected attempt is kept in
-``Completion.rejected`` as ``{"text", "reason"}``; a sample that never validates is returned
-with ``finish_reason="error"`` (never dropped).
+JSON schemas. A schema is compiled to a token grammar with xgrammar
+(:mod:`~worldagent_ray.engines.grammar`) and every step's logits are masked to the tokens it
+allows, before the row sampler, so logprobs are those of the masked distribution (as vLLM's
+structured outputs report them). Rows join a batch only with rows of the same schema (it is part
+of the micro-batch key). A grammar does not bound length, so every text is still validated and
+redrawn, up to ``EngineConfig.max_json_retries`` times, when it is not a valid document (cut at
+``max_tokens`` mid-document); without xgrammar (a warning says so once) validation and retries
+are the only enforcement. Every rejected attempt is kept in ``Completion.rejected`` as
+``{"text", "reason"}``; a sample that never validates is returned with ``finish_reason="error"``
+(never dropped).
 
 Images. Prompt images are decoded through :func:`~worldagent_ray.engines.images.load_image`
 (pixel cap checked from the header, byte cap, timeout for remote URIs). For a vision-language model (a config with a ``vision_config``), chat messages may
@@ -50,6 +56,7 @@ from ..schemas import Completion, SamplingParams
 from .base import (EngineBase, EngineStartupError, Prompt, PromptTooLongError, UnknownModelError,
                    WeightSyncError)
 from .batcher import MicroBatcher
+from .grammar import GrammarCache, GrammarMask, schema_key
 from .images import load_image, prompt_images
 from .json_check import check_supported, json_rejection
 from .sampling import RowSampler, RowSpec, row_seed
@@ -128,6 +135,8 @@ class TransformersEngine(EngineBase):
         if positions:
             self._max_len = min(self._max_len, int(positions))
         self._eos_ids = self._stop_token_ids()
+        self._logits_width = self._output_width()
+        self._grammars = GrammarCache(self._tok, self._logits_width, self._eos_ids)
         self._batcher: MicroBatcher[tuple[_Encoded, RowSpec], _Draw] = MicroBatcher(
             self._run_rows, max_rows=cfg.batch_size, lock=self._lock, name=f"hf-batcher-{cfg.model}")
         logger.info(
@@ -190,6 +199,13 @@ class TransformersEngine(EngineBase):
         ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
         return {i for i in ids if i is not None}
 
+    def _output_width(self) -> int:
+        """The width of the model's logits (``lm_head`` rows; may exceed the tokenizer's vocabulary)."""
+        head = self._model.get_output_embeddings()
+        if head is not None and getattr(head, "weight", None) is not None:
+            return int(head.weight.shape[0])
+        return int(self._config.get_text_config().vocab_size)
+
     # ------------------------------------------------------------------ protocol
 
     @property
@@ -237,11 +253,12 @@ class TransformersEngine(EngineBase):
                 unsupported keyword.
         """
         encoded = self._prepare(prompts, params, json_schema)
+        key = self._key(params, json_schema)
         steps = self._attempts(encoded, params, json_schema)
         rows = next(steps)
         while True:
             try:
-                rows = steps.send(self._batcher.submit(self._key(params), rows).result())
+                rows = steps.send(self._batcher.submit(key, rows).result())
             except StopIteration as done:
                 return done.value
 
@@ -253,11 +270,12 @@ class TransformersEngine(EngineBase):
     ) -> list[list[Completion]]:
         """:meth:`generate` without blocking the caller's event loop. Cancelling the caller
         drops its rows that have not started yet."""
-        encoded = await asyncio.to_thread(self._prepare, prompts, params, json_schema)
+        encoded = await asyncio.to_thread(self._prepare, prompts, params, json_schema)  # compiles the grammar
+        key = self._key(params, json_schema)
         steps = self._attempts(encoded, params, json_schema)
         rows = next(steps)
         while True:
-            fut = self._batcher.submit(self._key(params), rows)
+            fut = self._batcher.submit(key, rows)
             draws = await asyncio.wrap_future(fut)
             try:
                 rows = steps.send(draws)
@@ -269,6 +287,7 @@ class TransformersEngine(EngineBase):
             raise TypeError("prompts must be a sequence of prompts, not a single string")
         if json_schema is not None:
             check_supported(json_schema)
+            self._grammars.get(json_schema)  # compile now (off the event loop), cached for the batches
         encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
         for i, enc in enumerate(encoded):
             if len(enc.ids) + params.max_tokens > self._max_len:
@@ -276,9 +295,10 @@ class TransformersEngine(EngineBase):
         return encoded
 
     @staticmethod
-    def _key(params: SamplingParams) -> tuple:
-        """Rows batch together when they stop the same way (sampling is per row)."""
-        return (params.max_tokens, tuple(params.stop), params.logprobs)
+    def _key(params: SamplingParams, json_schema: Mapping[str, Any] | None = None) -> tuple:
+        """Rows batch together when they stop the same way and share a schema (one grammar per
+        batch; sampling is per row)."""
+        return (params.max_tokens, tuple(params.stop), params.logprobs, schema_key(json_schema))
 
     def _spec(self, params: SamplingParams, i: int, j: int) -> RowSpec:
         gen = None
@@ -379,23 +399,25 @@ class TransformersEngine(EngineBase):
     def _run_rows(self, key: tuple, rows: list[tuple[_Encoded, RowSpec]]) -> list[_Draw]:
         """One micro-batch (the batcher holds the engine lock): text-only rows in left-padded
         batches of ``batch_size``, image rows alone; every draw is stamped with the version."""
-        max_tokens, stop, _ = key
+        max_tokens, stop, _, skey = key
+        grammar = self._grammars.get_key(skey)
         version = self._version
         draws: list[_Draw | None] = [None] * len(rows)
         plain = [k for k, (e, _) in enumerate(rows) if not e.extra]
         for start in range(0, len(plain), self.cfg.batch_size):
             chunk = plain[start : start + self.cfg.batch_size]
-            for k, d in zip(chunk, self._generate_batch([rows[k] for k in chunk], max_tokens, list(stop))):
+            for k, d in zip(chunk, self._generate_batch([rows[k] for k in chunk], max_tokens, list(stop), grammar)):
                 draws[k] = d
         for k, row in enumerate(rows):
             if row[0].extra:
-                draws[k] = self._generate_batch([row], max_tokens, list(stop))[0]
+                draws[k] = self._generate_batch([row], max_tokens, list(stop), grammar)[0]
         for d in draws:
             d.version = version  # type: ignore[union-attr]
         return draws  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _generate_batch(self, batch: list[tuple[_Encoded, RowSpec]], max_tokens: int, stop: list[str]) -> list[_Draw]:
+    def _generate_batch(self, batch: list[tuple[_Encoded, RowSpec]], max_tokens: int, stop: list[str],
+                        grammar: Any = None) -> list[_Draw]:
         from transformers import GenerationConfig, LogitsProcessorList
 
         width = max(len(e.ids) for e, _ in batch)
@@ -411,10 +433,13 @@ class TransformersEngine(EngineBase):
             return_dict_in_generate=True,
         )
         sampler = RowSampler([spec for _, spec in batch])
+        processors: list[Any] = [sampler]
+        if grammar is not None:  # the mask runs first: the sampler draws (and scores) only allowed tokens
+            processors.insert(0, GrammarMask(grammar, len(batch), self._logits_width, self._grammars.json_safe_bits))
         extra = {k: v.to(self._device) if torch.is_tensor(v) else v for k, v in batch[0][0].extra.items()}
         out = self._model.generate(
             input_ids=input_ids, attention_mask=mask, generation_config=gen,
-            logits_processor=LogitsProcessorList([sampler]),
+            logits_processor=LogitsProcessorList(processors),
             tokenizer=self._tok if stop else None, **extra,
         )
         new = out.sequences[:, width:].cpu()

@@ -1,8 +1,8 @@
 """A minimal JSON-schema checker for the subset our decoding schemas use.
 
-Both engines use it: the transformers fallback enforces a schema by validate-and-retry, and
-the vLLM engine double-checks what constrained decoding produced (a completion cut off by
-``max_tokens`` is not valid JSON even under a grammar). Model output is data: it is parsed
+Both engines use it to double-check what constrained decoding produced and redraw what fails
+(a completion cut off by ``max_tokens`` is not valid JSON even under a grammar); without
+xgrammar the transformers engine enforces a schema by this check and retries alone. Model output is data: it is parsed
 with :func:`json.loads` only, never evaluated.
 
 :func:`json_rejection` is total: any input gives a reason or None, never an exception. A

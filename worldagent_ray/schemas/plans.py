@@ -96,16 +96,20 @@ class Plan(_Message):
 
     @classmethod
     def decoding_schema(
-        cls, max_steps: int = 12, vocabulary: list[str] | None = None
+        cls, max_steps: int = 12, vocabulary: list[str] | None = None, max_action_chars: int = MAX_ACTION_CHARS
     ) -> dict[str, Any]:
         """JSON schema for constrained decoding of a plan.
 
         ``vocabulary`` (the world's admissible action strings) turns ``action`` into an
-        enum, so that a small model can only write actions the world understands.
-        Step numbers are not constrained to be consecutive here (JSON schema cannot say
-        so); :func:`parse_plan_json` renumbers them.
+        enum, so that a small model can only write actions the world understands; otherwise
+        an action is a string of 1 to ``max_action_chars`` characters (at most
+        ``MAX_ACTION_CHARS``). Step numbers lie in ``[1, max_steps]`` but are not
+        constrained to be consecutive here (JSON schema cannot say so);
+        :func:`parse_plan_json` renumbers them.
         """
-        action: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": MAX_ACTION_CHARS}
+        if not 1 <= max_action_chars <= MAX_ACTION_CHARS:
+            raise ValueError(f"max_action_chars={max_action_chars} must be in [1, {MAX_ACTION_CHARS}]")
+        action: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": max_action_chars}
         if vocabulary:
             action = {"type": "string", "enum": sorted(set(vocabulary))}
         return {
@@ -117,7 +121,8 @@ class Plan(_Message):
                     "maxItems": max_steps,
                     "items": {
                         "type": "object",
-                        "properties": {"step": {"type": "integer", "minimum": 1}, "action": action},
+                        "properties": {"step": {"type": "integer", "minimum": 1, "maximum": max_steps},
+                                       "action": action},
                         "required": ["step", "action"],
                         "additionalProperties": False,
                     },
@@ -290,14 +295,17 @@ class Verdict(_Message):
     notes: list[str] = Field(default_factory=list)
 
     @classmethod
-    def decoding_schema(cls) -> dict[str, Any]:
+    def decoding_schema(cls, max_caption_chars: int = 400) -> dict[str, Any]:
         """JSON schema a judge model is constrained to (reward and success are derived
-        by the critic from the scores and config, so a judge only writes these)."""
+        by the critic from the scores and config, so a judge only writes these); the caption
+        has 1 to ``max_caption_chars`` characters (``CriticConfig.caption_max_chars``)."""
+        if max_caption_chars < 1:
+            raise ValueError(f"max_caption_chars={max_caption_chars} must be at least 1")
         score = {"type": "number", "minimum": 0, "maximum": 1}
         return {
             "type": "object",
             "properties": {
-                "state_caption": {"type": "string", "minLength": 1, "maxLength": 400},
+                "state_caption": {"type": "string", "minLength": 1, "maxLength": max_caption_chars},
                 "success": {"type": "boolean"},
                 "scores": {
                     "type": "object",

@@ -99,6 +99,21 @@ def test_reference_image_attached_only_for_vision_models():
     assert vision[0] == {"type": "image", "image": "/tmp/x.png"} and vision[1]["type"] == "text"
 
 
+def test_plan_schema_caps_free_text_actions_from_the_config():
+    from worldagent_ray.agents.action import ActionAgent
+    from worldagent_ray.engines.json_check import json_rejection
+
+    agent = ActionAgent(ActionConfig(max_steps=3, max_action_chars=12), engine=None, attach_image=False)
+    schema = agent.schema_for(ActionRequest(task=Task(id="t", goal="g", phase=1)))
+    step = schema["properties"]["steps"]["items"]["properties"]
+    assert step["action"]["maxLength"] == 12 and step["step"] == {"type": "integer", "minimum": 1, "maximum": 3}
+    assert json_rejection('{"steps": [{"step": 1, "action": "open the fridge"}]}', schema)  # 15 chars > 12
+    vocab = ActionRequest(task=Task(id="t", goal="g", phase=1), vocabulary=["open fridge door"])
+    assert agent.schema_for(vocab)["properties"]["steps"]["items"]["properties"]["action"]["enum"] == ["open fridge door"]
+    with pytest.raises(ValueError, match="max_action_chars"):
+        ActionConfig(max_action_chars=0)
+
+
 def comp(text, finish="stop", rejected=()):
     return Completion(text=text, token_ids=[1], logprobs=[-0.5], finish_reason=finish, rejected=list(rejected))
 

@@ -9,7 +9,7 @@ from PIL import Image
 from worldagent_ray.config import CriticConfig, SandboxConfig
 from worldagent_ray.critic import Critic, TextJudge, VerifiableScorer, VLMJudge, reward_of
 from worldagent_ray.critic.verifiable import temporal_consistency
-from worldagent_ray.schemas import (Completion, GroundTruth, Plan, Rollout, Scores, StepOutcome,
+from worldagent_ray.schemas import (Completion, GroundTruth, Plan, Rollout, Scores, StepOutcome, Verdict,
                                     StepStatus)
 from worldagent_ray.world.sandbox import SandboxTaskGenerator, SandboxWorld, build_task, reference_plan
 
@@ -182,8 +182,10 @@ def test_vlm_judge_parses_scores_and_survives_garbage(tmp_path):
     task, plan, r = _stove_on(tmp_path)
     good = _verdict("stove on")
     eng = ScriptedEngine([good])
-    cfg = CriticConfig(scorers=["vlm_judge"], num_frames=2)
+    cfg = CriticConfig(scorers=["vlm_judge"], num_frames=2, caption_max_chars=60)
     v = Critic(cfg, {"judge": eng}).score(task, plan, r)
+    assert eng.calls[0][2] == Verdict.decoding_schema(60)  # the caption cap is the decoding schema's maxLength
+    assert eng.calls[0][2]["properties"]["state_caption"]["maxLength"] == 60
     msgs = eng.calls[0][0][0]
     images = [p for p in msgs[1]["content"] if p["type"] == "image"]
     first = np.asarray(Image.open(r.frame_uris[0]).convert("RGB"))  # the judge reads the frames itself

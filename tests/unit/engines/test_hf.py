@@ -1,5 +1,5 @@
 """The transformers engine: Completion shapes, logprob semantics, seeds, n, stop strings,
-JSON enforcement by validate-and-retry, prompt-length errors, atomic weight loads, images."""
+JSON enforcement (grammar, then validate-and-retry; see test_hf_grammar.py), prompt-length errors, atomic weight loads, images."""
 
 from __future__ import annotations
 
