@@ -9,7 +9,8 @@ comma    := ,
 PROFILE  ?= local-cpu
 ARGS     ?=
 PYTEST_ARGS ?=
-# Test files run on this many workers (pytest-xdist, one file per worker at a time): most of the
+# Test files run on this many workers (pytest-xdist, one file per worker at a time, in collection
+# order: the long end-to-end files first, the many short unit files last): most of the
 # suite waits on Ray, Serve and subprocesses, so 2 workers fit a 2-core machine.
 TEST_JOBS ?= 2
 
@@ -40,13 +41,13 @@ run: setup
 # The report's browser test needs Chromium (Debian's package; CI requires it, elsewhere it skips).
 test: setup
 	@sh scripts/ensure_chromium.sh || echo "warning: no Chromium; the report's browser test will be skipped"
-	WORLDAGENT_REQUIRE_CHROMIUM=$${CI:+1} $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile --durations=25 $(PYTEST_ARGS)
+	WORLDAGENT_REQUIRE_CHROMIUM=$${CI:+1} $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder --durations=25 $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder -m "not slow" $(PYTEST_ARGS)
 
 test-slow: setup
-	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile -m slow $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder -m slow $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python jobs/bench_engines.py

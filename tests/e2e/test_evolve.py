@@ -36,9 +36,10 @@ def test_ctrl_c_then_resume_has_every_episode_once_and_a_report(tmp_path):
     dashboard): every episode exactly once, the report and the summary."""
     env = job_env_vars()
     run = tmp_path / "r"
-    # Long enough that it cannot end between two polls of the ledger (a quiet machine commits
-    # about 6 episodes/s of this fast loop; the interrupt lands within a poll of 2 episodes).
-    rounds = 30
+    # Long enough that it cannot end between the poll that sees 2 episodes and the interrupt (a
+    # quiet machine commits about 6 episodes/s of this fast loop; at most 2 rounds = 8 episodes
+    # are in flight when it lands).
+    rounds = 12
     total = rounds * 2 * 2
     args = ["--run-name", "r", "--set", f"run.root={tmp_path}", *FAST, "--set", f"run.iterations={rounds}"]
     proc = subprocess.Popen([PY, "jobs/evolve.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
