@@ -7,9 +7,10 @@ Two implementations return the same types (:class:`~worldagent_ray.schemas.Compl
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol, Sequence, Union, runtime_checkable
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence, Union, runtime_checkable
 
-import torch
+if TYPE_CHECKING:  # torch only for the annotations: the agents' replicas never load it
+    import torch
 
 from ..schemas import Completion, SamplingParams
 
