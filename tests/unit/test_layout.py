@@ -72,3 +72,20 @@ def test_the_rule_checker_catches_a_violation(tmp_path):
 @pytest.mark.parametrize("path", sorted(PKG.rglob("*.py")), ids=lambda p: str(p.relative_to(PKG)))
 def test_no_module_is_longer_than_600_lines(path):
     assert len(path.read_text().splitlines()) <= 600
+
+
+LIGHT_MODULES = ["worldagent_ray.runtime.agent_deployments", "worldagent_ray.runtime.world_deployment",
+                 "worldagent_ray.orchestration.main"]
+
+
+@pytest.mark.parametrize("module", LIGHT_MODULES)
+def test_replicas_and_the_driver_that_run_no_model_never_import_torch(module):
+    """The agents' and the sandbox world's Serve replicas and the driver run no model: importing
+    torch would cost each replica start seconds of CPU (engines, memory and the learner load it)."""
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["False", "False"], f"{module} imports torch or transformers"
