@@ -15,10 +15,11 @@ import pytest
 from tests.e2e.helpers import PY, ROOT, free_port, job_env_vars
 
 
-@pytest.fixture(scope="session")
-def ray_head(tmp_path_factory):
+@pytest.fixture(scope="module")
+def ray_head():
     """A `ray start --head` cluster in its own process group, torn down without `ray stop`
-    (which would kill every Ray on the machine)."""
+    (which would kill every Ray on the machine). One per test file: a session-wide head outlived
+    its file by the rest of the worker's tests (an idle Ray still costs CPU on 2 cores)."""
     gcs, dash = free_port(), free_port()
     # A short temp dir: Ray's socket paths must stay under 107 bytes, which pytest's nested
     # tmp folders (with a worker folder under pytest-xdist) can exceed.
@@ -53,9 +54,19 @@ def ray_head(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGTERM)
         pytest.fail(f"ray head did not start (exit {proc.poll()}): {(tmp / 'head.log').read_text()[-2000:]}")
     yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": url}
+    # SIGTERM, then SIGKILL whatever is left of the group: `ray start --block` alone took over
+    # 30 s to exit on SIGTERM (the test run waited for it)
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(30)
+        proc.wait(5)
     except subprocess.TimeoutExpired:
+        pass
+    try:
         os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
     shutil.rmtree(tmp, ignore_errors=True)
