@@ -188,43 +188,10 @@ def stalled_endpoint():
     srv.close()
 
 
-# --------------------------------------------------------------------------- simulated multi-node cluster (cluster shape)
-# The gpu-cluster shape on this machine: a head with no work and one node per worker group of
-# cluster/rayjob.yaml (labels and custom resources of the group, sized for the cluster-sim
-# profile; see tests.factories.sim_nodes / start_sim_cluster). One cluster per test module
-# (about 1 GB and 10 s to start); always torn down.
-#
-# Token auth everywhere: Ray 2.60 reads RAY_AUTH_MODE once per process (later changes are not
+# --------------------------------------------------------------------------- token auth
+# The simulated multi-node clusters (tests.factories.start_sim_cluster) and the e2e heads use
+# token auth. Token auth everywhere: Ray 2.60 reads RAY_AUTH_MODE once per process (later changes are not
 # seen) and turns token auth on only for clusters it starts itself, never when joining an
 # address; so it is set here, before any test imports Ray. Local `ray.init()` clusters use token
 # auth by default in 2.60 anyway, with the same ~/.ray/auth_token.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
-
-
-@pytest.fixture(scope="module")
-def sim_cluster():
-    """A running simulated cluster (:class:`tests.factories.SimCluster`): ``gcs``,
-    ``dashboard``, ``env`` (token auth for client processes) and ``nodes`` ({"head", "llm",
-    "video"}: node id)."""
-    from pathlib import Path
-
-    import yaml
-
-    from tests.factories import (
-        rayjob_groups,
-        sim_nodes,
-        start_sim_cluster,
-        stop_sim_cluster,
-    )
-    from worldagent_ray.config import load_config
-
-    root = Path(__file__).resolve().parents[1]
-    groups = rayjob_groups(yaml.safe_load((root / "cluster" / "rayjob.yaml").read_text()))
-    nodes = sim_nodes(load_config("cluster-sim", environ={}), groups)
-    # Ray workers import this checkout (also when the test runs from another folder)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-    cluster = start_sim_cluster(nodes, env=env)
-    try:
-        yield cluster
-    finally:
-        stop_sim_cluster(cluster)

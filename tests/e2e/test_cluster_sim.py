@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from tests.factories import (
+    GROUP_LABEL,
     SIM_JOB,
     rayjob_groups,
     sim_nodes,
@@ -102,19 +103,41 @@ def cluster(s3):
 
 STATE = """
 import json, sys
-from ray.util.state import list_actors
-rows = list_actors(address=sys.argv[1], limit=10000, detail=True, raise_on_missing_output=False)
-print("ACTORS " + json.dumps([{"cls": a.class_name, "node": a.node_id, "state": a.state} for a in rows]))
+from ray.util.state import list_actors, list_nodes
+if sys.argv[2] == "actors":
+    rows = list_actors(address=sys.argv[1], limit=10000, detail=True, raise_on_missing_output=False)
+    print("STATE " + json.dumps([{"cls": a.class_name, "node": a.node_id, "state": a.state} for a in rows]))
+else:
+    rows = list_nodes(address=sys.argv[1], filters=[("state", "=", "ALIVE")], detail=True)
+    print("STATE " + json.dumps([{"id": n.node_id, "head": n.is_head_node, "labels": n.labels,
+                                  "resources": n.resources_total} for n in rows]))
 """
 
 
-def actors(cluster) -> list[dict]:
-    """Every actor the cluster ran (alive or dead), with its node, through Ray's state API."""
-    p = subprocess.run([sys.executable, "-c", STATE, cluster.dashboard], env=cluster.env, capture_output=True,
+def state(cluster, what: str) -> list[dict]:
+    """Every actor the cluster ran (alive or dead) with its node (``what="actors"``), or every
+    live node with its labels and resources (``"nodes"``), through Ray's state API (in a client
+    process with the cluster's token auth)."""
+    p = subprocess.run([sys.executable, "-c", STATE, cluster.dashboard, what], env=cluster.env, capture_output=True,
                        text=True, timeout=120)
-    line = [ln for ln in p.stdout.splitlines() if ln.startswith("ACTORS ")]
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("STATE ")]
     assert line, p.stdout[-1000:] + p.stderr[-2000:]
-    return json.loads(line[0][len("ACTORS "):])
+    return json.loads(line[0][len("STATE "):])
+
+
+def test_nodes_mirror_the_rayjob_worker_groups(cluster):
+    """A head with no work; an ``llm`` and a ``video`` node with their group's labels (its own,
+    and the one Ray derives from RAY_NODE_TYPE_NAME as on KubeRay) and custom resources that
+    stand in for GPUs."""
+    nodes = {n["id"]: n for n in state(cluster, "nodes")}
+    assert set(nodes) == set(cluster.nodes.values())
+    head, llm, video = (nodes[cluster.nodes[g]] for g in ("head", "llm", "video"))
+    assert head["head"] and head["resources"].get("CPU", 0) == 0
+    for node, group in ((llm, "llm"), (video, "video")):
+        assert node["labels"][GROUP_LABEL] == group and node["labels"]["ray.io/node-group"] == group
+        assert node["resources"].get("GPU", 0) == 0
+    assert llm["resources"]["llm_gpu"] == 5 and "video_gpu" not in llm["resources"]
+    assert video["resources"]["video_gpu"] == 2 and "llm_gpu" not in video["resources"]
 
 
 def test_evolve_on_the_simulated_cluster_with_s3(cluster, s3, monkeypatch):
@@ -164,12 +187,13 @@ def test_evolve_on_the_simulated_cluster_with_s3(cluster, s3, monkeypatch):
                                                    for n in e["notes"]), e["notes"]
 
     # placement, through Ray's state API
-    rows = actors(cluster)
+    rows = state(cluster, "actors")
     node_of = {v: k for k, v in cluster.nodes.items()}
     world = {node_of.get(a["node"]) for a in rows if a["cls"].startswith("ServeReplica:world:")}
     engines = {node_of.get(a["node"]) for a in rows if a["cls"].startswith("ServeReplica:engine-")}
     workers = [a for a in rows if a["cls"] == "RayTrainWorker"]
     assert world == {"video"} and engines == {"llm"}, (world, engines)
+    assert {node_of.get(a["node"]) for a in rows if a["cls"] == "ServeController"} == {"head"}  # 0 CPUs: fits
     assert len(workers) >= cfg.learner.num_workers == 2 and {node_of.get(a["node"]) for a in workers} == {"llm"}
 
     # both policy engine replicas served weights the learner published (policy_version >= 1)
