@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import subprocess
+from typing import Any
 
 from worldagent_ray.schemas import ScoredGroup
 
@@ -341,6 +343,59 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_NODE_START_ATTEMPTS = 3
+_STARTED = "Ray runtime started."  # what `ray start` prints once its node has registered
+
+
+def _spawn_node(group: str, cmd: list[str], env: dict[str, str], log_dir) -> Any:
+    """One `ray start --block` in its own process group, appending to ``log_dir/<group>.log``."""
+
+    with open(log_dir / f"{group}.log", "a") as log:
+        log.write(f"\n=== {' '.join(cmd)}\n")
+        log.flush()
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
+def _node_started(log_dir, group: str) -> bool:
+    """Whether the latest `ray start` of ``group`` registered its node (its log says so)."""
+    text = (log_dir / f"{group}.log").read_text(errors="replace")
+    return _STARTED in text.rsplit("\n=== ", 1)[-1]
+
+
+def _kill_group(proc: Any) -> None:
+    import os
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def start_node(group: str, cmd: list[str], env: dict[str, str], log_dir, deadline_s: float) -> Any:
+    """Start one node and wait until it registered; a start that gives up (Ray's fixed 30 s
+    registration wait) is retried, up to ``_NODE_START_ATTEMPTS`` in all."""
+    import time
+
+    deadline = time.monotonic() + deadline_s
+    for _ in range(_NODE_START_ATTEMPTS):
+        proc = _spawn_node(group, cmd, env, log_dir)
+        while proc.poll() is None and not _node_started(log_dir, group) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if _node_started(log_dir, group) and proc.poll() is None:
+            return proc
+        _kill_group(proc)
+        if time.monotonic() > deadline:
+            break
+    raise RuntimeError(f"the {group} node of the simulated cluster did not start: "
+                       f"{(log_dir / f'{group}.log').read_text(errors='replace')[-2000:]}")
+
+
 SIM_JOB = ["python", "jobs/evolve.py", "--profile", "cluster-sim", "--learn"]
 """The job the simulated cluster runs (cluster/local.md, tests/e2e/test_cluster_sim.py)."""
 
@@ -377,9 +432,9 @@ def start_sim_cluster(nodes: dict[str, dict], *, env: dict[str, str] | None = No
     ``ray stop``, which kills every Ray on the machine)."""
     import json
     import os
-    import subprocess
     import sys
     import tempfile
+    import time
     from pathlib import Path
 
     ray_bin = str(Path(sys.executable).parent / "ray")
@@ -405,12 +460,31 @@ def start_sim_cluster(nodes: dict[str, dict], *, env: dict[str, str] | None = No
                 test_flags.append(f"--system-config={json.dumps(system_config)}")
         specs.append((group, [ray_bin, *argv[1:], *test_flags], {**base, **extra}))
     try:
-        for group, cmd, node_env in specs:
-            log = open(log_dir / f"{group}.log", "w")
-            cluster._procs.append(subprocess.Popen(cmd, env=node_env, stdout=log, stderr=subprocess.STDOUT,
-                                                   stdin=subprocess.DEVNULL, start_new_session=True))
-            log.close()
-        p = subprocess.run([sys.executable, "-c", _NODES_UP, cluster.dashboard, str(len(specs)), str(timeout_s)],
+        # The head first, then the workers; a `ray start` that gives up is started again: Ray
+        # waits a fixed 30 s for a starting node to register, which a loaded 2-core machine
+        # (another test's engines loading beside it) can exceed.
+        head, workers = specs[0], specs[1:]
+        procs = {"head": start_node(*head, log_dir, deadline_s=timeout_s)}
+        cluster._procs = [procs["head"]]
+        for group, cmd, node_env in workers:
+            procs[group] = _spawn_node(group, cmd, node_env, log_dir)
+        cluster._procs = [procs[g] for g, _, _ in specs]
+        restarts = dict.fromkeys(procs, 0)
+        deadline = time.monotonic() + timeout_s
+        for group, cmd, node_env in workers:
+            while not _node_started(log_dir, group):
+                if procs[group].poll() is not None:  # gave up (or crashed): start it again
+                    if restarts[group] >= _NODE_START_ATTEMPTS - 1:
+                        break
+                    restarts[group] += 1
+                    _kill_group(procs[group])
+                    procs[group] = _spawn_node(group, cmd, node_env, log_dir)
+                    cluster._procs = [procs[g] for g, _, _ in specs]
+                if time.monotonic() > deadline or procs["head"].poll() is not None:
+                    break
+                time.sleep(0.5)
+        p = subprocess.run([sys.executable, "-c", _NODES_UP, cluster.dashboard, str(len(specs)),
+                            str(max(10.0, deadline - time.monotonic()))],
                            env=base, capture_output=True, text=True, timeout=timeout_s + 60)
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("NODES ")]
         found = json.loads(line[0][6:]) if line else []
@@ -419,8 +493,8 @@ def start_sim_cluster(nodes: dict[str, dict], *, env: dict[str, str] | None = No
             cluster.nodes[group] = n["id"]
         if set(cluster.nodes) != {"head", *nodes}:
             logs = "\n".join(f"--- {g}\n{(log_dir / f'{g}.log').read_text()[-1500:]}" for g, _, _ in specs)
-            raise RuntimeError(f"simulated cluster did not come up within {timeout_s}s: nodes {found}\n"
-                               f"{p.stderr[-2000:]}\n{logs}")
+            raise RuntimeError(f"simulated cluster did not come up within {timeout_s}s (restarts {restarts}): "
+                               f"nodes {found}\n{p.stderr[-2000:]}\n{logs}")
     except BaseException:
         stop_sim_cluster(cluster)
         raise
@@ -435,7 +509,6 @@ def stop_sim_cluster(cluster: SimCluster, timeout_s: float = 3.0) -> None:
     import os
     import shutil
     import signal
-    import subprocess
     import time
 
     procs = list(reversed(getattr(cluster, "_procs", [])))

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import PY, ROOT, free_port, job_env_vars
+from tests.e2e.helpers import PY, free_port, job_env_vars
+from tests.factories import start_node
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +26,15 @@ def ray_head():
     # tmp folders (with a worker folder under pytest-xdist) can exceed.
     tmp = Path(tempfile.mkdtemp(prefix="wa-head-", dir="/tmp"))
     env = job_env_vars(RAY_AUTH_MODE="token")  # the head and every client share ~/.ray/auth_token
-    proc = subprocess.Popen(
-        [str(Path(PY).parent / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={tmp}",
-         # every port free, so that another Ray on the machine never collides with this one
-         *(f"--{flag}={free_port()}" for flag in (
-             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-             "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port"))],
-        cwd=ROOT, env=env, stdout=open(tmp / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    cmd = [str(Path(PY).parent / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={tmp}",
+           # every port free, so that another Ray on the machine never collides with this one
+           *(f"--{flag}={free_port()}" for flag in (
+               "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+               "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port"))]
+    # started again if it gives up (Ray waits a fixed 30 s for the node to register)
+    proc = start_node("head", cmd, env, tmp, deadline_s=180)
     url = f"http://127.0.0.1:{dash}"
     import urllib.error
     import urllib.request
@@ -52,7 +52,8 @@ def ray_head():
     else:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
-        pytest.fail(f"ray head did not start (exit {proc.poll()}): {(tmp / 'head.log').read_text()[-2000:]}")
+        pytest.fail(f"ray head's dashboard did not answer (exit {proc.poll()}): "
+                    f"{(tmp / 'head.log').read_text()[-2000:]}")
     yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": url}
     # SIGTERM, then SIGKILL whatever is left of the group: `ray start --block` alone took over
     # 30 s to exit on SIGTERM (the test run waited for it)
