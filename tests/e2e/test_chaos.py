@@ -38,7 +38,7 @@ ARGS = [*FAST, "--set", f"run.iterations={ROUNDS}", "--set", "agents.action.grou
 PLANNED = ROUNDS * 2 * 2
 
 
-def test_kill_everything_then_resume(ray_head, tmp_path):
+def test_kill_everything_resume_interrupt_with_ctrl_c_and_resume_again(ray_head, tmp_path):
     env = job_env_vars(RAY_ADDRESS=ray_head["gcs"], RAY_AUTH_MODE="token")
     rng = random.Random(9)
     # kill moments, in committed episodes: replica, memory actor, learner worker, then the driver
