@@ -426,8 +426,9 @@ def start_sim_cluster(nodes: dict[str, dict], *, env: dict[str, str] | None = No
     with token auth (``RAY_AUTH_MODE=token``; the token is ``~/.ray/auth_token``). Added for
     tests: every port chosen free and bound to 127.0.0.1, a temp folder per node, a small object
     store, ``--block`` in its own process group. ``env`` is the nodes' environment (e.g. S3
-    endpoint and credentials: Ray workers inherit them; jobs never forward them). Returns once
-    every node is alive (``timeout_s``). ``system_config`` goes to the head's
+    endpoint and credentials: Ray workers inherit them; jobs never forward them). The head starts
+    first, then the workers; a node whose ``ray start`` gives up is started again (up to 3 times).
+    Returns once every node is alive (``timeout_s``). ``system_config`` goes to the head's
     ``--system-config``. Stop it with :func:`stop_sim_cluster` (never
     ``ray stop``, which kills every Ray on the machine)."""
     import json
