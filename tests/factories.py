@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import subprocess
@@ -351,7 +352,7 @@ def _spawn_node(group: str, cmd: list[str], env: dict[str, str], log_dir) -> Any
     """One `ray start --block` in its own process group, appending to ``log_dir/<group>.log``."""
 
     with open(log_dir / f"{group}.log", "a") as log:
-        log.write(f"\n=== {' '.join(cmd)}\n")
+        log.write(f"\n=== {json.dumps(cmd)}\n")  # one line: JSON escapes any newline
         log.flush()
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
@@ -360,7 +361,8 @@ def _spawn_node(group: str, cmd: list[str], env: dict[str, str], log_dir) -> Any
 def _node_started(log_dir, group: str) -> bool:
     """Whether the latest `ray start` of ``group`` registered its node (its log says so)."""
     text = (log_dir / f"{group}.log").read_text(errors="replace")
-    return _STARTED in text.rsplit("\n=== ", 1)[-1]
+    latest = text.rsplit("\n=== ", 1)[-1].split("\n", 1)  # [header line, what that start printed]
+    return len(latest) == 2 and _STARTED in latest[1]
 
 
 def _kill_group(proc: Any) -> None:

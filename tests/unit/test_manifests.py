@@ -372,3 +372,39 @@ def test_the_documented_token_command_creates_the_cluster_token(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     token = (tmp_path / ".ray" / "auth_token").read_text()
     assert len(token) >= 32 and p.stdout.strip() == token
+
+
+# A stand-in for `ray start --block` (a fault injected): gives up on its first start, as Ray does
+# when its node does not register within 30 s, and registers on the next.
+FLAKY_NODE = """
+import os, sys, time
+marker = sys.argv[1]
+if not os.path.exists(marker):
+    open(marker, "w").close()
+    print("Exception: The current node timed out during startup.", flush=True)
+    sys.exit(1)
+print("Ray runtime started.", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_node_that_gives_up_is_started_again(tmp_path):
+    """tests.factories.start_node restarts a `ray start` that exits before its node registered,
+    and returns the running one; a node that never registers fails with its log."""
+    import os
+    import sys
+
+    from tests.factories import _kill_group, start_node
+
+    cmd = [sys.executable, "-c", FLAKY_NODE, str(tmp_path / "tried")]
+    proc = start_node("llm", cmd, dict(os.environ), tmp_path, deadline_s=60)
+    try:
+        assert proc.poll() is None
+        log = (tmp_path / "llm.log").read_text()
+        assert log.count("=== ") == 2 and "timed out during startup" in log and "Ray runtime started." in log
+    finally:
+        _kill_group(proc)
+    never = [sys.executable, "-c", "import sys; print('no luck'); sys.exit(1)"]
+    with pytest.raises(RuntimeError, match="(?s)the video node of the simulated cluster did not start.*no luck"):
+        start_node("video", never, dict(os.environ), tmp_path, deadline_s=60)
+    assert (tmp_path / "video.log").read_text().count("=== ") == 3  # three attempts in all
