@@ -1,8 +1,10 @@
 """The cluster shape end to end (issue 10, "Done when"): the simulated 3-node cluster (a head
-with no work, an ``llm`` and a ``video`` node mirroring cluster/rayjob.yaml) and a local S3
-server; ``ray job submit ... python jobs/evolve.py --profile cluster-sim --learn`` runs three
-rounds, one at a time; then every episode, video and checkpoint is under the S3 root, world
-replicas ran only on the video node, the learner ran with 2 workers (on the llm node), both
+with no work, an ``llm`` and a ``video`` node mirroring cluster/rayjob.yaml, their labels and
+custom resources checked first) and a local S3 server; ``ray job submit ... python
+jobs/evolve.py --profile cluster-sim --learn`` runs five rounds, one at a time; then every
+episode, video and checkpoint is under the S3 root, world replicas ran only on the video node,
+engines only on the llm node, the Serve controller on the head, the learner with 2 workers (on
+the llm node), both
 policy engine replicas served ``policy_version >= 1`` (published by the collective broadcast,
 gloo here; a later round planned with it) and the judge scored frames read from S3. The random
 tiny VLM writes its plans and verdicts under grammar-constrained decoding (xgrammar in the
