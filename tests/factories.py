@@ -365,7 +365,9 @@ def _node_started(log_dir, group: str) -> bool:
     return len(latest) == 2 and _STARTED in latest[1]
 
 
-def _kill_group(proc: Any) -> None:
+def kill_group(proc: Any) -> None:
+    """SIGKILL the process group of ``proc`` (a `ray start --block` and its children) and reap
+    ``proc`` (at most 10 s)."""
     import os
     import signal
 
@@ -391,7 +393,7 @@ def start_node(group: str, cmd: list[str], env: dict[str, str], log_dir, deadlin
             time.sleep(0.5)
         if _node_started(log_dir, group) and proc.poll() is None:
             return proc
-        _kill_group(proc)
+        kill_group(proc)
         if time.monotonic() > deadline:
             break
     raise RuntimeError(f"the {group} node of the simulated cluster did not start: "
@@ -480,7 +482,7 @@ def start_sim_cluster(nodes: dict[str, dict], *, env: dict[str, str] | None = No
                     if restarts[group] >= _NODE_START_ATTEMPTS - 1:
                         break
                     restarts[group] += 1
-                    _kill_group(procs[group])
+                    kill_group(procs[group])
                     procs[group] = _spawn_node(group, cmd, node_env, log_dir)
                     cluster._procs = [procs[g] for g, _, _ in specs]
                 if time.monotonic() > deadline or procs["head"].poll() is not None:
@@ -527,12 +529,5 @@ def stop_sim_cluster(cluster: SimCluster, timeout_s: float = 3.0) -> None:
         except subprocess.TimeoutExpired:
             pass
     for proc in procs:  # stragglers (raylet, workers) in the node's group
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
+        kill_group(proc)
     shutil.rmtree(cluster.log_dir, ignore_errors=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.helpers import PY, free_port, job_env_vars
-from tests.factories import start_node
+from tests.factories import kill_group, start_node
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +62,5 @@ def ray_head():
         proc.wait(5)
     except subprocess.TimeoutExpired:
         pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        pass
+    kill_group(proc)
     shutil.rmtree(tmp, ignore_errors=True)

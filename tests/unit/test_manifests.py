@@ -394,7 +394,7 @@ def test_a_node_that_gives_up_is_started_again(tmp_path):
     import os
     import sys
 
-    from tests.factories import _kill_group, start_node
+    from tests.factories import kill_group, start_node
 
     cmd = [sys.executable, "-c", FLAKY_NODE, str(tmp_path / "tried")]
     proc = start_node("llm", cmd, dict(os.environ), tmp_path, deadline_s=60)
@@ -403,7 +403,7 @@ def test_a_node_that_gives_up_is_started_again(tmp_path):
         log = (tmp_path / "llm.log").read_text()
         assert log.count("=== ") == 2 and "timed out during startup" in log and "Ray runtime started." in log
     finally:
-        _kill_group(proc)
+        kill_group(proc)
     never = [sys.executable, "-c", "import sys; print('no luck'); sys.exit(1)"]
     with pytest.raises(RuntimeError, match="(?s)the video node of the simulated cluster did not start.*no luck"):
         start_node("video", never, dict(os.environ), tmp_path, deadline_s=60)
