@@ -93,6 +93,13 @@ class WeightReloadExtension:
         return time.perf_counter() - t0
 
 
+def _compact_json_config() -> Any:
+    """vLLM's structured-output settings: the xgrammar backend with free whitespace switched off."""
+    from vllm.config import StructuredOutputsConfig
+
+    return StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
+
+
 def apply_cpu_env(cfg: EngineConfig, environ: dict[str, str] | None = None) -> dict[str, str]:
     """Set the vLLM-CPU environment variables the user has not set; return what was set.
 
@@ -212,6 +219,10 @@ class VLLMEngine(EngineBase):
             logprobs_mode="processed_logprobs",
             worker_extension_cls=f"{__name__}.WeightReloadExtension",
             disable_log_stats=True,  # no default loggers; our step counter still gets the stats
+            # Compact JSON for every schema: a small (or freshly fine-tuned) model otherwise pads a document
+            # with whitespace until max_tokens (vLLM 0.32 reads this flag from the engine config only; the
+            # per-request StructuredOutputsParams field of the same name is ignored by its backends).
+            structured_outputs_config=_compact_json_config(),
         )
         if self.cfg.limit_mm_per_prompt:
             kwargs["limit_mm_per_prompt"] = dict(self.cfg.limit_mm_per_prompt)
@@ -312,8 +323,7 @@ class VLLMEngine(EngineBase):
         if schema is not None:
             from vllm.sampling_params import StructuredOutputsParams
 
-            # Compact JSON: a small model otherwise pads documents with whitespace until max_tokens.
-            kw["structured_outputs"] = StructuredOutputsParams(json=dict(schema), disable_any_whitespace=True)
+            kw["structured_outputs"] = StructuredOutputsParams(json=dict(schema))  # compact: see _compact_json_config
         return VSamplingParams(**kw)
 
     async def agenerate(
