@@ -103,6 +103,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sft-steps", type=int, default=12, help="SFT optimizer steps")
     p.add_argument("--sft-batch", type=int, default=8)
     p.add_argument("--sft-lr", type=float, default=2e-4)
+    p.add_argument("--grad-ckpt", action="store_true",
+                   help="recompute activations in the backward of SFT and GRPO steps (less memory, ~30%% more "
+                        "compute; off by default: SmolLM2-135M at these batch sizes fits in memory without it)")
     p.add_argument("--sft-precision", default=default_precision(), choices=["bf16", "fp32"],
                    help="SFT autocast precision (default: bf16 where the CPU has native bf16 matmul (AMX / "
                         "AVX512-BF16) or a GPU, else fp32); GRPO steps follow the engine dtype (bfloat16 on vLLM)")
@@ -204,7 +207,8 @@ class Bench:
         core = None
         if learn:
             lcfg = LearnerConfig(lr=a.lr, loss_type="dapo", groups_per_step=1, is_correction="token_truncate",
-                                 beta=0.0, grad_clip=1.0, seed=self.seed, dpo_coef=dpo_coef)
+                                 beta=0.0, grad_clip=1.0, seed=self.seed, dpo_coef=dpo_coef,
+                                 gradient_checkpointing=a.grad_ckpt)
             core = LearnerCore(lcfg, model_path, temperature=a.temperature, dtype=torch.float32)
         tr = Phase2Trainer(core, self.engine, self.world, self.critic, self.gen, self.train_cfg,
                            self.world.admissible_actions, memory=None if learn else self.memory,
@@ -227,6 +231,7 @@ def run_sft(args: argparse.Namespace, seed: int, work: str) -> tuple[str, float]
     s.max_steps, s.batch_size, s.lr, s.seed, s.from_memory, s.max_length = args.sft_steps, args.sft_batch, \
         args.sft_lr, seed, False, 1024
     s.precision = args.sft_precision
+    cfg.learner.gradient_checkpointing = args.grad_ckpt
     # The SFT runs alone (the engine starts after it): give its Ray Train worker every core. Ray sets a
     # worker's OMP_NUM_THREADS to its CPU share, and the profile's share (1) would train on one thread.
     cfg.resources.learner.num_cpus = float(min(os.cpu_count() or 1, cfg.resources.ray_num_cpus or 1 << 10))
