@@ -10,6 +10,7 @@ import asyncio
 import glob
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -72,6 +73,31 @@ def test_schema_valid_plans_with_logprobs(engine):
                 assert parse_plan_json(c.text).steps
                 valid += 1
     assert valid >= 3  # grammar-constrained: at most a rare max_tokens cut-off fails
+
+
+def _outside_strings(text: str) -> str:
+    """The JSON text with every string literal replaced by ``""``: what the grammar's whitespace rules shape."""
+    return re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)
+
+
+def test_json_documents_are_compact_even_when_the_prompt_asks_for_indentation(engine):
+    # A chat model asked for indented JSON writes newlines and indentation wherever the grammar lets it;
+    # a fine-tuned one may pad a finished document with whitespace until max_tokens. The engine's grammar
+    # allows no free whitespace (xgrammar 0.2.8 still allows one space after ',' and ':').
+    chat = [{"role": "system", "content": "You write pretty-printed JSON: every key on its own line, indented by "
+             "four spaces, with a blank line after every array element."},
+            {"role": "user", "content": f"Goal: {GOALS[0]}. Write a step-by-step plan as indented JSON."}]
+    schema = Plan.decoding_schema(max_steps=4)
+    out = engine.generate([chat], SamplingParams(max_tokens=160, n=3, temperature=0.7, seed=3), json_schema=schema)
+    checked = 0
+    for c in out[0]:
+        if c.finish_reason == "error":
+            continue
+        skeleton = _outside_strings(c.text)
+        assert skeleton == skeleton.strip() and "\n" not in skeleton and "\t" not in skeleton, c.text
+        assert not re.search(r"  |[\[{] | [\]},:]", skeleton), c.text
+        checked += 1
+    assert checked >= 2
 
 
 def test_prompt_tokens_match_the_chat_template(engine):
