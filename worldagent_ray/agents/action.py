@@ -108,11 +108,14 @@ class ActionAgent:
     def act(self, requests: Sequence[ActionRequest]) -> list[list[PlanSample]]:
         """G samples for each request. Requests with the same schema share one engine call."""
         out: list[list[PlanSample] | None] = [None] * len(requests)
-        by_schema: dict[str, list[int]] = {}
+        # Grouped by the schema's canonical text, but decoded with the schema itself: its property order
+        # ("step" before "action", as the prompt's example and the SFT targets write it) is the order the
+        # engine's grammar imposes.
+        by_schema: dict[str, tuple[dict[str, Any], list[int]]] = {}
         for i, r in enumerate(requests):
-            by_schema.setdefault(json.dumps(self.schema_for(r), sort_keys=True), []).append(i)
-        for key, idxs in by_schema.items():
-            schema = json.loads(key)
+            schema = self.schema_for(r)
+            by_schema.setdefault(json.dumps(schema, sort_keys=True), (schema, []))[1].append(i)
+        for schema, idxs in by_schema.values():
             # One seed per call: engines derive per-sample streams from it.
             seed = requests[idxs[0]].seed
             convs = [build_messages(self.cfg, requests[i], self.attach_image) for i in idxs]

@@ -1,6 +1,7 @@
 """Agent cores without Ray: the curriculum rule, proposals with fallback, action prompts and parsing."""
 
 import json
+import re
 
 import pytest
 
@@ -112,6 +113,30 @@ def test_plan_schema_caps_free_text_actions_from_the_config():
     assert agent.schema_for(vocab)["properties"]["steps"]["items"]["properties"]["action"]["enum"] == ["open fridge door"]
     with pytest.raises(ValueError, match="max_action_chars"):
         ActionConfig(max_action_chars=0)
+
+
+
+def test_plans_are_decoded_in_the_prompts_key_order(tiny_engine):
+    # The prompt's example and the SFT targets write {"step": .., "action": ..}; the engine's grammar imposes
+    # the schema's property order, so the agent must hand the engine its schema as built (grouping requests
+    # by a key-sorted copy once forced "action" first on every plan).
+    from worldagent_ray.agents.action import ActionAgent
+
+    agent = ActionAgent(ActionConfig(max_steps=3, group_size=2, max_tokens=96, temperature=1.0), tiny_engine,
+                        attach_image=False)
+    reqs = [ActionRequest(task=Task(id=f"t{i}", goal=g, phase=1), vocabulary=v, seed=i)
+            for i, (g, v) in enumerate([("open it", ["open the fridge", "close the fridge"]),
+                                        ("wash it", ["wash the cup"]), ("open it too", ["open the fridge", "close the fridge"])])]
+    assert '{"step": 1, "action": "..."}' in build_messages(agent.cfg, reqs[0], False)[-1]["content"]
+    decoded = 0
+    for samples in agent.act(reqs):
+        for s in samples:
+            if s.plan is None:
+                continue
+            first_keys = re.findall(r'\{\s*"(\w+)"', s.completion.text)  # the first key of every object
+            assert first_keys[0] == "steps" and first_keys[1:] == ["step"] * len(s.plan.steps), s.completion.text
+            decoded += 1
+    assert decoded >= 4
 
 
 def comp(text, finish="stop", rejected=()):
