@@ -18,8 +18,10 @@ It returns the same :class:`~worldagent_ray.schemas.Completion` objects as
   :func:`~worldagent_ray.engines.images.load_image` (pixel cap, fetch timeout).
 - **Logprobs** are of the sampled tokens under the sampling distribution
   (``logprobs_mode="processed_logprobs"``), as in the transformers engine.
-- **JSON schemas** use vLLM's structured outputs; every text is checked again and redrawn up
-  to ``max_json_retries`` times; rejected attempts are kept in ``Completion.rejected`` and a
+- **JSON schemas** use vLLM's structured outputs (xgrammar), as a grammar of the schema in
+  Python's ``json.dumps`` layout (``", "`` and ``": "``, no other whitespace: the layout of
+  the SFT targets; free whitespace let a fine-tuned model pad a plan until ``max_tokens``);
+  every text is checked again and redrawn up to ``max_json_retries`` times; rejected attempts are kept in ``Completion.rejected`` and a
   sample that never validates has ``finish_reason="error"``.
 - **Weights** (:meth:`aload_weights`): the full state dict is copied once into a reusable
   shared-memory file (:class:`~worldagent_ray.engines.shm_weights.SharedWeights`, cast to the
@@ -39,6 +41,8 @@ Scripts that start this engine need an ``if __name__ == "__main__":`` guard (vLL
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
 import math
 import os
@@ -93,11 +97,28 @@ class WeightReloadExtension:
         return time.perf_counter() - t0
 
 
-def _compact_json_config() -> Any:
-    """vLLM's structured-output settings: the xgrammar backend with free whitespace switched off."""
+def _structured_outputs_config() -> Any:
+    """vLLM's structured-output settings: the xgrammar backend (it compiles :func:`json_grammar`'s
+    grammars; free JSON whitespace is off for any schema passed as such)."""
     from vllm.config import StructuredOutputsConfig
 
     return StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _json_grammar(schema_json: str) -> str:
+    import xgrammar
+
+    grammar = xgrammar.Grammar.from_json_schema(schema_json, any_whitespace=False, separators=(", ", ": "))
+    return str(grammar)
+
+
+def json_grammar(schema: Mapping[str, Any]) -> str:
+    """The xgrammar EBNF of ``schema`` in ``json.dumps``'s layout: one space after ``,`` and ``:``
+    and no other whitespace. vLLM 0.32 cannot ask for this layout (its ``disable_any_whitespace``
+    means ``,``/``:`` with no space, which the SFT targets and chat models do not write; the
+    per-request flag of that name is ignored)."""
+    return _json_grammar(json.dumps(schema, sort_keys=False))
 
 
 def apply_cpu_env(cfg: EngineConfig, environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -219,10 +240,7 @@ class VLLMEngine(EngineBase):
             logprobs_mode="processed_logprobs",
             worker_extension_cls=f"{__name__}.WeightReloadExtension",
             disable_log_stats=True,  # no default loggers; our step counter still gets the stats
-            # Compact JSON for every schema: a small (or freshly fine-tuned) model otherwise pads a document
-            # with whitespace until max_tokens (vLLM 0.32 reads this flag from the engine config only; the
-            # per-request StructuredOutputsParams field of the same name is ignored by its backends).
-            structured_outputs_config=_compact_json_config(),
+            structured_outputs_config=_structured_outputs_config(),  # schemas go as grammars: json_grammar
         )
         if self.cfg.limit_mm_per_prompt:
             kwargs["limit_mm_per_prompt"] = dict(self.cfg.limit_mm_per_prompt)
@@ -323,7 +341,7 @@ class VLLMEngine(EngineBase):
         if schema is not None:
             from vllm.sampling_params import StructuredOutputsParams
 
-            kw["structured_outputs"] = StructuredOutputsParams(json=dict(schema))  # compact: see _compact_json_config
+            kw["structured_outputs"] = StructuredOutputsParams(grammar=json_grammar(schema))
         return VSamplingParams(**kw)
 
     async def agenerate(
