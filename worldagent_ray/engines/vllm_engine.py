@@ -21,8 +21,9 @@ It returns the same :class:`~worldagent_ray.schemas.Completion` objects as
 - **JSON schemas** use vLLM's structured outputs (xgrammar), as a grammar of the schema in
   Python's ``json.dumps`` layout (``", "`` and ``": "``, no other whitespace: the layout of
   the SFT targets; free whitespace let a fine-tuned model pad a plan until ``max_tokens``);
-  every text is checked again and redrawn up to ``max_json_retries`` times; rejected attempts are kept in ``Completion.rejected`` and a
-  sample that never validates has ``finish_reason="error"``.
+  every text is checked again and redrawn up to ``max_json_retries`` times; rejected attempts
+  are kept in ``Completion.rejected`` and a sample that never validates has
+  ``finish_reason="error"``.
 - **Weights** (:meth:`aload_weights`): the full state dict is copied once into a reusable
   shared-memory file (:class:`~worldagent_ray.engines.shm_weights.SharedWeights`, cast to the
   engine's dtype) *while generation goes on*; then new requests are held back, the ones in
