@@ -28,6 +28,7 @@ schema by validation and retries alone.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -44,7 +45,7 @@ try:
 except ImportError:  # pragma: no cover - exercised only where xgrammar is not installed
     xgr = None
 
-__all__ = ["GrammarCache", "GrammarMask", "schema_key", "xgrammar_available"]
+__all__ = ["JSON_SEPARATORS", "GrammarCache", "GrammarMask", "json_grammar", "schema_key", "xgrammar_available"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +55,31 @@ def xgrammar_available() -> bool:
     return xgr is not None
 
 
+# The layout both engines decode JSON in: Python's ``json.dumps`` separators and no other whitespace. It is the
+# layout of the SFT targets and of the prompts' examples; free whitespace let a fine-tuned model pad a finished
+# document until max_tokens.
+JSON_SEPARATORS = (", ", ": ")
+
+
 def schema_key(schema: Mapping[str, Any] | None) -> str | None:
     """The JSON of ``schema`` (None for no schema), in its own key order: the grammar writes
     properties in the order the schema lists them (as vLLM's structured outputs do), so two
     schemas that differ only in that order are different grammars."""
     return None if schema is None else json.dumps(schema, separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=256)
+def _json_grammar(key: str) -> str:
+    if xgr is None:
+        raise ImportError("xgrammar is not installed")
+    return str(xgr.Grammar.from_json_schema(key, any_whitespace=False, separators=JSON_SEPARATORS))
+
+
+def json_grammar(schema: Mapping[str, Any]) -> str:
+    """The xgrammar EBNF of ``schema`` in :data:`JSON_SEPARATORS`'s layout (the vLLM engine sends
+    schemas as these grammars: vLLM 0.32's own ``disable_any_whitespace`` means ``,``/``:`` with
+    no space, and its per-request flag of that name is ignored)."""
+    return _json_grammar(schema_key(schema))
 
 
 class GrammarCache:
@@ -116,7 +137,7 @@ class GrammarCache:
                 self._grammars.move_to_end(key)
                 return self._grammars[key]
             try:
-                compiled = self._compiler.compile_json_schema(key, any_whitespace=False)
+                compiled = self._compiler.compile_json_schema(key, any_whitespace=False, separators=JSON_SEPARATORS)
             except Exception as e:
                 self._warn(f"xgrammar cannot compile a schema ({type(e).__name__}: {str(e)[:200]})")
                 compiled = None

@@ -42,8 +42,6 @@ Scripts that start this engine need an ``if __name__ == "__main__":`` guard (vLL
 from __future__ import annotations
 
 import asyncio
-import functools
-import json
 import logging
 import math
 import os
@@ -67,6 +65,7 @@ from .base import (
     WeightSyncError,
 )
 from .images import load_image, prompt_images
+from .grammar import json_grammar
 from .json_check import check_supported, json_rejection
 from .locks import AsyncRWLock
 from .loop_thread import LoopThread
@@ -99,27 +98,11 @@ class WeightReloadExtension:
 
 
 def _structured_outputs_config() -> Any:
-    """vLLM's structured-output settings: the xgrammar backend (it compiles :func:`json_grammar`'s
-    grammars; free JSON whitespace is off for any schema passed as such)."""
+    """vLLM's structured-output settings: the xgrammar backend, which compiles the EBNF grammars
+    of :func:`~worldagent_ray.engines.grammar.json_grammar` (every schema is sent as one)."""
     from vllm.config import StructuredOutputsConfig
 
-    return StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
-
-
-@functools.lru_cache(maxsize=256)
-def _json_grammar(schema_json: str) -> str:
-    import xgrammar
-
-    grammar = xgrammar.Grammar.from_json_schema(schema_json, any_whitespace=False, separators=(", ", ": "))
-    return str(grammar)
-
-
-def json_grammar(schema: Mapping[str, Any]) -> str:
-    """The xgrammar EBNF of ``schema`` in ``json.dumps``'s layout: one space after ``,`` and ``:``
-    and no other whitespace. vLLM 0.32 cannot ask for this layout (its ``disable_any_whitespace``
-    means ``,``/``:`` with no space, which the SFT targets and chat models do not write; the
-    per-request flag of that name is ignored)."""
-    return _json_grammar(json.dumps(schema, sort_keys=False))
+    return StructuredOutputsConfig(backend="xgrammar")
 
 
 def apply_cpu_env(cfg: EngineConfig, environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -241,7 +224,7 @@ class VLLMEngine(EngineBase):
             logprobs_mode="processed_logprobs",
             worker_extension_cls=f"{__name__}.WeightReloadExtension",
             disable_log_stats=True,  # no default loggers; our step counter still gets the stats
-            structured_outputs_config=_structured_outputs_config(),  # schemas go as grammars: json_grammar
+            structured_outputs_config=_structured_outputs_config(),  # schemas are sent as grammars
         )
         if self.cfg.limit_mm_per_prompt:
             kwargs["limit_mm_per_prompt"] = dict(self.cfg.limit_mm_per_prompt)

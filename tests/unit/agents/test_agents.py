@@ -115,7 +115,6 @@ def test_plan_schema_caps_free_text_actions_from_the_config():
         ActionConfig(max_action_chars=0)
 
 
-
 def test_plans_are_decoded_in_the_prompts_key_order(tiny_engine):
     # The prompt's example and the SFT targets write {"step": .., "action": ..}; the engine's grammar imposes
     # the schema's property order, so the agent must hand the engine its schema as built (grouping requests
