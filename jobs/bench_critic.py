@@ -44,7 +44,7 @@ import tempfile
 import time
 from typing import Any, Sequence
 
-from worldagent_ray.env import apply_env_defaults  # noqa: E402
+from worldagent_ray.env import apply_env_defaults, native_bf16_precision  # noqa: E402
 from worldagent_ray.stats import wilson
 
 apply_env_defaults(offline=True)
@@ -260,6 +260,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grpo-minutes", type=float, default=0.0, help="learned-Critic GRPO arm: minutes per arm")
     p.add_argument("--grpo-eval-tasks", type=int, default=16)
     p.add_argument("--policy", default="smollm2-135m-instruct", help="policy of the GRPO arm")
+    p.add_argument("--precision", default=native_bf16_precision(), choices=["auto", "bf16", "fp32"],
+                   help="critic_training.precision of both stages (default: bf16 autocast where the machine "
+                        "multiplies bf16 natively (a GPU, AMX or AVX512-BF16), else fp32)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.quick:
@@ -284,12 +287,14 @@ def main(argv=None) -> int:
     # sets a worker's OMP_NUM_THREADS to its CPU share; the profile's share would train on one thread).
     # A --set of resources.learner.num_cpus still wins (it comes later).
     cores = os.cpu_count() or 1
-    overrides = [f"run.root={work}", f"resources.learner.num_cpus={cores}"] \
-        + args.overrides
+    overrides = [f"run.root={work}", f"resources.learner.num_cpus={cores}",
+                 f"critic_training.precision={args.precision}"] + args.overrides
     cfg = load_config(args.profile, overrides=overrides)
     ct = cfg.critic_training
-    say(f"bench_critic: judge backbone {ct.base_model}, {args.heldout_tasks} held-out tasks per phase, "
-        f"{os.cpu_count()} CPUs (shared: timings depend on other load)")
+    budget = f"{ct.max_steps} steps" if ct.max_steps else f"{ct.epochs:g} epoch(s)"
+    say(f"bench_critic: judge backbone {ct.base_model}, {args.heldout_tasks} held-out tasks per phase; training "
+        f"on {ct.tasks_per_phase} train tasks per phase, {budget} per stage at batch {ct.batch_size}, precision "
+        f"{ct.precision}; {os.cpu_count()} CPUs (shared: timings depend on other load)")
     sets = sum([["--set", o] for o in overrides], [])
     import importlib.util as iu
 

@@ -49,7 +49,7 @@ import tempfile
 import time
 from typing import Any, Sequence
 
-from worldagent_ray.env import apply_env_defaults  # noqa: E402
+from worldagent_ray.env import apply_env_defaults, native_bf16_precision  # noqa: E402
 from worldagent_ray.stats import wilson
 
 apply_env_defaults(offline=True)
@@ -83,16 +83,6 @@ def paired_diff(a: Sequence[int], b: Sequence[int], z: float = 1.96) -> tuple[fl
 # --------------------------------------------------------------------------- pieces
 
 
-def default_precision() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return "bf16"
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    return "bf16" if (amx or avx512_bf16) else "fp32"
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke settings: 1 seed, 8 tasks, tiny budgets")
@@ -108,7 +98,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "an SFT worker of SmolLM2-135M at batch 8 peaked near 12 GB and, beside the bench's "
                         "own process, was OOM-killed on a 24 GB machine; off saves ~15%% of SFT time)")
     p.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
-    p.add_argument("--sft-precision", default=default_precision(), choices=["bf16", "fp32"],
+    p.add_argument("--sft-precision", default=native_bf16_precision(), choices=["bf16", "fp32"],
                    help="SFT autocast precision (default: bf16 where the CPU has native bf16 matmul (AMX / "
                         "AVX512-BF16) or a GPU, else fp32); GRPO steps follow the engine dtype (bfloat16 on vLLM)")
     p.add_argument("--grpo-minutes", type=float, default=2.5, help="GRPO training time per arm (d)/(e)")

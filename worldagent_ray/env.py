@@ -64,3 +64,15 @@ def set_missing(environ: MutableMapping[str, str], wanted: Mapping[str, str]) ->
             environ[k] = v
             applied[k] = v
     return applied
+
+
+def native_bf16_precision() -> str:
+    """``"bf16"`` where this machine multiplies bf16 natively (a CUDA GPU, or a CPU with AMX or
+    AVX512-BF16), else ``"fp32"``: the training precision the benchmarks default to."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return "bf16" if (amx or avx512_bf16) else "fp32"

@@ -5,6 +5,7 @@ trained reward model then scores inside the Critic."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import ray
@@ -79,8 +80,15 @@ def test_sft_and_rm_stages_train_and_the_rm_scores_in_the_critic(exported, cfg, 
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(sft.checkpoint.path)  # a loadable judge model
 
-    rm = launch_critic_trainer(cfg, "rm", data["pairs_train"], str(tmp_path / "rm")).fit()
+    # the reward model trains under bf16 autocast (the benchmark's default on a CPU with AMX), the
+    # judge above in float32: both precisions run here
+    cfg_bf16 = cfg.model_copy(deep=True)
+    cfg_bf16.critic_training.precision = "bf16"
+    rm = launch_critic_trainer(cfg_bf16, "rm", data["pairs_train"], str(tmp_path / "rm")).fit()
     assert rm.error is None and rm.metrics["steps"] == 2
+    assert rm.metrics["last_loss"] == rm.metrics["last_loss"]  # finite, not NaN
+    saved = json.loads((Path(rm.checkpoint.path) / "config.json").read_text())
+    assert saved.get("dtype", saved.get("torch_dtype")) == "float32"  # master weights stay float32
     model = HFRewardModel(rm.checkpoint.path, max_length=512)
     assert model.weights_version == 0 and not any(p.requires_grad for p in model.model.parameters())
     world = SandboxWorld(cfg.world.sandbox)
@@ -91,3 +99,23 @@ def test_sft_and_rm_stages_train_and_the_rm_scores_in_the_critic(exported, cfg, 
     vs = critic.score_batch([(task, p, r) for p, r in zip(plans, rollouts)])
     assert [v.scorer for v in vs] == ["reward_model", "reward_model"]
     assert all(0.0 <= v.reward <= 1.0 for v in vs) and vs[0].reward != vs[1].reward
+
+
+@pytest.mark.parametrize("precision,use_gpu,plan", [
+    ("auto", False, ("float32", False)), ("auto", True, ("bfloat16", True)),
+    ("bf16", False, ("float32", True)), ("bf16", True, ("float32", True)),
+    ("fp32", False, ("float32", False)), ("fp32", True, ("float32", False)),
+])
+def test_precision_plan(precision, use_gpu, plan):
+    from worldagent_ray.runtime.critic_trainer import precision_plan
+
+    assert precision_plan(precision, use_gpu) == plan
+
+
+def test_a_bad_precision_is_refused_naming_the_field():
+    from worldagent_ray.runtime.critic_trainer import precision_plan
+
+    with pytest.raises(ValueError, match="critic_training.precision"):
+        precision_plan("fp16", False)
+    with pytest.raises(Exception, match="precision"):
+        load_config("local-cpu", environ={}, overrides=["critic_training.precision=fp16"])

@@ -180,6 +180,10 @@ class CriticTrainingConfig(_Section):
     max_length: int = Field(default=768, ge=64, description="Tokens per example at most (longer ones are dropped).")
     num_workers: int = Field(default=1, ge=1, description="Ray Train workers (data parallel).")
     use_gpu: bool = Field(default=False, description="Train on GPUs (one per worker).")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto", description="Training precision: 'auto' is bf16 weights on GPU and float32 on CPU; 'bf16' "
+        "is bf16 autocast over float32 weights on either (on a CPU with AMX / AVX512-BF16 it is several times "
+        "faster than float32); 'fp32' is float32 everywhere. The saved model is float32 unless 'auto' on GPU.")
     seed: int = Field(default=0, description="Seed of the data export and of training.")
     output_dir: str = Field(default="critic", description="Output under <run.root>/<output_dir>/<stage>.")
 

@@ -29,7 +29,7 @@ from ..schemas import Episode
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["export_critic_data", "launch_critic_trainer", "memory_records", "train_loop_per_worker"]
+__all__ = ["export_critic_data", "launch_critic_trainer", "memory_records", "precision_plan", "train_loop_per_worker"]
 
 
 # --------------------------------------------------------------------------- data
@@ -168,14 +168,26 @@ def _hf_rows(shard: Any, stage: str) -> Any:
     return Dataset.from_list(data)
 
 
-def _model_and_tokenizer(path: str, stage: str, device_gpu: bool) -> tuple[Any, Any]:
+def precision_plan(precision: str, use_gpu: bool) -> tuple[str, bool]:
+    """``(weights dtype, bf16 autocast)`` of a critic stage: ``auto`` trains bf16 weights on GPU and
+    float32 on CPU; ``bf16`` autocasts over float32 weights; ``fp32`` is float32 everywhere."""
+    if precision == "auto":
+        return ("bfloat16", True) if use_gpu else ("float32", False)
+    if precision == "bf16":
+        return "float32", True
+    if precision == "fp32":
+        return "float32", False
+    raise ValueError(f"critic_training.precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
+
+
+def _model_and_tokenizer(path: str, stage: str, dtype_name: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    dtype = torch.bfloat16 if device_gpu else torch.float32
+    dtype = getattr(torch, dtype_name)
     if stage == "sft":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     else:
@@ -198,13 +210,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         raise ValueError(f"stage must be 'sft' or 'rm', got {stage!r}")
     rank = ray.train.get_context().get_world_rank()
     data = _hf_rows(ray.train.get_dataset_shard("train"), stage)
-    model, tok = _model_and_tokenizer(config["model_path"], stage, ct.use_gpu)
+    dtype_name, bf16 = precision_plan(ct.precision, ct.use_gpu)
+    model, tok = _model_and_tokenizer(config["model_path"], stage, dtype_name)
     peft = LoraConfig(r=ct.lora_rank, lora_alpha=ct.lora_alpha, target_modules="all-linear",
                       task_type="CAUSAL_LM" if stage == "sft" else "SEQ_CLS") if ct.lora else None
     with tempfile.TemporaryDirectory(prefix=f"wa-critic-{stage}-") as work:
         common = dict(output_dir=work, per_device_train_batch_size=ct.batch_size, num_train_epochs=ct.epochs,
                       max_steps=ct.max_steps or -1, logging_steps=1, save_strategy="no", report_to="none",
-                      seed=ct.seed, use_cpu=not ct.use_gpu, bf16=ct.use_gpu, max_length=ct.max_length,
+                      seed=ct.seed, use_cpu=not ct.use_gpu, bf16=bf16, max_length=ct.max_length,
                       dataset_num_proc=None, disable_tqdm=True, gradient_checkpointing=False)
         if stage == "sft":
             args = SFTConfig(learning_rate=ct.sft_lr, completion_only_loss=True, **common)
