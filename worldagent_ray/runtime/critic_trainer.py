@@ -136,7 +136,9 @@ def export_critic_data(cfg: Config, out_dir: str, write: bool = True) -> dict[st
     modality, frames_n = ct.modality, cfg.agents.critic.num_frames
     out: dict[str, ray.data.Dataset] = {"records": records}
     for split in ("train", "heldout"):
-        part = records.filter(lambda r, s=split: r["split"] == s)
+        # An expression filter keeps the schema on blocks it empties (a Python-function filter leaves
+        # column-less empty blocks, on which the task_id shuffle below fails: blocks of one split only)
+        part = records.filter(expr=f"split == '{split}'")
         out[f"sft_{split}"] = part.map(lambda r: cdata.sft_example(r, modality, frames_n)).materialize()
         if part.count() == 0:  # e.g. heldout_tasks_per_phase=0: an empty block has no task_id to group by
             import pyarrow as pa
