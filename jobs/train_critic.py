@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     import ray
 
     from worldagent_ray.runtime.critic_trainer import export_critic_data, launch_critic_trainer
+    from worldagent_ray.runtime.train_progress import fit_with_progress, progress_queue
 
     args = parse_args(argv)
     t0 = time.perf_counter()
@@ -82,12 +83,17 @@ def main(argv=None) -> int:
                 shutil.rmtree(data_dir)
             data = export_critic_data(cfg, data_dir)
         counts = {k: ds.count() for k, ds in data.items()}
+        if "pairs_train" in data and "kind" in data["pairs_train"].schema().names:
+            counts["of_which_anchor_pairs_train"] = data["pairs_train"].filter(expr="kind == 'anchor'").count()
         print(f"critic data in {data_dir}: " + ", ".join(f"{k}={n}" for k, n in counts.items()), flush=True)
         if args.stage == "data":
             print(f"RESULT stage=data rows={counts['records']} minutes={(time.perf_counter() - t0) / 60:.1f}")
             return 0
         train = data["sft_train" if args.stage == "sft" else "pairs_train"]
-        result = launch_critic_trainer(cfg, args.stage, train, os.path.join(root, args.stage, "ray")).fit()
+        queue = progress_queue()
+        result = fit_with_progress(
+            launch_critic_trainer(cfg, args.stage, train, os.path.join(root, args.stage, "ray"), progress=queue),
+            queue, f"critic {args.stage}")
         if result.error is not None:
             raise SystemExit(f"critic {args.stage} training failed: {result.error}")
         model_dir = os.path.join(root, args.stage, "model")

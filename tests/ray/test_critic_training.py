@@ -29,7 +29,8 @@ def cfg(tmp_path_factory):
     return load_config("local-cpu", environ={}, overrides=[
         f"run.root={root}", "critic_training.base_model=tiny-random-llama", "critic_training.tasks_per_phase=4",
         "critic_training.heldout_tasks_per_phase=4", "critic_training.max_steps=2", "critic_training.batch_size=2",
-        "critic_training.max_length=512", "critic_training.max_pairs_per_task=2", "world.sandbox.image_size=32",
+        "critic_training.max_length=512", "critic_training.max_pairs_per_task=2", "critic_training.anchor_pairs_per_task=1",
+        "world.sandbox.image_size=32",
         "world.sandbox.frames_per_step=1"])
 
 
@@ -63,7 +64,11 @@ def test_export_shapes_and_split(exported, cfg):
         assert [m["role"] for m in prompt] == ["system", "user"] and completion[0]["role"] == "assistant"
         assert set(json.loads(completion[0]["content"])) == {"state_caption", "success", "scores"}
         assert all(p["reward_gap"] >= cfg.critic_training.pair_margin for p in pairs)
-        assert len(pairs) <= 2 * len({p["task_id"] for p in pairs})  # max_pairs_per_task=2
+        task_pairs = [p for p in pairs if p["kind"] == "task"]
+        anchors = [p for p in pairs if p["kind"] == "anchor"]
+        assert len(task_pairs) + len(anchors) == len(pairs) and task_pairs and anchors
+        assert len(task_pairs) <= 2 * len({p["task_id"] for p in task_pairs})  # max_pairs_per_task=2
+        assert len(anchors) == len({p["task_id"] for p in anchors})  # anchor_pairs_per_task=1
     written = ray.data.read_parquet(f"{out}/pairs_train").count()
     assert written == data["pairs_train"].count()
 
@@ -73,6 +78,7 @@ def test_sft_and_rm_stages_train_and_the_rm_scores_in_the_critic(exported, cfg, 
     from worldagent_ray.config import CriticConfig
     from worldagent_ray.critic import Critic, HFRewardModel
     from worldagent_ray.runtime.critic_trainer import launch_critic_trainer
+    from worldagent_ray.runtime.train_progress import fit_with_progress, progress_queue
     from worldagent_ray.world.sandbox import SandboxWorld
     from worldagent_ray.schemas import Plan
 
@@ -86,8 +92,11 @@ def test_sft_and_rm_stages_train_and_the_rm_scores_in_the_critic(exported, cfg, 
     # judge above in float32: both precisions run here
     cfg_bf16 = cfg.model_copy(deep=True)
     cfg_bf16.critic_training.precision = "bf16"
-    rm = launch_critic_trainer(cfg_bf16, "rm", data["pairs_train"], str(tmp_path / "rm")).fit()
+    queue, lines = progress_queue(), []
+    rm = fit_with_progress(launch_critic_trainer(cfg_bf16, "rm", data["pairs_train"], str(tmp_path / "rm"),
+                                                 progress=queue), queue, "critic rm", printer=lines.append)
     assert rm.error is None and rm.metrics["steps"] == 2
+    assert lines and lines[-1].startswith("critic rm: step 2/2 (100%)"), lines  # the worker's steps reached us
     assert rm.metrics["last_loss"] == rm.metrics["last_loss"]  # finite, not NaN
     saved = json.loads((Path(rm.checkpoint.path) / "config.json").read_text())
     assert saved.get("dtype", saved.get("torch_dtype")) == "float32"  # master weights stay float32

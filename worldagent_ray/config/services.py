@@ -169,6 +169,10 @@ class CriticTrainingConfig(_Section):
     memory_uri: str | None = Field(default=None, description="Also export ground-truth episodes from this LanceDB.")
     pair_margin: float = Field(default=0.05, ge=0.0, le=1.0, description="Pairs need rewards this far apart.")
     max_pairs_per_task: int = Field(default=16, ge=1, description="Preference pairs per task at most.")
+    anchor_pairs_per_task: int = Field(
+        default=4, ge=0, description="Anchor pairs per task at most: one of its successful episodes against a failed "
+        "episode of another task of the same phase, so that the reward model's level means success across tasks "
+        "(pairs of one task leave each task its own offset). 0: pairs of one task only.")
     lora: bool = Field(default=False, description="Train LoRA adapters (merged on save) instead of all weights.")
     lora_rank: int = Field(default=16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(default=32, ge=1, description="LoRA alpha.")

@@ -16,7 +16,8 @@ turns episodes into labelled rows, then into the two training sets of seed 000's
   JSON as the assistant's completion, the format of TRL's ``SFTTrainer``;
 * **preference pairs** (:func:`preference_pairs`): two episodes of the same task, the better
   one by ground-truth reward as ``chosen`` (implicit-prompt conversational format of TRL's
-  ``RewardTrainer``).
+  ``RewardTrainer``); plus **anchor pairs** (:func:`anchor_pairs`): a successful episode
+  against a failed one of another task, so that the reward's level means success across tasks.
 
 Every row is a flat dict of JSON-friendly values (nested values as JSON strings) so that Ray
 Data moves it unchanged. The held-out split is the task's own ``Task.split`` (the sandbox
@@ -178,7 +179,7 @@ def rm_conversation(row: Mapping[str, Any]) -> list[dict[str, Any]]:
 def preference_pairs(rows: Iterable[Mapping[str, Any]], margin: float = 0.05, max_pairs_per_task: int = 16,
                      seed: int = 0) -> list[dict[str, Any]]:
     """Pairs of episodes of one task whose ground-truth rewards differ by at least ``margin``;
-    the better one is ``chosen``. At most ``max_pairs_per_task`` per task (a seeded sample)."""
+    the better one is ``chosen`` (``kind="task"``). At most ``max_pairs_per_task`` per task (a seeded sample)."""
     by_task: dict[str, list[Mapping[str, Any]]] = {}
     for r in rows:
         by_task.setdefault(r["task_id"], []).append(r)
@@ -197,6 +198,55 @@ def preference_pairs(rows: Iterable[Mapping[str, Any]], margin: float = 0.05, ma
                 "reward_gap": float(good["reward"] - bad["reward"]),
                 "task_id": task_id,
                 "split": good["split"],
+                "kind": "task",
+            })
+    return out
+
+
+def anchor_pairs(rows: Iterable[Mapping[str, Any]], per_task: int = 4, margin: float = 0.05,
+                 seed: int = 0) -> list[dict[str, Any]]:
+    """Pairs across tasks that tie the reward's level to success: a successful episode of one
+    task (``chosen``) against a failed episode of another task among ``rows`` (``rejected``),
+    the chosen one's ground-truth reward at least ``margin`` higher; up to ``per_task`` per
+    task that has a success (seeded random draws, distinct pairs). ``task_id`` is the chosen
+    episode's task; ``kind="anchor"``.
+
+    Pairs of one task (:func:`preference_pairs`) only rank that task's episodes, so a reward
+    model may give each task its own offset: it ranks well within a task and one threshold
+    then separates successes from failures badly across tasks. These pairs rule the offsets
+    out. Give rows of one split (pairs never mix splits: a mixed input raises)."""
+    rows = list(rows)
+    if len({r["split"] for r in rows}) > 1:
+        raise ValueError(f"anchor_pairs: rows of one split only, got {sorted({r['split'] for r in rows})}")
+    if per_task <= 0:
+        return []
+    rng = random.Random(seed)
+
+    def order(r: Mapping[str, Any]) -> tuple:  # the input order must not matter (Ray Data's is not fixed)
+        return r["task_id"], r["kind"], r["reward"], list(r["plan"])
+
+    failed = sorted((r for r in rows if not r["success"]), key=order)
+    by_task: dict[str, list[Mapping[str, Any]]] = {}
+    for r in sorted((r for r in rows if r["success"]), key=order):
+        by_task.setdefault(r["task_id"], []).append(r)
+    out: list[dict[str, Any]] = []
+    for task_id in sorted(by_task):
+        goods, picked = by_task[task_id], {}
+        for _ in range(20 * per_task if failed else 0):  # random draws: linear in the rows, not quadratic
+            gi, bi = rng.randrange(len(goods)), rng.randrange(len(failed))
+            good, bad = goods[gi], failed[bi]
+            if bad["task_id"] != task_id and good["reward"] - bad["reward"] >= margin:
+                picked.setdefault((gi, bi), (good, bad))
+                if len(picked) == per_task:
+                    break
+        for good, bad in picked.values():
+            out.append({
+                "chosen_json": json.dumps(rm_conversation(good)),
+                "rejected_json": json.dumps(rm_conversation(bad)),
+                "reward_gap": float(good["reward"] - bad["reward"]),
+                "task_id": task_id,
+                "split": good["split"],
+                "kind": "anchor",
             })
     return out
 

@@ -3,7 +3,8 @@ Ray Train (``TorchTrainer`` workers running ``SFTTrainer`` or ``RewardTrainer``)
 
 * :func:`export_critic_data` renders plan variants of train and held-out sandbox tasks in
   parallel (``map_batches`` over task rows), adds labelled episodes from a LanceDB memory,
-  and derives SFT examples and per-task preference pairs (``groupby("task_id").map_groups``).
+  and derives SFT examples, per-task preference pairs (``groupby("task_id").map_groups``) and
+  anchor pairs across the tasks of a phase (``groupby("phase").map_groups``).
 * :func:`launch_critic_trainer` builds the ``TorchTrainer``; :func:`train_loop_per_worker`
   runs one TRL trainer per worker and rank 0 reports the final model (LoRA merged) as the
   run's checkpoint. The formatting lives in :mod:`worldagent_ray.datasets.critic` (no Ray).
@@ -26,6 +27,7 @@ from ..config import Config, CriticTrainingConfig, SandboxConfig
 from ..datasets import critic as cdata
 from ..models import resolve_model
 from ..schemas import Episode
+from .train_progress import progress_callback
 
 logger = logging.getLogger(__name__)
 
@@ -104,14 +106,18 @@ def memory_records(uri: str, table: str = "episodes", weights: dict[str, float] 
     return ds.flat_map(to_rows)
 
 
-def _pairs_of_group(batch: Any, margin: float, max_pairs: int, seed: int) -> Any:
+def _pairs_of_group(batch: Any, margin: float, max_pairs: int, seed: int, anchors: bool = False) -> Any:
+    """Per-task preference pairs of one task's rows, or (``anchors``) anchor pairs of one phase's rows."""
     import pyarrow as pa
 
-    pairs = cdata.preference_pairs(batch.to_pylist(), margin, max_pairs, seed)
-    cols = ["chosen_json", "rejected_json", "reward_gap", "task_id", "split"]
+    rows = batch.to_pylist()
+    pairs = (cdata.anchor_pairs(rows, max_pairs, margin, seed) if anchors
+             else cdata.preference_pairs(rows, margin, max_pairs, seed))
+    cols = ["chosen_json", "rejected_json", "reward_gap", "task_id", "split", "kind"]
     return pa.table({c: [p[c] for p in pairs] for c in cols},
                     schema=pa.schema([("chosen_json", pa.string()), ("rejected_json", pa.string()),
-                                      ("reward_gap", pa.float64()), ("task_id", pa.string()), ("split", pa.string())]))
+                                      ("reward_gap", pa.float64()), ("task_id", pa.string()), ("split", pa.string()),
+                                      ("kind", pa.string())]))
 
 
 def export_critic_data(cfg: Config, out_dir: str, write: bool = True) -> dict[str, ray.data.Dataset]:
@@ -145,9 +151,15 @@ def export_critic_data(cfg: Config, out_dir: str, write: bool = True) -> dict[st
 
             out[f"pairs_{split}"] = ray.data.from_arrow(_pairs_of_group(pa.table({}), 0.0, 0, 0)).materialize()
             continue
-        out[f"pairs_{split}"] = part.groupby("task_id").map_groups(
+        pairs = part.groupby("task_id").map_groups(
             _pairs_of_group, batch_format="pyarrow",
-            fn_kwargs=dict(margin=ct.pair_margin, max_pairs=ct.max_pairs_per_task, seed=ct.seed)).materialize()
+            fn_kwargs=dict(margin=ct.pair_margin, max_pairs=ct.max_pairs_per_task, seed=ct.seed))
+        if ct.anchor_pairs_per_task > 0:  # across the tasks of one phase
+            pairs = pairs.union(part.groupby("phase").map_groups(
+                _pairs_of_group, batch_format="pyarrow",
+                fn_kwargs=dict(margin=ct.pair_margin, max_pairs=ct.anchor_pairs_per_task, seed=ct.seed,
+                               anchors=True)))
+        out[f"pairs_{split}"] = pairs.materialize()
     if write:
         for name, ds in out.items():
             ds.write_parquet(os.path.join(out_dir, name))
@@ -214,6 +226,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     data = _hf_rows(ray.train.get_dataset_shard("train"), stage)
     dtype_name, bf16 = precision_plan(ct.precision, ct.use_gpu)
     model, tok = _model_and_tokenizer(config["model_path"], stage, dtype_name)
+    callbacks = [progress_callback(config["progress"])] if config.get("progress") is not None else None
     peft = LoraConfig(r=ct.lora_rank, lora_alpha=ct.lora_alpha, target_modules="all-linear",
                       task_type="CAUSAL_LM" if stage == "sft" else "SEQ_CLS") if ct.lora else None
     with tempfile.TemporaryDirectory(prefix=f"wa-critic-{stage}-") as work:
@@ -223,11 +236,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                       dataset_num_proc=None, disable_tqdm=True, gradient_checkpointing=False)
         if stage == "sft":
             args = SFTConfig(learning_rate=ct.sft_lr, completion_only_loss=True, **common)
-            trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft)
+            trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft,
+                                 callbacks=callbacks)
         else:
             args = RewardConfig(learning_rate=ct.rm_lr, **common)
             trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                                    peft_config=peft)
+                                    peft_config=peft, callbacks=callbacks)
         out = trainer.train()
         logs = [h for h in trainer.state.log_history if "loss" in h]
         metrics = {"stage": stage, "steps": int(trainer.state.global_step), "train_loss": float(out.training_loss),
@@ -249,10 +263,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(final))
 
 
-def launch_critic_trainer(cfg: Config, stage: str, train: ray.data.Dataset, storage_dir: str):
+def launch_critic_trainer(cfg: Config, stage: str, train: ray.data.Dataset, storage_dir: str,
+                          progress: Any = None):
     """The ``TorchTrainer`` of one critic stage (``"sft"`` or ``"rm"``) on ``train`` rows
     (``sft_example`` rows or preference-pair rows); ``.fit()`` returns the Result whose
-    checkpoint is the trained model folder. Placement from ``cfg.resources.learner``."""
+    checkpoint is the trained model folder. Placement from ``cfg.resources.learner``.
+    ``progress``: a :func:`~worldagent_ray.runtime.train_progress.progress_queue` that rank 0
+    reports its steps to (see :func:`~worldagent_ray.runtime.train_progress.fit_with_progress`)."""
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -267,7 +284,7 @@ def launch_critic_trainer(cfg: Config, stage: str, train: ray.data.Dataset, stor
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"critic_training": ct.model_dump(mode="json"), "stage": stage,
-                           "model_path": resolve_model(ct.base_model)},
+                           "model_path": resolve_model(ct.base_model), "progress": progress},
         torch_config=TorchConfig(backend="nccl" if ct.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=ct.num_workers, use_gpu=ct.use_gpu,

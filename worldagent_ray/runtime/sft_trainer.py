@@ -34,6 +34,7 @@ import ray.train
 from ..config import Config
 from ..datasets.action_sft import dpo_pairs_from_rows, generator_sft_examples, memory_sft_examples
 from ..models import resolve_model
+from .train_progress import fit_with_progress, progress_callback, progress_queue
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,11 @@ def _peft(config: dict[str, Any]) -> Any:
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
 
 
+def _callbacks(config: dict[str, Any]) -> list[Any] | None:
+    """Rank 0's progress to the driver (when the launcher was given a progress queue)."""
+    return [progress_callback(config["progress"])] if config.get("progress") is not None else None
+
+
 def sft_train_loop(config: dict[str, Any]) -> None:
     """Per worker: TRL ``SFTTrainer`` on this worker's shard (completion-only loss)."""
     from datasets import Dataset
@@ -190,7 +196,8 @@ def sft_train_loop(config: dict[str, Any]) -> None:
         num_train_epochs=config["epochs"], max_length=config["max_length"], completion_only_loss=True,
         gradient_checkpointing=config.get("gradient_checkpointing", True), **_common_args(config, trainer_dir),
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=_peft(config))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=_peft(config),
+                         callbacks=_callbacks(config))
     _train_and_report(trainer, trainer_dir, tok, dtype, {"examples": float(len(ds))})
 
 
@@ -219,7 +226,8 @@ def dpo_train_loop(config: dict[str, Any]) -> None:
     model, tok, dtype = _load(config["model_path"])
     args = DPOConfig(beta=config["beta"], loss_type=[config["loss_type"]], num_train_epochs=1.0,
                      max_length=config["max_length"], **_common_args(config, trainer_dir))
-    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=_peft(config))
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=_peft(config),
+                         callbacks=_callbacks(config))
     _train_and_report(trainer, trainer_dir, tok, dtype, {"pairs": float(len(ds))})
 
 
@@ -246,11 +254,12 @@ def _trainer(loop: Callable, loop_config: dict[str, Any], cfg: Config, dataset: 
     )
 
 
-def launch_sft(cfg: Config, dataset: "ray.data.Dataset", work_dir: str, model: str | None = None):
+def launch_sft(cfg: Config, dataset: "ray.data.Dataset", work_dir: str, model: str | None = None,
+               progress: Any = None):
     """The ``TorchTrainer`` of phase 1 (call ``.fit()``; ``Result.checkpoint`` is the model).
 
     ``model`` defaults to the policy engine's model; ``work_dir`` holds TRL's checkpoints and
-    Ray Train's run folder.
+    Ray Train's run folder; ``progress``: a progress queue (:mod:`.train_progress`).
     """
     s = cfg.training.sft
     loop_config = {
@@ -258,13 +267,14 @@ def launch_sft(cfg: Config, dataset: "ray.data.Dataset", work_dir: str, model: s
         "batch_size": s.batch_size, "lr": s.lr, "epochs": s.epochs, "max_steps": s.max_steps, "seed": s.seed,
         "max_length": s.max_length, "lora": s.lora, "lora_rank": s.lora_rank, "lora_alpha": s.lora_alpha,
         "save_steps": s.save_steps, "gradient_checkpointing": cfg.learner.gradient_checkpointing,
-        "precision": s.precision,
+        "precision": s.precision, "progress": progress,
     }
     return _trainer(sft_train_loop, loop_config, cfg, dataset, work_dir, "sft", s.num_workers)
 
 
-def launch_dpo(cfg: Config, pairs: list[dict[str, Any]], work_dir: str, model: str):
-    """The ``TorchTrainer`` of offline DPO on ``pairs`` (see :func:`dpo_dataset`)."""
+def launch_dpo(cfg: Config, pairs: list[dict[str, Any]], work_dir: str, model: str, progress: Any = None):
+    """The ``TorchTrainer`` of offline DPO on ``pairs`` (see :func:`dpo_dataset`); ``progress``: a
+    progress queue (:mod:`.train_progress`)."""
     if not pairs:
         raise ValueError("no DPO pairs: memory has no train-split group whose rewards differ by the margin")
     d = cfg.training.dpo
@@ -273,6 +283,7 @@ def launch_dpo(cfg: Config, pairs: list[dict[str, Any]], work_dir: str, model: s
         "model_path": resolve_model(model), "work_dir": work_dir, "batch_size": d.batch_size, "lr": d.lr,
         "max_steps": d.max_steps, "seed": s.seed, "max_length": s.max_length, "beta": d.beta,
         "loss_type": d.loss_type, "lora": s.lora, "lora_rank": s.lora_rank, "lora_alpha": s.lora_alpha,
+        "progress": progress,
     }
     ds = ray.data.from_items(_as_json_rows(pairs))
     return _trainer(dpo_train_loop, loop_config, cfg, ds, work_dir, "dpo", 1)
@@ -310,7 +321,8 @@ def run_sft(cfg: Config, out_dir: str, *, memory_uri: str | None = None, model: 
     ds = sft_dataset(cfg, memory_uri).materialize()
     n = ds.count()
     work = f"{out_dir.rstrip('/')}.work"
-    result = launch_sft(cfg, ds, work, model).fit()
+    queue = progress_queue()
+    result = fit_with_progress(launch_sft(cfg, ds, work, model, progress=queue), queue, "sft")
     return _finish(result, out_dir, {"phase": "sft", "examples": n, "memory": memory_uri,
                                      "base_model": model or cfg.engines[cfg.agents.action.engine].model})
 
@@ -320,5 +332,6 @@ def run_dpo(cfg: Config, out_dir: str, *, memory_uri: str, model: str) -> dict[s
     model to ``out_dir``."""
     pairs = dpo_dataset(cfg, memory_uri)
     work = f"{out_dir.rstrip('/')}.work"
-    result = launch_dpo(cfg, pairs, work, model).fit()
+    queue = progress_queue()
+    result = fit_with_progress(launch_dpo(cfg, pairs, work, model, progress=queue), queue, "dpo")
     return _finish(result, out_dir, {"phase": "dpo", "pairs": len(pairs), "memory": memory_uri, "base_model": model})

@@ -9,7 +9,7 @@ import pytest
 
 from worldagent_ray.config import SandboxConfig
 from worldagent_ray.critic.text_judge import VERDICT_SYSTEM
-from worldagent_ray.datasets.critic import (PLAN_KINDS, preference_pairs, rollouts_for_task, sft_example,
+from worldagent_ray.datasets.critic import (PLAN_KINDS, anchor_pairs, preference_pairs, rollouts_for_task, sft_example,
                                             split_rows, variant_plans)
 from worldagent_ray.schemas import Plan
 from worldagent_ray.world.sandbox import SandboxTaskGenerator, SandboxWorld, build_task, reference_plan
@@ -94,3 +94,38 @@ def test_memory_episode_becomes_a_record():
     rec = record_from_episode(ep)
     assert rec["kind"] == "memory" and rec["success"] and rec["split"] == task.split
     assert record_from_episode(Episode.new("run", task, 1, plan=None)) is None
+
+
+def _conv_rows():
+    return {json.dumps(json.loads(sft_example(r)["prompt_json"])): r for r in ROWS}
+
+
+def test_anchor_pairs_put_a_success_above_a_failure_of_another_task():
+    rows = [r for r in ROWS if r["split"] == "train"]
+    pairs = anchor_pairs(rows, per_task=3, margin=0.05, seed=0)
+    by_conv = _conv_rows()
+    per_task: dict[str, int] = {}
+    for p in pairs:
+        good, bad = by_conv[p["chosen_json"]], by_conv[p["rejected_json"]]
+        assert good["success"] and not bad["success"] and good["task_id"] != bad["task_id"]
+        assert good["task_id"] == p["task_id"] and good["split"] == bad["split"] == p["split"] == "train"
+        assert p["kind"] == "anchor" and good["reward"] - bad["reward"] >= 0.05
+        assert p["reward_gap"] == pytest.approx(good["reward"] - bad["reward"])
+        per_task[p["task_id"]] = per_task.get(p["task_id"], 0) + 1
+    assert len({(p["chosen_json"], p["rejected_json"]) for p in pairs}) == len(pairs)  # distinct
+    with_success = {r["task_id"] for r in rows if r["success"]}
+    assert set(per_task) == with_success and max(per_task.values()) <= 3
+    assert sum(per_task.values()) == 3 * len(with_success)  # enough failures elsewhere: every cap is reached
+    # seeded, and the rows' order does not matter (Ray Data's is not fixed)
+    assert anchor_pairs(list(reversed(rows)), per_task=3, margin=0.05, seed=0) == pairs
+    assert anchor_pairs(rows, per_task=3, margin=0.05, seed=1) != pairs
+    assert anchor_pairs(rows, per_task=0) == []
+    assert {p["kind"] for p in preference_pairs(rows)} == {"task"}
+
+
+def test_anchor_pairs_never_mix_splits_and_need_a_failure_elsewhere():
+    with pytest.raises(ValueError, match="one split"):
+        anchor_pairs(ROWS, per_task=2)
+    one_task = [r for r in ROWS if r["task_id"] == ROWS[0]["task_id"]]
+    assert anchor_pairs(one_task, per_task=4) == []  # no other task: no anchor
+    assert anchor_pairs([r for r in ROWS if r["split"] == "train" and r["success"]], per_task=4) == []
