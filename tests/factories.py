@@ -424,6 +424,25 @@ def sim_start_commands(nodes: dict[str, dict], gcs_port: int = 6379) -> list[tup
     return out
 
 
+def ensure_auth_token() -> str:
+    """The token file of Ray's token auth (``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``),
+    created if missing: `ray start` in token mode refuses to start without one, which on a fresh
+    machine failed the first tests that start a head. Created atomically (O_EXCL), so two xdist
+    workers never write different tokens."""
+    import os
+    import secrets
+
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path
+
+
 def start_sim_cluster(nodes: dict[str, dict], *, env: dict[str, str] | None = None,
                       timeout_s: float = 180.0, system_config: dict | None = None) -> SimCluster:
     """Start the simulated multi-node cluster of :func:`sim_start_commands` on this machine,
@@ -442,6 +461,7 @@ def start_sim_cluster(nodes: dict[str, dict], *, env: dict[str, str] | None = No
     import time
     from pathlib import Path
 
+    ensure_auth_token()
     ray_bin = str(Path(sys.executable).parent / "ray")
     base = dict(os.environ if env is None else env)
     base.update(RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", NO_PROXY="127.0.0.1,localhost",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.helpers import PY, free_port, job_env_vars
-from tests.factories import kill_group, start_node
+from tests.factories import ensure_auth_token, kill_group, start_node
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,7 @@ def ray_head():
     # A short temp dir: Ray's socket paths must stay under 107 bytes, which pytest's nested
     # tmp folders (with a worker folder under pytest-xdist) can exceed.
     tmp = Path(tempfile.mkdtemp(prefix="wa-head-", dir="/tmp"))
+    ensure_auth_token()  # `ray start` in token mode needs it; a fresh machine has none
     env = job_env_vars(RAY_AUTH_MODE="token")  # the head and every client share ~/.ray/auth_token
     cmd = [str(Path(PY).parent / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
