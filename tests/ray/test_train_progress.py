@@ -1,5 +1,5 @@
 """Progress of Ray Train runs on the driver: the line format, the rank-0 callback (never raises,
-never waits) and the driver thread that prints while ``fit()`` blocks, over a real Ray queue."""
+bounded waits) and the driver thread that prints while ``fit()`` blocks, over a real Ray queue."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from worldagent_ray.runtime.train_progress import (ProgressReporter, fit_with_progress, format_progress,
-                                                   progress_callback, progress_queue)
+                                                   progress_callbacks, progress_queue)
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 
@@ -24,37 +24,8 @@ def test_format_progress():
         "sft: step 48/48 (100%), 2.0 s/step")
 
 
-class _Full:
-    def __init__(self):
-        self.calls = 0
-
-    def put_nowait(self, msg):
-        self.calls += 1
-        raise RuntimeError("queue full")
-
-
 def _state(step, rank0=True):
     return SimpleNamespace(global_step=step, max_steps=10, is_world_process_zero=rank0)
-
-
-def test_the_callback_reports_on_rank_zero_only_and_a_failing_queue_never_stops_training():
-    class _List(list):
-        def put_nowait(self, msg):
-            self.append(msg)
-
-    got = _List()
-    cb = progress_callback(got)
-    from transformers import TrainerCallback
-
-    assert isinstance(cb, TrainerCallback)
-    cb.on_log(None, _state(1), None, logs={"loss": 0.7, "learning_rate": 1e-4})
-    cb.on_log(None, _state(2, rank0=False), None, logs={"loss": 0.6})
-    assert [(m["step"], m["max_steps"], m["loss"]) for m in got] == [(1, 10, 0.7)] and "learning_rate" not in got[0]
-    full = _Full()
-    rep = ProgressReporter(full)
-    rep.report(1, 10, {"loss": 0.7})  # raises inside: swallowed
-    rep.report(2, 10, {"loss": 0.6})  # and it stops trying
-    assert full.calls == 1 and rep.failed
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +33,27 @@ def ray_local():
     ray.init(num_cpus=1, include_dashboard=False, namespace="test-train-progress", log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def test_the_callback_reports_on_rank_zero_only_and_a_full_queue_never_stops_training(ray_local):
+    from transformers import TrainerCallback
+
+    assert progress_callbacks(None) == []
+    queue = progress_queue(maxsize=1)
+    [cb] = progress_callbacks(queue)
+    assert isinstance(cb, TrainerCallback)
+    cb.on_log(None, _state(1), None, logs={"loss": 0.7, "learning_rate": 1e-4})
+    cb.on_log(None, _state(2, rank0=False), None, logs={"loss": 0.6})
+    assert queue.qsize() == 1
+    [msg] = queue.get_nowait_batch(1)
+    assert (msg["step"], msg["max_steps"], msg["loss"]) == (1, 10, 0.7) and "learning_rate" not in msg
+    rep = ProgressReporter(queue)
+    rep.report(1, 10, {"loss": 0.7})
+    assert not rep.failed
+    rep.report(2, 10, {"loss": 0.6})  # the queue is full: swallowed, and the reporter stops trying
+    rep.report(3, 10, {"loss": 0.5})
+    assert rep.failed and queue.qsize() == 1 and queue.get_nowait_batch(1)[0]["step"] == 1
+    queue.shutdown()
 
 
 @ray.remote(num_cpus=0)

@@ -176,6 +176,18 @@ def rm_conversation(row: Mapping[str, Any]) -> list[dict[str, Any]]:
     return verdict_messages(_task(row), plan, row["observation"])
 
 
+def _pair_row(good: Mapping[str, Any], bad: Mapping[str, Any], task_id: str, kind: str) -> dict[str, Any]:
+    """One preference pair in the reward model's format (``chosen`` = ``good``)."""
+    return {
+        "chosen_json": json.dumps(rm_conversation(good)),
+        "rejected_json": json.dumps(rm_conversation(bad)),
+        "reward_gap": float(good["reward"] - bad["reward"]),
+        "task_id": task_id,
+        "split": good["split"],
+        "kind": kind,
+    }
+
+
 def preference_pairs(rows: Iterable[Mapping[str, Any]], margin: float = 0.05, max_pairs_per_task: int = 16,
                      seed: int = 0) -> list[dict[str, Any]]:
     """Pairs of episodes of one task whose ground-truth rewards differ by at least ``margin``;
@@ -191,15 +203,7 @@ def preference_pairs(rows: Iterable[Mapping[str, Any]], margin: float = 0.05, ma
                  for a, b in itertools.combinations(group, 2) if abs(a["reward"] - b["reward"]) >= margin]
         if len(cands) > max_pairs_per_task:
             cands = rng.sample(cands, max_pairs_per_task)
-        for good, bad in cands:
-            out.append({
-                "chosen_json": json.dumps(rm_conversation(good)),
-                "rejected_json": json.dumps(rm_conversation(bad)),
-                "reward_gap": float(good["reward"] - bad["reward"]),
-                "task_id": task_id,
-                "split": good["split"],
-                "kind": "task",
-            })
+        out += [_pair_row(good, bad, task_id, "task") for good, bad in cands]
     return out
 
 
@@ -239,15 +243,7 @@ def anchor_pairs(rows: Iterable[Mapping[str, Any]], per_task: int = 4, margin: f
                 picked.setdefault((gi, bi), (good, bad))
                 if len(picked) == per_task:
                     break
-        for good, bad in picked.values():
-            out.append({
-                "chosen_json": json.dumps(rm_conversation(good)),
-                "rejected_json": json.dumps(rm_conversation(bad)),
-                "reward_gap": float(good["reward"] - bad["reward"]),
-                "task_id": task_id,
-                "split": good["split"],
-                "kind": "anchor",
-            })
+        out += [_pair_row(good, bad, task_id, "anchor") for good, bad in picked.values()]
     return out
 
 

@@ -27,7 +27,7 @@ from ..config import Config, CriticTrainingConfig, SandboxConfig
 from ..datasets import critic as cdata
 from ..models import resolve_model
 from ..schemas import Episode
-from .train_progress import progress_callback
+from .train_progress import progress_callbacks
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     data = _hf_rows(ray.train.get_dataset_shard("train"), stage)
     dtype_name, bf16 = precision_plan(ct.precision, ct.use_gpu)
     model, tok = _model_and_tokenizer(config["model_path"], stage, dtype_name)
-    callbacks = [progress_callback(config["progress"])] if config.get("progress") is not None else None
+    callbacks = progress_callbacks(config.get("progress"))
     peft = LoraConfig(r=ct.lora_rank, lora_alpha=ct.lora_alpha, target_modules="all-linear",
                       task_type="CAUSAL_LM" if stage == "sft" else "SEQ_CLS") if ct.lora else None
     with tempfile.TemporaryDirectory(prefix=f"wa-critic-{stage}-") as work:

@@ -34,7 +34,7 @@ import ray.train
 from ..config import Config
 from ..datasets.action_sft import dpo_pairs_from_rows, generator_sft_examples, memory_sft_examples
 from ..models import resolve_model
-from .train_progress import fit_with_progress, progress_callback, progress_queue
+from .train_progress import fit_with_progress, progress_callbacks, progress_queue
 
 log = logging.getLogger(__name__)
 
@@ -177,11 +177,6 @@ def _peft(config: dict[str, Any]) -> Any:
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
 
 
-def _callbacks(config: dict[str, Any]) -> list[Any] | None:
-    """Rank 0's progress to the driver (when the launcher was given a progress queue)."""
-    return [progress_callback(config["progress"])] if config.get("progress") is not None else None
-
-
 def sft_train_loop(config: dict[str, Any]) -> None:
     """Per worker: TRL ``SFTTrainer`` on this worker's shard (completion-only loss)."""
     from datasets import Dataset
@@ -197,7 +192,7 @@ def sft_train_loop(config: dict[str, Any]) -> None:
         gradient_checkpointing=config.get("gradient_checkpointing", True), **_common_args(config, trainer_dir),
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=_peft(config),
-                         callbacks=_callbacks(config))
+                         callbacks=progress_callbacks(config.get("progress")))
     _train_and_report(trainer, trainer_dir, tok, dtype, {"examples": float(len(ds))})
 
 
@@ -227,7 +222,7 @@ def dpo_train_loop(config: dict[str, Any]) -> None:
     args = DPOConfig(beta=config["beta"], loss_type=[config["loss_type"]], num_train_epochs=1.0,
                      max_length=config["max_length"], **_common_args(config, trainer_dir))
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=_peft(config),
-                         callbacks=_callbacks(config))
+                         callbacks=progress_callbacks(config.get("progress")))
     _train_and_report(trainer, trainer_dir, tok, dtype, {"pairs": float(len(ds))})
 
 

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any, Callable
 
-__all__ = ["ProgressReporter", "fit_with_progress", "format_progress", "progress_callback", "progress_queue"]
+__all__ = ["ProgressReporter", "fit_with_progress", "format_progress", "progress_callbacks", "progress_queue"]
 
 
 def progress_queue(maxsize: int = 1000) -> Any:
@@ -44,30 +44,36 @@ def format_progress(label: str, msg: dict[str, Any], sec_per_step: float | None)
 
 
 class ProgressReporter:
-    """Puts ``{step, max_steps, loss, accuracy, time}`` on the queue (one round trip to the
-    queue actor). Never raises: a full or dead queue ends the reporting, not the training."""
+    """Puts ``{step, max_steps, loss, accuracy, time}`` on a :func:`progress_queue` (one round
+    trip to its actor, at most ``timeout_s``). Never raises: a full, slow or dead queue ends
+    the reporting, not the training."""
 
-    def __init__(self, queue: Any):
+    def __init__(self, queue: Any, timeout_s: float = 5.0):
         self.queue = queue
+        self.timeout_s = timeout_s
         self.failed = False
 
     def report(self, step: int, max_steps: int, logs: dict[str, Any] | None = None) -> None:
         if self.queue is None or self.failed:
             return
+        import ray
+
         msg: dict[str, Any] = {"step": int(step), "max_steps": int(max_steps or 0), "time": time.time()}
         for key in ("loss", "accuracy", "train_loss"):
             v = (logs or {}).get(key)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 msg[key] = float(v)
         try:
-            self.queue.put_nowait(msg)
-        except Exception:  # full, or the driver is gone: progress is best effort, training is not
+            ray.get(self.queue.actor.put_nowait.remote(msg), timeout=self.timeout_s)
+        except Exception:  # full, slow, or the driver is gone: progress is best effort, training is not
             self.failed = True
 
 
-def progress_callback(queue: Any) -> Any:
-    """A ``transformers`` ``TrainerCallback`` whose rank 0 reports every log to ``queue`` (built
-    here so that importing this module does not import transformers)."""
+def progress_callbacks(queue: Any) -> list[Any]:
+    """``[a transformers TrainerCallback]`` whose rank 0 reports every log to ``queue``, or ``[]``
+    without a queue (built here so that importing this module does not import transformers)."""
+    if queue is None:
+        return []
     from transformers import TrainerCallback
 
     class ProgressCallback(TrainerCallback):
@@ -79,7 +85,7 @@ def progress_callback(queue: Any) -> Any:
             if state.is_world_process_zero:
                 self.reporter.report(state.global_step, state.max_steps, logs)
 
-    return ProgressCallback()
+    return [ProgressCallback()]
 
 
 def fit_with_progress(trainer: Any, queue: Any, label: str, every_s: float = 15.0,
